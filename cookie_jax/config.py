@@ -1,0 +1,181 @@
+"""The config schema: every key, its default and its meaning, and the checks on values.
+
+`configs/*.py` start from `default_config()` and change values; `validate_config` rejects
+any key that is not in the schema (with the nearest valid name) and any value that cannot
+work, naming the key, the value and the fix.
+"""
+
+import difflib
+
+import ml_collections
+
+from cookie_jax.data.defaults import data_config
+from cookie_jax.models.presets import model_config
+
+
+class ConfigError(ValueError):
+  """A configuration value that cannot work; the message names key, value and fix."""
+
+
+def default_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # The one seed from which model init, data order, augmentation and dropout derive.
+  c.seed = 0
+  c.model = model_config(preset)
+
+  c.loss = ml_collections.ConfigDict(dict(
+      # image<->text InfoNCE over the global batch, with the model's learned temperature.
+      cross_modal=dict(weight=1.0),
+      # image<->image: each image embedding against its partner view (see losses/contrastive.py).
+      # partner: 'augmented' (a second augmented view through the same path) or 'external'
+      # (a fixed partner embedding supplied with the batch as `image_partner`).
+      visual=dict(weight=0.0, partner='augmented', temperature=0.1),
+      # text<->text: partner 'dropout' (a second pass with another dropout mask) or 'external'
+      # (`text_partner` in the batch).
+      textual=dict(weight=0.0, partner='dropout', temperature=0.1),
+  ))
+
+  c.data = data_config()
+
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=1e-3,
+      warmup_steps=0,
+      # 'cosine' | 'linear' | 'constant' after the linear warmup.
+      schedule='cosine',
+      # Final learning rate as a fraction of `lr` (cosine and linear).
+      end_lr_factor=0.0,
+      weight_decay=0.05,
+      b1=0.9,
+      b2=0.98,
+      eps=1e-6,
+      # Global-norm gradient clipping; 0 disables it.
+      clip_norm=1.0,
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      # Global batch over all processes and devices.
+      batch_size=64,
+      steps=100,
+      log_every=10,
+  ))
+
+  c.eval = ml_collections.ConfigDict(dict(
+      batch_size=64,
+  ))
+
+  # Device mesh sizes; -1 takes the devices left over. data * fsdp shards the batch,
+  # fsdp also shards parameters and optimiser state, tensor shards heads and MLP.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      every=0,
+      keep=2,
+  ))
+  return c
+
+
+def _check_keys(config, schema, prefix=''):
+  for key in config.keys():
+    path = f'{prefix}{key}'
+    if key not in schema:
+      close = difflib.get_close_matches(key, list(schema.keys()), n=1)
+      hint = f" Did you mean '{prefix}{close[0]}'?" if close else ''
+      raise ConfigError(
+          f"Unknown config key '{path}'.{hint} Valid keys here: {sorted(schema.keys())}.")
+    value, ref = config[key], schema[key]
+    if isinstance(ref, (ml_collections.ConfigDict, dict)):
+      if not isinstance(value, (ml_collections.ConfigDict, dict)):
+        raise ConfigError(f"Config key '{path}' must be a section, got {value!r}.")
+      _check_keys(value, ref, prefix=f'{path}.')
+
+
+def _require(cond, key, value, expected):
+  if not cond:
+    raise ConfigError(f'config.{key}={value!r}: {expected}')
+
+
+def _check_transformer(name, m):
+  _require(m.width % m.heads == 0, f'{name}.heads', m.heads,
+           f'width {m.width} is not divisible by {m.heads} heads; '
+           f'pick heads that divide {m.width} (e.g. {max(1, m.width // 64)}).')
+  for k in ('width', 'heads', 'mlp_dim'):
+    _require(m[k] > 0, f'{name}.{k}', m[k], 'must be positive.')
+  _require(m.depth >= 0, f'{name}.depth', m.depth, 'must be >= 0.')
+  for k in ('dropout', 'attention_dropout'):
+    _require(0.0 <= m[k] < 1.0, f'{name}.{k}', m[k], 'must be in [0, 1).')
+
+
+def validate_config(config: ml_collections.ConfigDict,
+                    num_devices: int | None = None) -> ml_collections.ConfigDict:
+  """Checks keys against the schema and values against each other. Returns `config`."""
+  _check_keys(config, default_config())
+
+  m = config.model
+  _check_transformer('model.vision', m.vision)
+  _check_transformer('model.text', m.text)
+  if m.shared.depth > 0:
+    _check_transformer('model.shared', m.shared)
+  _require(m.vision.image_size % m.vision.patch_size == 0, 'model.vision.patch_size',
+           m.vision.patch_size,
+           f'image_size {m.vision.image_size} must be a multiple of the patch size.')
+  for side in ('image_pool', 'text_pool'):
+    _require(m[side] in ('cls', 'mean'), f'model.{side}', m[side], "use 'cls' or 'mean'.")
+  _require(m.dtype in ('float32', 'bfloat16', 'float16'), 'model.dtype', m.dtype,
+           "use 'float32' or 'bfloat16'.")
+  _require(0 < m.temperature_init < 1e3, 'model.temperature_init', m.temperature_init,
+           'must be a positive temperature such as 0.07.')
+  _require(m.max_logit_scale >= 1.0 / m.temperature_init, 'model.max_logit_scale',
+           m.max_logit_scale, f'must be >= 1/temperature_init = {1.0 / m.temperature_init:.4g}.')
+
+  losses = config.loss
+  _require(losses.visual.partner in ('augmented', 'external'), 'loss.visual.partner',
+           losses.visual.partner, "use 'augmented' or 'external'.")
+  _require(losses.textual.partner in ('dropout', 'external'), 'loss.textual.partner',
+           losses.textual.partner, "use 'dropout' or 'external'.")
+  for name in ('cross_modal', 'visual', 'textual'):
+    _require(losses[name].weight >= 0, f'loss.{name}.weight', losses[name].weight,
+             'must be >= 0 (0 switches the term off).')
+  _require(sum(losses[n].weight for n in ('cross_modal', 'visual', 'textual')) > 0,
+           'loss.cross_modal.weight', losses.cross_modal.weight,
+           'at least one loss weight must be positive.')
+  for name in ('visual', 'textual'):
+    _require(losses[name].temperature > 0, f'loss.{name}.temperature',
+             losses[name].temperature, 'must be positive.')
+  if losses.visual.weight > 0 and losses.visual.partner == 'external':
+    _require(m.image_partner_dim > 0, 'model.image_partner_dim', m.image_partner_dim,
+             "loss.visual.partner='external' needs the partner embedding width here.")
+  if losses.textual.weight > 0 and losses.textual.partner == 'external':
+    _require(m.text_partner_dim > 0, 'model.text_partner_dim', m.text_partner_dim,
+             "loss.textual.partner='external' needs the partner embedding width here.")
+  if losses.textual.weight > 0 and losses.textual.partner == 'dropout':
+    _require(m.text.dropout > 0 or m.text.attention_dropout > 0, 'model.text.dropout',
+             m.text.dropout,
+             "loss.textual.partner='dropout' needs dropout > 0, else both passes are equal.")
+
+  o = config.optim
+  _require(o.schedule in ('cosine', 'linear', 'constant'), 'optim.schedule', o.schedule,
+           "use 'cosine', 'linear' or 'constant'.")
+  _require(o.lr > 0, 'optim.lr', o.lr, 'must be positive.')
+  _require(o.warmup_steps >= 0, 'optim.warmup_steps', o.warmup_steps, 'must be >= 0.')
+  _require(o.clip_norm >= 0, 'optim.clip_norm', o.clip_norm, 'must be >= 0 (0 disables).')
+
+  _require(config.train.batch_size > 0, 'train.batch_size', config.train.batch_size,
+           'must be positive.')
+  for axis in ('data', 'fsdp', 'tensor'):
+    size = config.mesh[axis]
+    _require(size == -1 or size >= 1, f'mesh.{axis}', size,
+             'must be a positive size, or -1 for the devices left over.')
+  _require(sum(config.mesh[a] == -1 for a in ('data', 'fsdp', 'tensor')) <= 1, 'mesh',
+           config.mesh.to_dict(), 'at most one axis may be -1.')
+  if num_devices is not None:
+    from cookie_jax.sharding import mesh_shape  # pylint: disable=g-import-not-at-top
+    shape = mesh_shape(config.mesh, num_devices)
+    batch_shards = shape['data'] * shape['fsdp']
+    for key in ('train.batch_size', 'eval.batch_size'):
+      section, name = key.split('.')
+      value = config[section][name]
+      _require(value % batch_shards == 0, key, value,
+               f'the batch is split over data*fsdp = {batch_shards} devices; use a multiple '
+               f'of {batch_shards} (e.g. {max(batch_shards, value // batch_shards * batch_shards)}).')
+  return config
+

@@ -1,0 +1,88 @@
+"""Named model sizes, so that a config reads like a recipe: `model_config('base')`.
+
+Each preset is a plain dict of tower sizes. The layouts follow transformers'
+`ViTModel` / `BertModel` so that pretrained checkpoints map one-to-one.
+"""
+
+import copy
+
+import ml_collections
+
+
+def _vit(image_size, patch_size, width, depth, heads, mlp_dim, dropout=0.0):
+  return dict(image_size=image_size, patch_size=patch_size, width=width, depth=depth,
+              heads=heads, mlp_dim=mlp_dim, dropout=dropout, attention_dropout=dropout)
+
+
+def _bert(width, depth, heads, mlp_dim, vocab_size=30522, max_positions=512, dropout=0.1):
+  return dict(vocab_size=vocab_size, max_positions=max_positions, type_vocab_size=2,
+              width=width, depth=depth, heads=heads, mlp_dim=mlp_dim, dropout=dropout,
+              attention_dropout=dropout)
+
+
+def _shared(width, depth, heads, mlp_dim, dropout=0.0):
+  return dict(width=width, depth=depth, heads=heads, mlp_dim=mlp_dim, dropout=dropout,
+              attention_dropout=dropout,
+              # A learned per-modality vector added to the tokens before the shared layers.
+              modality_embedding=True,
+              # Separate final LayerNorm per modality (True) or one shared LayerNorm (False).
+              modality_layernorm=True)
+
+
+PRESETS = {
+    # CPU tests and the demo: a few hundred thousand parameters.
+    'tiny': dict(
+        vision=_vit(image_size=32, patch_size=8, width=32, depth=2, heads=2, mlp_dim=64),
+        text=_bert(width=32, depth=2, heads=2, mlp_dim=64, vocab_size=1024,
+                   max_positions=64, dropout=0.1),
+        shared=_shared(width=32, depth=1, heads=2, mlp_dim=64),
+        embed_dim=32),
+    # ViT-S/16 with a MiniLM-L6-H384-shaped BERT (so all-MiniLM-L6-v2 imports directly).
+    'small': dict(
+        vision=_vit(image_size=224, patch_size=16, width=384, depth=12, heads=6, mlp_dim=1536),
+        text=_bert(width=384, depth=6, heads=12, mlp_dim=1536),
+        shared=_shared(width=384, depth=2, heads=6, mlp_dim=1536),
+        embed_dim=256),
+    # ViT-B/16 + BERT-base: the pre-training recipe.
+    'base': dict(
+        vision=_vit(image_size=224, patch_size=16, width=768, depth=12, heads=12, mlp_dim=3072),
+        text=_bert(width=768, depth=12, heads=12, mlp_dim=3072),
+        shared=_shared(width=768, depth=2, heads=12, mlp_dim=3072),
+        embed_dim=512),
+    # ViT-L/16 + BERT-large.
+    'large': dict(
+        vision=_vit(image_size=224, patch_size=16, width=1024, depth=24, heads=16, mlp_dim=4096),
+        text=_bert(width=1024, depth=24, heads=16, mlp_dim=4096),
+        shared=_shared(width=1024, depth=2, heads=16, mlp_dim=4096),
+        embed_dim=768),
+}
+
+
+def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
+  """The full `config.model` section for a named size."""
+  if preset not in PRESETS:
+    raise ValueError(f'Unknown model preset {preset!r}; choose one of {sorted(PRESETS)}.')
+  p = copy.deepcopy(PRESETS[preset])
+  return ml_collections.ConfigDict(dict(
+      preset=preset,
+      vision=p['vision'],
+      text=p['text'],
+      shared=p['shared'],
+      # Pooling of each path's shared-transformer output: 'cls' (first token) or 'mean'
+      # (masked mean over real tokens).
+      image_pool='cls',
+      text_pool='cls',
+      embed_dim=p['embed_dim'],
+      # Initial softmax temperature; the model learns log(1/temperature).
+      temperature_init=0.07,
+      # Upper bound of the logit scale 1/temperature (CLIP's clamp).
+      max_logit_scale=100.0,
+      # Compute dtype of matmuls: 'float32' or 'bfloat16'. Parameters stay fp32.
+      dtype='float32',
+      # Rematerialise each transformer block in the backward pass (saves activation memory).
+      remat=False,
+      # Width of external partner embeddings for the knowledge-sharing losses (e.g. a frozen
+      # unimodal encoder's output); 0 = no external partner, no partner head.
+      image_partner_dim=0,
+      text_partner_dim=0,
+  ))

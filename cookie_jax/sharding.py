@@ -1,0 +1,143 @@
+"""The device mesh and the rules that place logical axes on it.
+
+This is the one module that knows device topology. Model parameters carry logical axis
+names (`embed`, `mlp`, `heads`, `vocab`, ...) as Variable metadata; the rules below map
+them onto the mesh axes `data`, `fsdp` and `tensor`:
+
+* the batch is split over `data` x `fsdp` (FSDP is data parallel with sharded state);
+* `embed` (the model width) is split over `fsdp`, so parameters and optimiser state of an
+  FSDP run take 1/fsdp of the memory per device;
+* `heads`, `mlp` and `vocab` are split over `tensor` (Megatron-style tensor parallelism).
+
+A dimension that the mesh axes do not divide evenly stays replicated rather than failing.
+"""
+
+import math
+import re
+from typing import Any, Mapping, Sequence
+
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+import ml_collections
+import numpy as np
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+BATCH_AXES = ('data', 'fsdp')
+
+# (logical axis, mesh axes) in priority order; a logical name not listed is replicated.
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ('batch', BATCH_AXES),
+    ('embed', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
+    ('vocab', 'tensor'),
+    ('kv', None),
+    ('patch', None),
+    ('length', None),
+)
+
+
+def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict[str, int]:
+  """Resolves -1 in the configured mesh sizes; errors name the key and the fix."""
+  sizes = {a: int(mesh_config[a]) for a in MESH_AXES}
+  known = math.prod(s for s in sizes.values() if s != -1)
+  free = [a for a, s in sizes.items() if s == -1]
+  if len(free) > 1:
+    raise ValueError(f'config.mesh={sizes}: at most one axis may be -1.')
+  if free:
+    if num_devices % known:
+      raise ValueError(
+          f'config.mesh={sizes}: the fixed axes use {known} devices, which does not divide '
+          f'the {num_devices} devices available; change the fixed sizes.')
+    sizes[free[0]] = num_devices // known
+  if math.prod(sizes.values()) != num_devices:
+    raise ValueError(
+        f'config.mesh={sizes} needs {math.prod(sizes.values())} devices but '
+        f'{num_devices} are available; set one axis to -1 or change the sizes.')
+  return sizes
+
+
+def make_mesh(mesh_config: Mapping[str, int] | ml_collections.ConfigDict,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(mesh_config, len(devices))
+  return jax.make_mesh(tuple(shape[a] for a in MESH_AXES), MESH_AXES,
+                       axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def logical_to_spec(logical_axes: Sequence[str | None] | None, shape: Sequence[int],
+                    mesh: Mesh, rules=LOGICAL_RULES) -> P:
+  """A PartitionSpec for one array; each mesh axis is used at most once."""
+  if not logical_axes:
+    return P()
+  if len(logical_axes) != len(shape):
+    raise ValueError(f'Logical axes {logical_axes} do not match shape {tuple(shape)}.')
+  rule_map = dict(rules)
+  used: set[str] = set()
+  spec = []
+  for name, dim in zip(logical_axes, shape):
+    target = rule_map.get(name) if name is not None else None
+    axes = (target,) if isinstance(target, str) else tuple(target or ())
+    axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+    size = math.prod(mesh.shape[a] for a in axes)
+    if not axes or dim % size:
+      spec.append(None)
+      continue
+    used.update(axes)
+    spec.append(axes[0] if len(axes) == 1 else axes)
+  return P(*spec)
+
+
+def tree_shardings(tree, logical_axes_tree, mesh: Mesh):
+  """NamedShardings for a pytree of arrays given a matching tree of logical-axis tuples."""
+  axes_leaves = jax.tree.leaves(logical_axes_tree, is_leaf=lambda x: isinstance(x, tuple))
+  leaves, treedef = jax.tree.flatten(tree)
+  if len(axes_leaves) != len(leaves):
+    raise ValueError('The logical axes tree does not match the parameter tree.')
+  return jax.tree.unflatten(treedef, [
+      NamedSharding(mesh, logical_to_spec(ax, leaf.shape, mesh))
+      for ax, leaf in zip(axes_leaves, leaves)])
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension over data x fsdp, the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_shards(mesh: Mesh) -> int:
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def opt_state_shardings(tx, opt_state_shapes, param_shardings, mesh: Mesh):
+  """Optimiser-state leaves shaped like a parameter take that parameter's sharding."""
+  import optax  # pylint: disable=g-import-not-at-top
+  return optax.tree_map_params(
+      tx, lambda _, s: s, opt_state_shapes, param_shardings,
+      transform_non_params=lambda _: replicated(mesh))
+
+
+def describe(shardings) -> dict[str, str]:
+  """`{'path/to/param': 'P(...)'}` for logging and tests."""
+  out = {}
+  for path, s in jax.tree_util.tree_flatten_with_path(shardings)[0]:
+    key = '/'.join(re.sub(r"[\[\]'.]", '', jax.tree_util.keystr((k,))) for k in path)
+    out[key] = str(s.spec)
+  return out
+
+
+def host_local_batch_size(global_batch: int) -> int:
+  if global_batch % jax.process_count():
+    raise ValueError(f'Global batch {global_batch} is not divisible by the '
+                     f'{jax.process_count()} processes.')
+  return global_batch // jax.process_count()
+
+
+def to_global(mesh: Mesh, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+  """Per-process numpy batch -> global jax.Arrays sharded over the batch axes."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local_batch.items()}
