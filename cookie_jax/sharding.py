@@ -88,17 +88,6 @@ def logical_to_spec(logical_axes: Sequence[str | None] | None, shape: Sequence[i
   return P(*spec)
 
 
-def tree_shardings(tree, logical_axes_tree, mesh: Mesh):
-  """NamedShardings for a pytree of arrays given a matching tree of logical-axis tuples."""
-  axes_leaves = jax.tree.leaves(logical_axes_tree, is_leaf=lambda x: isinstance(x, tuple))
-  leaves, treedef = jax.tree.flatten(tree)
-  if len(axes_leaves) != len(leaves):
-    raise ValueError('The logical axes tree does not match the parameter tree.')
-  return jax.tree.unflatten(treedef, [
-      NamedSharding(mesh, logical_to_spec(ax, leaf.shape, mesh))
-      for ax, leaf in zip(axes_leaves, leaves)])
-
-
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dimension over data x fsdp, the rest replicated."""
   return NamedSharding(mesh, P(BATCH_AXES))
@@ -141,3 +130,17 @@ def to_global(mesh: Mesh, local_batch: Mapping[str, np.ndarray]) -> dict[str, ja
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local_batch.items()}
+
+
+def param_shardings(abstract_state, mesh: Mesh):
+  """NamedShardings (as a pure dict) for an `nnx.State` whose Variables carry the
+  `logical_axes` metadata set by the model's layers."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  out: dict = {}
+  for path, var in nnx.to_flat_state(abstract_state):
+    axes = var.get_metadata().get('logical_axes')
+    node = out
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = NamedSharding(mesh, logical_to_spec(axes, var.shape, mesh))
+  return out

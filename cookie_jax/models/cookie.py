@@ -1,0 +1,111 @@
+r"""COOKIE: two towers, a weight-sharing transformer on top, pooling, projection heads.
+
+    images -> ViT ---\                                  /-> pool -> image_head -> L2 norm
+                      >-- SharedTransformer (same weights) 
+    text  -> BERT ---/                                  \-> pool -> text_head  -> L2 norm
+
+With `shared.depth == 0` it is a plain dual encoder (tower outputs are pooled directly).
+The temperature is learned as a log logit scale and clamped at `max_logit_scale`.
+"""
+
+import math
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+from cookie_jax.models import layers
+from cookie_jax.models.bert import Bert
+from cookie_jax.models.shared import IMAGE, TEXT, SharedTransformer
+from cookie_jax.models.vit import ViT
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+
+
+def pool(x: jax.Array, mask: jax.Array | None, how: str, *, skip_first: bool) -> jax.Array:
+  """'cls': the first token. 'mean': the mean over real tokens (image: patches only)."""
+  if how == 'cls':
+    return x[:, 0]
+  if skip_first:
+    x = x[:, 1:]
+    mask = None if mask is None else mask[:, 1:]
+  if mask is None:
+    return jnp.mean(x, axis=1)
+  m = mask.astype(x.dtype)[..., None]
+  return jnp.sum(x * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+
+
+class CookieModel(nnx.Module):
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    dtype = DTYPES[cfg.dtype]
+    self.image_pool = cfg.image_pool
+    self.text_pool = cfg.text_pool
+    self.max_log_scale = math.log(cfg.max_logit_scale)
+    self.vision = ViT(cfg.vision, dtype=dtype, remat=cfg.remat, rngs=rngs)
+    self.text = Bert(cfg.text, dtype=dtype, remat=cfg.remat, rngs=rngs)
+    if cfg.shared.depth > 0:
+      self.shared = SharedTransformer(cfg.shared, image_width=cfg.vision.width,
+                                      text_width=cfg.text.width, dtype=dtype,
+                                      remat=cfg.remat, rngs=rngs)
+      image_width = text_width = cfg.shared.width
+    else:
+      self.shared = None
+      image_width, text_width = cfg.vision.width, cfg.text.width
+    self.image_head = layers.dense(image_width, cfg.embed_dim, ('embed', None), dtype=dtype,
+                                   rngs=rngs, use_bias=False)
+    self.text_head = layers.dense(text_width, cfg.embed_dim, ('embed', None), dtype=dtype,
+                                  rngs=rngs, use_bias=False)
+    self.log_logit_scale = nnx.Param(jnp.asarray(math.log(1.0 / cfg.temperature_init),
+                                                 jnp.float32), logical_axes=())
+    # Heads into an external partner's embedding space for the knowledge-sharing losses.
+    self.image_partner_head = (
+        layers.dense(cfg.embed_dim, cfg.image_partner_dim, (None, None), dtype=dtype,
+                     rngs=rngs, use_bias=False) if cfg.image_partner_dim else None)
+    self.text_partner_head = (
+        layers.dense(cfg.embed_dim, cfg.text_partner_dim, (None, None), dtype=dtype,
+                     rngs=rngs, use_bias=False) if cfg.text_partner_dim else None)
+
+  def logit_scale(self) -> jax.Array:
+    """1 / temperature, clamped."""
+    return jnp.exp(jnp.minimum(self.log_logit_scale[...], self.max_log_scale))
+
+  def embed_image(self, images: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+    """Unnormalised image embeddings [B, embed_dim], fp32."""
+    r_tower, r_shared = layers.split_rng(rng, 2)
+    x = self.vision(images, rng=r_tower)
+    if self.shared is not None:
+      x = self.shared(x, None, IMAGE, rng=r_shared)
+    return self.image_head(pool(x, None, self.image_pool, skip_first=True)).astype(
+        jnp.float32)
+
+  def embed_text(self, input_ids: jax.Array, attention_mask: jax.Array, *,
+                 rng: jax.Array | None = None) -> jax.Array:
+    """Unnormalised text embeddings [B, embed_dim], fp32."""
+    r_tower, r_shared = layers.split_rng(rng, 2)
+    x = self.text(input_ids, attention_mask, rng=r_tower)
+    if self.shared is not None:
+      x = self.shared(x, attention_mask, TEXT, rng=r_shared)
+    return self.text_head(pool(x, attention_mask, self.text_pool, skip_first=False)).astype(
+        jnp.float32)
+
+  def encode_image(self, images: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+    """L2-normalised image embeddings; `rng` turns on dropout (training)."""
+    return l2_normalize(self.embed_image(images, rng=rng))
+
+  def encode_text(self, input_ids: jax.Array, attention_mask: jax.Array, *,
+                  rng: jax.Array | None = None) -> jax.Array:
+    """L2-normalised text embeddings; `rng` turns on dropout (training)."""
+    return l2_normalize(self.embed_text(input_ids, attention_mask, rng=rng))
+
+  def image_partner(self, embedding: jax.Array) -> jax.Array:
+    """Unnormalised image embedding -> normalised point in the external partner's space."""
+    return l2_normalize(self.image_partner_head(embedding))
+
+  def text_partner(self, embedding: jax.Array) -> jax.Array:
+    return l2_normalize(self.text_partner_head(embedding))

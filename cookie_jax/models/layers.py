@@ -1,0 +1,144 @@
+"""Transformer building blocks shared by the towers and the weight-sharing transformer.
+
+Parameters are fp32 and carry logical axis names in their `logical_axes` metadata; matmuls
+run in the configured compute dtype, LayerNorm and softmax in fp32.
+
+Sub-module names follow transformers' BERT/ViT layout (query/key/value, output dense,
+intermediate, ...) so that checkpoint conversion is a renaming and a transpose.
+"""
+
+from typing import Sequence
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+# transformers' BERT and ViT both default to layer_norm_eps=1e-12.
+LAYER_NORM_EPS = 1e-12
+INIT_STD = 0.02
+
+
+def normal_init(std: float = INIT_STD):
+  return nnx.initializers.normal(std)
+
+
+def dense(in_features: int, out_features: int, axes: Sequence[str | None], *, dtype,
+          rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
+  """A Linear whose kernel and bias carry logical axis names."""
+  return nnx.Linear(
+      in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+      kernel_init=normal_init(), bias_init=nnx.initializers.zeros_init(),
+      kernel_metadata={'logical_axes': tuple(axes)},
+      bias_metadata={'logical_axes': (axes[-1],)}, rngs=rngs)
+
+
+def layer_norm(features: int, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(
+      features, epsilon=LAYER_NORM_EPS, dtype=jnp.float32, param_dtype=jnp.float32,
+      scale_metadata={'logical_axes': ('embed',)},
+      bias_metadata={'logical_axes': ('embed',)}, rngs=rngs)
+
+
+def split_rng(rng: jax.Array | None, n: int) -> list[jax.Array | None]:
+  """`n` keys from `rng`, or `n` Nones in deterministic mode."""
+  return [None] * n if rng is None else list(jax.random.split(rng, n))
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+  if rng is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  # BERT and ViT use the exact erf GELU, not the tanh approximation.
+  return jax.nn.gelu(x, approximate=False)
+
+
+class MultiHeadAttention(nnx.Module):
+  """Self-attention with a padding mask; queries, keys and values are full-width Linears."""
+
+  def __init__(self, width: int, heads: int, *, attention_dropout: float, dtype,
+               rngs: nnx.Rngs):
+    self.heads = heads
+    self.head_dim = width // heads
+    self.attention_dropout = attention_dropout
+    self.dtype = dtype
+    self.query = dense(width, width, ('embed', 'heads'), dtype=dtype, rngs=rngs)
+    self.key = dense(width, width, ('embed', 'heads'), dtype=dtype, rngs=rngs)
+    self.value = dense(width, width, ('embed', 'heads'), dtype=dtype, rngs=rngs)
+    self.out = dense(width, width, ('heads', 'embed'), dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, mask: jax.Array | None, *,
+               rng: jax.Array | None = None) -> jax.Array:
+    b, t, _ = x.shape
+    split = lambda y: y.reshape(b, t, self.heads, self.head_dim)
+    q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+    # mask: [B, T] with True on real tokens -> [B, 1, 1, T] over (batch, heads, q, k).
+    attn_mask = None if mask is None else mask[:, None, None, :].astype(bool)
+    if rng is None or self.attention_dropout == 0.0:
+      out = jax.nn.dot_product_attention(q, k, v, mask=attn_mask)
+    else:
+      # The fused kernel has no dropout on the probabilities; train-time path done by hand.
+      logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
+      logits = logits / jnp.sqrt(jnp.float32(self.head_dim))
+      if attn_mask is not None:
+        logits = jnp.where(attn_mask, logits, jnp.finfo(jnp.float32).min)
+      probs = jax.nn.softmax(logits, axis=-1)
+      probs = dropout(probs, self.attention_dropout, rng).astype(v.dtype)
+      out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+    return self.out(out.reshape(b, t, self.heads * self.head_dim))
+
+
+class PreNormBlock(nnx.Module):
+  """A pre-LN transformer block laid out like transformers' `ViTLayer`."""
+
+  def __init__(self, width: int, heads: int, mlp_dim: int, *, dropout_rate: float,
+               attention_dropout: float, dtype, rngs: nnx.Rngs):
+    self.dropout_rate = dropout_rate
+    self.layernorm_before = layer_norm(width, rngs=rngs)
+    self.attention = MultiHeadAttention(width, heads, attention_dropout=attention_dropout,
+                                        dtype=dtype, rngs=rngs)
+    self.layernorm_after = layer_norm(width, rngs=rngs)
+    self.intermediate = dense(width, mlp_dim, ('embed', 'mlp'), dtype=dtype, rngs=rngs)
+    self.output = dense(mlp_dim, width, ('mlp', 'embed'), dtype=dtype, rngs=rngs)
+
+  def __call__(self, x, mask=None, *, rng=None):
+    r_attn, r1, r2 = split_rng(rng, 3)
+    h = self.attention(self.layernorm_before(x), mask, rng=r_attn)
+    x = x + dropout(h, self.dropout_rate, r1)
+    h = self.output(gelu(self.intermediate(self.layernorm_after(x))))
+    return x + dropout(h, self.dropout_rate, r2)
+
+
+class PostNormBlock(nnx.Module):
+  """A post-LN transformer block laid out like transformers' `BertLayer`."""
+
+  def __init__(self, width: int, heads: int, mlp_dim: int, *, dropout_rate: float,
+               attention_dropout: float, dtype, rngs: nnx.Rngs):
+    self.dropout_rate = dropout_rate
+    self.attention = MultiHeadAttention(width, heads, attention_dropout=attention_dropout,
+                                        dtype=dtype, rngs=rngs)
+    self.attention_norm = layer_norm(width, rngs=rngs)
+    self.intermediate = dense(width, mlp_dim, ('embed', 'mlp'), dtype=dtype, rngs=rngs)
+    self.output = dense(mlp_dim, width, ('mlp', 'embed'), dtype=dtype, rngs=rngs)
+    self.output_norm = layer_norm(width, rngs=rngs)
+
+  def __call__(self, x, mask=None, *, rng=None):
+    r_attn, r1, r2 = split_rng(rng, 3)
+    h = self.attention(x, mask, rng=r_attn)
+    x = self.attention_norm(x + dropout(h, self.dropout_rate, r1))
+    h = self.output(gelu(self.intermediate(x)))
+    return self.output_norm(x + dropout(h, self.dropout_rate, r2))
+
+
+def run_blocks(blocks, x, mask, rng, *, remat: bool):
+  """Applies a list of blocks in order, each with its own dropout key."""
+  keys = split_rng(rng, len(blocks))
+  for block, key in zip(blocks, keys):
+    if remat:
+      x = nnx.remat(lambda blk, y, m, r: blk(y, m, rng=r))(block, x, mask, key)
+    else:
+      x = block(x, mask, rng=key)
+  return x

@@ -1,0 +1,49 @@
+"""AdamW with warmup + cosine / linear / constant decay, a weight-decay mask and clipping."""
+
+import jax
+import ml_collections
+import optax
+
+# Parameters that are positions, tokens or scales rather than weights: never decayed.
+NO_DECAY_NAMES = ('position_embeddings', 'cls_token', 'modality_embedding',
+                  'log_logit_scale')
+
+
+def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int
+                           ) -> optax.Schedule:
+  warmup = min(cfg.warmup_steps, total_steps)
+  decay_steps = max(total_steps - warmup, 1)
+  end = cfg.lr * cfg.end_lr_factor
+  if cfg.schedule == 'cosine':
+    after = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.end_lr_factor)
+  elif cfg.schedule == 'linear':
+    after = optax.linear_schedule(cfg.lr, end, decay_steps)
+  elif cfg.schedule == 'constant':
+    after = optax.constant_schedule(cfg.lr)
+  else:
+    raise ValueError(f"config.optim.schedule={cfg.schedule!r}: use 'cosine', 'linear' "
+                     "or 'constant'.")
+  if warmup == 0:
+    return after
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, cfg.lr, warmup), after], boundaries=[warmup])
+
+
+def decay_mask(params):
+  """True where weight decay applies: matrices and kernels, not biases, norms, positions,
+  the CLS token, modality vectors or the temperature."""
+  def keep(path, leaf):
+    names = [str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path]
+    return leaf.ndim >= 2 and not any(n in NO_DECAY_NAMES for n in names)
+  return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  schedule = learning_rate_schedule(cfg, total_steps)
+  parts = []
+  if cfg.clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+  parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                           weight_decay=cfg.weight_decay, mask=decay_mask))
+  return optax.chain(*parts), schedule

