@@ -28,6 +28,9 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+  # The first step whose loss or gradient was not finite, or -1. From that step on the
+  # state is frozen, so nothing after the bad step can reach a checkpoint.
+  nonfinite_step: jax.Array
 
 
 @flax.struct.dataclass
@@ -55,12 +58,13 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: Mesh
   def init_fn():
     params = nnx.to_pure_dict(nnx.state(init_model(config.model, config.seed)))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params))
+                      opt_state=tx.init(params), nonfinite_step=jnp.full((), -1, jnp.int32))
 
   abstract = jax.eval_shape(init_fn)
   state_shardings = TrainState(
       step=sharding.replicated(mesh), params=param_shardings,
-      opt_state=sharding.opt_state_shardings(tx, abstract.opt_state, param_shardings, mesh))
+      opt_state=sharding.opt_state_shardings(tx, abstract.opt_state, param_shardings, mesh),
+      nonfinite_step=sharding.replicated(mesh))
   state = jax.jit(init_fn, out_shardings=state_shardings)()
   return state, Setup(graphdef=graphdef, tx=tx, schedule=schedule, mesh=mesh,
                       state_shardings=state_shardings)
@@ -73,15 +77,25 @@ def _need(batch, key, why):
   return batch[key]
 
 
+def loss_scales(model: CookieModel, loss_cfg):
+  """The logit scale of every loss term with weight > 0."""
+  scales = {}
+  if loss_cfg.cross_modal.weight > 0:
+    scales['cross_modal'] = model.logit_scale()
+  for name in ('visual', 'textual'):
+    if loss_cfg[name].weight > 0:
+      scales[name] = jnp.float32(1.0 / loss_cfg[name].temperature)
+  return scales
+
+
 def loss_pairs(model: CookieModel, batch, rng, loss_cfg):
-  """The (a, b) embedding pair and the logit scale of every loss term with weight > 0."""
+  """The (a, b) embedding pair of every loss term with weight > 0."""
   r_img, r_txt, r_img2, r_txt2 = split_rng(rng, 4)
   image = model.embed_image(batch['image'], rng=r_img)
   text = model.embed_text(batch['input_ids'], batch['attention_mask'], rng=r_txt)
-  pairs, scales = {}, {}
+  pairs = {}
   if loss_cfg.cross_modal.weight > 0:
     pairs['cross_modal'] = (l2_normalize(image), l2_normalize(text))
-    scales['cross_modal'] = model.logit_scale()
   if loss_cfg.visual.weight > 0:
     if loss_cfg.visual.partner == 'augmented':
       view2 = _need(batch, 'image_view2', "loss.visual.partner='augmented'")
@@ -90,7 +104,6 @@ def loss_pairs(model: CookieModel, batch, rng, loss_cfg):
       partner = _need(batch, 'image_partner', "loss.visual.partner='external'")
       pairs['visual'] = (model.image_partner(image),
                          l2_normalize(jax.lax.stop_gradient(partner)))
-    scales['visual'] = jnp.float32(1.0 / loss_cfg.visual.temperature)
   if loss_cfg.textual.weight > 0:
     if loss_cfg.textual.partner == 'dropout':
       pairs['textual'] = (l2_normalize(text), model.encode_text(
@@ -99,30 +112,23 @@ def loss_pairs(model: CookieModel, batch, rng, loss_cfg):
       partner = _need(batch, 'text_partner', "loss.textual.partner='external'")
       pairs['textual'] = (model.text_partner(text),
                           l2_normalize(jax.lax.stop_gradient(partner)))
-    scales['textual'] = jnp.float32(1.0 / loss_cfg.textual.temperature)
-  return pairs, scales
+  return pairs
 
 
-def sharded_losses(mesh: Mesh):
-  """`compute_losses` inside shard_map over the batch axes: global negatives, local logits."""
+def sharded_losses(mesh: Mesh, stacked: bool = False):
+  """`compute_losses` inside shard_map over the batch axes: global negatives, local logits.
+
+  `stacked=True` takes embeddings as [micro_batches, B / micro_batches, D] (gradient
+  accumulation); each device flattens its rows, which only permutes the global batch.
+  InfoNCE is invariant to a permutation applied to both sides, so the value equals the
+  loss over the whole batch.
+  """
   def local(pairs, scales):
+    if stacked:
+      pairs = jax.tree.map(lambda x: x.reshape(-1, x.shape[-1]), pairs)
     return losses_lib.compute_losses(pairs, scales, axis_name=sharding.BATCH_AXES)
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(sharding.BATCH_AXES), P()),
-                       out_specs=P())
-
-
-def make_loss_fn(config: ml_collections.ConfigDict, setup: Setup):
-  """params, batch, rng -> (total, {term: value, 'logit_scale': s})."""
-  loss_cfg = config.loss
-  compute = sharded_losses(setup.mesh)
-
-  def loss_fn(params, batch, rng):
-    model = nnx.merge(setup.graphdef, params)
-    pairs, scales = loss_pairs(model, batch, rng, loss_cfg)
-    terms = compute(pairs, scales)
-    total = sum(loss_cfg[name].weight * value for name, value in terms.items())
-    return total, dict(terms, logit_scale=model.logit_scale())
-  return loss_fn
+  spec = P(None, sharding.BATCH_AXES) if stacked else P(sharding.BATCH_AXES)
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec, P()), out_specs=P())
 
 
 def step_rng(seed: int, step: jax.Array) -> jax.Array:
@@ -130,22 +136,107 @@ def step_rng(seed: int, step: jax.Array) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), step)
 
 
+def split_micro_batches(batch, num_micro: int, mesh: Mesh):
+  """[B, ...] -> [num_micro, B / num_micro, ...] so that every micro-batch is spread over
+  all batch shards with no data movement: each device splits its own rows."""
+  shards = sharding.batch_shards(mesh)
+  spec = jax.sharding.NamedSharding(mesh, P(None, sharding.BATCH_AXES))
+
+  def split(x):
+    b = x.shape[0]
+    y = x.reshape(shards, num_micro, b // (shards * num_micro), *x.shape[1:])
+    y = jnp.swapaxes(y, 0, 1).reshape(num_micro, b // num_micro, *x.shape[1:])
+    return jax.lax.with_sharding_constraint(y, spec)
+  return jax.tree.map(split, batch)
+
+
+def make_grad_fn(config: ml_collections.ConfigDict, setup: Setup):
+  """params, batch, rng -> ((total, terms, logit_scale), grads).
+
+  With `train.accum_steps = M > 1`, GradCache-style accumulation that keeps the negatives
+  of the whole batch: (1) embed every micro-batch without gradients, (2) compute the loss
+  on all embeddings and its gradient with respect to them, (3) re-embed micro-batch by
+  micro-batch and backpropagate those embedding gradients into the parameters. Only one
+  micro-batch's activations are alive at a time; the result equals the full-batch
+  gradient.
+  """
+  loss_cfg = config.loss
+  num_micro = config.train.accum_steps
+
+  def pairs_fn(params, batch, rng):
+    return loss_pairs(nnx.merge(setup.graphdef, params), batch, rng, loss_cfg)
+
+  def scales_fn(params):
+    return loss_scales(nnx.merge(setup.graphdef, params), loss_cfg)
+
+  def total_of(terms):
+    return sum(loss_cfg[name].weight * value for name, value in terms.items())
+
+  if num_micro == 1:
+    compute = sharded_losses(setup.mesh)
+
+    def loss_fn(params, batch, rng):
+      scales = scales_fn(params)
+      terms = compute(pairs_fn(params, batch, rng), scales)
+      return total_of(terms), (terms, scales.get('cross_modal'))
+
+    def grad_fn(params, batch, rng):
+      (total, (terms, scale)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          params, batch, rng)
+      return (total, terms, scale), grads
+    return grad_fn
+
+  compute = sharded_losses(setup.mesh, stacked=True)
+
+  def grad_fn(params, batch, rng):
+    micro = split_micro_batches(batch, num_micro, setup.mesh)
+    keys = jax.random.split(rng, num_micro)
+    _, stacked = jax.lax.scan(lambda c, xs: (c, pairs_fn(params, *xs)), None, (micro, keys))
+    scales = scales_fn(params)
+
+    def loss_of_embeddings(stacked, scales):
+      terms = compute(stacked, scales)
+      return total_of(terms), terms
+    (total, terms), (g_stacked, g_scales) = jax.value_and_grad(
+        loss_of_embeddings, argnums=(0, 1), has_aux=True)(stacked, scales)
+
+    def backprop(acc, xs):
+      batch_m, key_m, g_m = xs
+      _, vjp = jax.vjp(lambda p: pairs_fn(p, batch_m, key_m), params)
+      return jax.tree.map(jnp.add, acc, vjp(g_m)[0]), None
+    grads, _ = jax.lax.scan(backprop, jax.tree.map(jnp.zeros_like, params),
+                            (micro, keys, g_stacked))
+    _, scales_vjp = jax.vjp(scales_fn, params)
+    grads = jax.tree.map(jnp.add, grads, scales_vjp(g_scales)[0])
+    return (total, terms, scales.get('cross_modal')), grads
+  return grad_fn
+
+
 def make_train_step(config: ml_collections.ConfigDict, setup: Setup):
   """A jitted `(state, batch) -> (state, metrics)`; the input state is donated."""
-  loss_fn = make_loss_fn(config, setup)
+  grad_fn = make_grad_fn(config, setup)
 
   def train_step(state: TrainState, batch):
     rng = step_rng(config.seed, state.step)
-    (total, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch, rng)
+    (total, terms, scale), grads = grad_fn(state.params, batch, rng)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    scale = aux.pop('logit_scale')
-    metrics = {f'loss/{k}': v for k, v in aux.items()}
-    metrics.update({'loss': total, 'temperature': 1.0 / scale,
-                    'grad_norm': optax.tree.norm(grads),
+    # Non-finite guard: keep the last good state and remember where it went wrong.
+    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+    healthy = finite & (state.nonfinite_step < 0)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(healthy, n, o), new, old)
+    nonfinite_step = jnp.where((state.nonfinite_step < 0) & ~finite, state.step,
+                               state.nonfinite_step)
+    metrics = {f'loss/{k}': v for k, v in terms.items()}
+    metrics.update({'loss': total, 'grad_norm': grad_norm,
                     'learning_rate': setup.schedule(state.step)})
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    if scale is not None:
+      metrics['temperature'] = 1.0 / scale
+    new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                           opt_state=keep(opt_state, state.opt_state),
+                           nonfinite_step=nonfinite_step)
+    return new_state, metrics
 
   batch_sharding = sharding.batch_sharding(setup.mesh)
   return jax.jit(train_step,

@@ -145,3 +145,47 @@ def test_missing_second_view_is_a_clear_error():
   del batch['image_view2']
   with pytest.raises(ValueError, match=r"partner='augmented' needs batch\['image_view2'\]"):
     step.make_train_step(config, setup)(state, sharding.to_global(mesh, batch))
+
+
+def test_gradcache_accumulation_equals_one_large_batch_step():
+  """4 micro-batches keep the whole batch's negatives: same loss, grads and update."""
+  def run(accum):
+    config = _config()
+    config.model.text.dropout = config.model.text.attention_dropout = 0.0
+    config.loss.textual.weight = 0.0  # dropout views differ by construction
+    config.train.batch_size = 32
+    config.train.accum_steps = accum
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 4, 1
+    return _train(config, jax.devices(), _batches(2, b=32, seed=3))
+
+  ref_state, ref_hist, _ = run(1)
+  state, hist, _ = run(4)
+  for name in ('loss', 'loss/cross_modal', 'loss/visual'):
+    np.testing.assert_allclose([float(h[name]) for h in hist],
+                               [float(h[name]) for h in ref_hist], rtol=0, atol=1e-5,
+                               err_msg=name)
+  np.testing.assert_allclose([h['grad_norm'] for h in hist],
+                             [h['grad_norm'] for h in ref_hist], rtol=1e-5)
+  for (path, p), q in zip(jax.tree_util.tree_leaves_with_path(state.params),
+                          jax.tree.leaves(ref_state.params)):
+    np.testing.assert_allclose(p, q, rtol=0, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def test_nonfinite_step_freezes_the_state():
+  config = _config()
+  config.mesh.data = 1
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  state, setup = step.create_train_state(config, mesh)
+  train_step = step.make_train_step(config, setup)
+  good, bad = _batches(2)
+  bad['image'][3, 2, 2, 1] = np.nan
+  state, _ = train_step(state, sharding.to_global(mesh, good))
+  snapshot = jax.device_get(state)
+  state, metrics = train_step(state, sharding.to_global(mesh, bad))
+  assert not np.isfinite(float(metrics['loss']))
+  assert int(state.nonfinite_step) == 1
+  state, _ = train_step(state, sharding.to_global(mesh, good))   # stays frozen
+  assert int(state.nonfinite_step) == 1
+  for p, q in zip(jax.tree.leaves(jax.device_get(state.params)),
+                  jax.tree.leaves(snapshot.params)):
+    np.testing.assert_array_equal(p, q)
