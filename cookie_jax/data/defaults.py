@@ -2,6 +2,8 @@
 
 import ml_collections
 
+BUILDERS = ('synthetic', 'karpathy', 'tfds')
+
 
 def data_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
@@ -12,4 +14,115 @@ def data_config() -> ml_collections.ConfigDict:
       data_dir='',
       # Token length after truncation / padding.
       max_len=32,
+
+      # A local folder holding tokenizer.json or vocab.txt, or either file. '' = the
+      # WordPiece vocabulary trained on and stored with the synthetic dataset.
+      tokenizer='',
+      # Lowercase before WordPiece; used for a bare vocab.txt (tokenizer.json says itself).
+      lowercase=True,
+
+      # builder='karpathy': the folder with dataset_<name>.json and the images.
+      manual_dir='',
+      # builder='karpathy': 'coco' or 'flickr30k'.
+      karpathy_dataset='coco',
+      # builder='tfds': a prepared dataset, e.g. 'coco_captions' or 'name/config:1.0.0'.
+      # It is never downloaded here; prepare it with `tfds build` first.
+      tfds_name='',
+      # builder='tfds': feature keys; '/' goes into nested features. The text feature
+      # may be one string or a sequence of strings (all are kept, one is drawn per visit).
+      tfds_image_key='image',
+      tfds_text_key='captions/text',
+
+      # tfds split expressions. COCO Karpathy: 'train+restval' gives the usual 113k images.
+      train_split='train',
+      val_split='val',
+      test_split='test',
+
+      # builder='synthetic': sizes of the generated dataset (each size set is its own
+      # tfds config, so changing one builds a new copy once and never overwrites).
+      synthetic=dict(
+          train_images=10_000,
+          train_captions=3,  # per training image (at most 7)
+          eval_images=1000,  # per eval split (val and test)
+          eval_captions=5,  # per eval image, as in COCO / Flickr30K (at most 7)
+          image_size=64,  # stored resolution; the pipeline resizes to the model's
+          seed=0,  # the dataset's own seed, independent of the training seed
+          vocab_size=1024,  # upper bound of the trained WordPiece vocabulary
+      ),
+
+      # Equal-sized images (the synthetic set) are kept decoded in memory, with their
+      # captions tokenised, when the process's part needs at most this many MB; 0 = never.
+      cache_mb=1024,
+      # Training examples held for shuffling (per process); an epoch is reshuffled with a
+      # seed derived from (config.seed, epoch).
+      shuffle_buffer=10_000,
+      # Random resized crop: fraction of the image area and aspect-ratio range. The
+      # defaults keep every object of a synthetic scene in view; for photos CLIP-style
+      # training uses about (0.5, 1.0) or (0.08, 1.0).
+      crop_scale=(0.8, 1.0),
+      crop_ratio=(3.0 / 4.0, 4.0 / 3.0),
+      # Random horizontal flip. Off because captions name 'left' and 'right' (all of the
+      # synthetic relations, and some COCO captions): a flip would make them false.
+      flip=False,
+      # Per-channel normalisation of [0, 1] pixels (ImageNet statistics).
+      mean=(0.485, 0.456, 0.406),
+      std=(0.229, 0.224, 0.225),
+      # tf.data parallelism of decoding and augmentation; -1 = autotune.
+      num_parallel_calls=-1,
+      # Batches prepared ahead of the accelerator; -1 = autotune.
+      prefetch=2,
   ))
+
+
+def _require(cond, key, value, expected):
+  if not cond:
+    raise ValueError(f'config.data.{key}={value!r}: {expected}')
+
+
+def _range_ok(r, lo, hi):
+  return len(r) == 2 and lo < r[0] <= r[1] <= hi
+
+
+def validate_data_config(data_cfg) -> None:
+  """Raises ValueError naming `config.data.<key>`, the value and the fix."""
+  d = data_cfg
+  _require(d.builder in BUILDERS, 'builder', d.builder, f'use one of {list(BUILDERS)}.')
+  _require(d.max_len >= 2, 'max_len', d.max_len,
+           'needs room for [CLS] and [SEP]; use e.g. 32.')
+  if d.builder == 'karpathy':
+    _require(bool(d.manual_dir), 'manual_dir', d.manual_dir,
+             'builder=karpathy needs the folder with dataset_<name>.json and the images.')
+    _require(d.karpathy_dataset in ('coco', 'flickr30k'), 'karpathy_dataset',
+             d.karpathy_dataset, "use 'coco' or 'flickr30k'.")
+  if d.builder == 'tfds':
+    _require(bool(d.tfds_name), 'tfds_name', d.tfds_name,
+             "builder=tfds needs a prepared dataset's name, e.g. 'coco_captions'.")
+  if d.builder != 'synthetic':
+    _require(bool(d.tokenizer), 'tokenizer', d.tokenizer,
+             'only the synthetic dataset ships a vocabulary; give a local folder with '
+             'tokenizer.json or vocab.txt (e.g. of bert-base-uncased).')
+  if d.builder == 'synthetic':
+    s = d.synthetic
+    for key in ('train_images', 'eval_images', 'image_size', 'vocab_size'):
+      _require(s[key] > 0, f'synthetic.{key}', s[key], 'must be positive.')
+    for key in ('train_captions', 'eval_captions'):
+      _require(1 <= s[key] <= 7, f'synthetic.{key}', s[key],
+               'there are 7 phrasings per scene; use 1 to 7.')
+    _require(s.vocab_size >= 64, 'synthetic.vocab_size', s.vocab_size,
+             'the characters and special tokens alone need about 40; use e.g. 1024.')
+    _require(not d.flip, 'flip', d.flip,
+             "the synthetic captions say 'left of' / 'right of', which a flip makes "
+             'false; set flip=False.')
+  _require(d.cache_mb >= 0, 'cache_mb', d.cache_mb, 'must be >= 0 (0 = no cache).')
+  _require(d.shuffle_buffer >= 1, 'shuffle_buffer', d.shuffle_buffer,
+           'must be >= 1 (1 = no shuffling).')
+  _require(_range_ok(d.crop_scale, 0.0, 1.0), 'crop_scale', d.crop_scale,
+           'must be (min, max) with 0 < min <= max <= 1, e.g. (0.8, 1.0).')
+  _require(_range_ok(d.crop_ratio, 0.0, float('inf')), 'crop_ratio', d.crop_ratio,
+           'must be (min, max) with 0 < min <= max, e.g. (0.75, 1.333).')
+  _require(len(d.mean) == 3 and len(d.std) == 3 and min(d.std) > 0, 'std', d.std,
+           'mean and std need 3 values each (RGB), std > 0.')
+  _require(d.num_parallel_calls == -1 or d.num_parallel_calls >= 1, 'num_parallel_calls',
+           d.num_parallel_calls, 'use -1 (autotune) or a positive count.')
+  _require(d.prefetch >= -1, 'prefetch', d.prefetch,
+           'use -1 (autotune), 0 (none) or a number of batches.')

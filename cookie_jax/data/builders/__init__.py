@@ -1,0 +1,1 @@
+"""tfds builders: `synthetic` (generated, the default) and `karpathy` (COCO / Flickr30K)."""

@@ -1,0 +1,124 @@
+"""From `config.data` to a prepared tfds builder, and from a split to raw records.
+
+Records leave here with the image still encoded (`image`: bytes) and all captions of the
+image (`captions`: 1-D strings), so the pipeline can decode only what it uses (a JPEG
+crop window) and choose a caption per visit.
+"""
+
+from cookie_jax.data.tf_env import tf  # pylint: disable=g-bad-import-order  # GPUs first
+import tensorflow_datasets as tfds
+
+from cookie_jax.data.builders import karpathy, synthetic
+
+# Same order on every read: eval pairs image and caption passes by position, and exact
+# resume replays positions. tfds' interleave is deterministic under these options.
+_READ = tfds.ReadConfig(shuffle_seed=None, try_autocache=False)
+
+
+def _data_dir(data_cfg):
+  return data_cfg.data_dir or None
+
+
+def get_builder(data_cfg) -> tfds.core.DatasetBuilder:
+  """The dataset builder, prepared: generated or built from local files on first use."""
+  kind = data_cfg.builder
+  if kind == 'synthetic':
+    s = data_cfg.synthetic
+    builder = synthetic.SyntheticShapes(
+        data_dir=_data_dir(data_cfg), config=synthetic.synthetic_config(**s.to_dict()))
+    builder.download_and_prepare()
+    return builder
+  if kind == 'karpathy':
+    # Checked here too, so that a missing folder is reported before tfds makes any.
+    karpathy.annotations_path(data_cfg.manual_dir, data_cfg.karpathy_dataset)
+    builder = karpathy.KarpathyCaptions(data_dir=_data_dir(data_cfg),
+                                        config=data_cfg.karpathy_dataset)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=data_cfg.manual_dir))
+    return builder
+  if kind == 'tfds':
+    if not data_cfg.tfds_name:
+      raise ValueError("config.data.tfds_name='': builder='tfds' needs the name of a "
+                       "prepared tfds dataset, e.g. 'coco_captions'.")
+    builder = tfds.builder(data_cfg.tfds_name, data_dir=_data_dir(data_cfg))
+    if not builder.is_prepared():
+      raise FileNotFoundError(
+          f'config.data.tfds_name={data_cfg.tfds_name!r} is not prepared in '
+          f'{builder.data_dir}. Nothing is downloaded during training; prepare it first, '
+          f'e.g. `tfds build {data_cfg.tfds_name} --data_dir=<config.data.data_dir>`.')
+    return builder
+  raise ValueError(f"config.data.builder={kind!r}: use 'synthetic', 'karpathy' or 'tfds'.")
+
+
+def feature_keys(data_cfg) -> tuple[str, str]:
+  if data_cfg.builder == 'tfds':
+    return data_cfg.tfds_image_key, data_cfg.tfds_text_key
+  return 'image', 'captions'
+
+
+def resolve_split(data_cfg, split: str) -> str:
+  """'train' / 'val' / 'test' name the configured splits; anything else is a tfds split."""
+  if split in ('train', 'val', 'test'):
+    return data_cfg[f'{split}_split']
+  return split
+
+
+def process_split(split: str, process_index: int, process_count: int) -> str:
+  """This process's disjoint part of `split`; the parts differ by at most one example."""
+  return tfds.split_for_jax_process(split, process_index=process_index,
+                                    process_count=process_count)
+
+
+def num_examples(builder, split) -> int:
+  return builder.info.splits[split].num_examples
+
+
+def _get(tree, path):
+  for part in path.split('/'):
+    tree = tree[part]
+  return tree
+
+
+def _nest(path, value):
+  for part in reversed(path.split('/')):
+    value = {part: value}
+  return value
+
+
+def check_keys(builder, keys: tuple[str, str]) -> None:
+  """ValueError naming the config key when a feature is absent or not an image."""
+  image_key, text_key = keys
+  for key, what in ((image_key, 'tfds_image_key'), (text_key, 'tfds_text_key')):
+    try:
+      _get(builder.info.features, key)
+    except (KeyError, TypeError, AttributeError):
+      names = sorted(builder.info.features.keys())
+      raise ValueError(f'config.data.{what}={key!r}: {builder.name} has no such feature; '
+                       f"top-level features: {names} ('/' selects a nested one).") from None
+  if not isinstance(_get(builder.info.features, image_key), tfds.features.Image):
+    raise ValueError(f'config.data.tfds_image_key={image_key!r}: not an Image feature '
+                     f'in {builder.name}; choose the encoded image feature.')
+
+
+def image_shape(builder, keys: tuple[str, str]) -> tuple:
+  """The stored image shape; None marks a size that varies between images."""
+  return tuple(_get(builder.info.features, keys[0]).shape)
+
+
+def read(builder, split: str, keys: tuple[str, str], *, with_image: bool = True,
+         extra=('image_id',)) -> tf.data.Dataset:
+  """{'image': encoded bytes, 'captions': [n] strings, + `extra` features present}."""
+  image_key, text_key = keys
+  check_keys(builder, keys)
+  ds = builder.as_dataset(split=split, shuffle_files=False, read_config=_READ,
+                          decoders=_nest(image_key, tfds.decode.SkipDecoding()))
+  present = [k for k in extra if k in builder.info.features]
+
+  def select(ex):
+    out = {'captions': tf.reshape(_get(ex, text_key), [-1])}
+    if with_image:
+      out['image'] = _get(ex, image_key)
+    out.update({k: ex[k] for k in present})
+    return out
+
+  return ds.map(select, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
