@@ -24,6 +24,8 @@ setuptools.setup(
         'safetensors>=0.6',
         'pillow>=11',
         'tqdm>=4.66',
+        # Event files for TensorBoard, written without TensorFlow.
+        'tensorboard>=2.18',
     ],
     extras_require={
         # torch 2.13.0 is pinned for tests: the CPU build this project's CI machine carries.

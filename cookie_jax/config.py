@@ -9,7 +9,7 @@ import difflib
 
 import ml_collections
 
-from cookie_jax.data.defaults import data_config
+from cookie_jax.data.defaults import data_config, validate_data_config
 from cookie_jax.models.presets import model_config
 
 
@@ -57,10 +57,24 @@ def default_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       batch_size=64,
       steps=100,
       log_every=10,
+      # Micro-batches per step (GradCache): the loss still sees the negatives of the whole
+      # batch; only one micro-batch's activations are alive at a time.
+      accum_steps=1,
+      # Fine-tuning: initialise the parameters from another run's workdir or checkpoint
+      # directory ('' = random init). Ignored once this run has its own checkpoint.
+      init_from='',
+      # Which step of `init_from`; -1 = its latest.
+      init_step=-1,
+      # Show a console progress bar (process 0).
+      progress_bar=True,
   ))
 
   c.eval = ml_collections.ConfigDict(dict(
       batch_size=64,
+      # Validation retrieval every N steps (0 = never during training).
+      every=0,
+      # Evaluate the test split after training and write WORKDIR/test_retrieval.json.
+      test_at_end=True,
   ))
 
   # Device mesh sizes; -1 takes the devices left over. data * fsdp shards the batch,
@@ -68,8 +82,14 @@ def default_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
   c.checkpoint = ml_collections.ConfigDict(dict(
+      # Save every N steps (0 = only at the end and on preemption).
       every=0,
+      # Keep the last N checkpoints ...
       keep=2,
+      # ... plus the best one by validation RSUM.
+      keep_best=True,
+      # Write checkpoints in the background while training continues.
+      async_save=True,
   ))
   return c
 
@@ -161,6 +181,17 @@ def validate_config(config: ml_collections.ConfigDict,
 
   _require(config.train.batch_size > 0, 'train.batch_size', config.train.batch_size,
            'must be positive.')
+  _require(config.train.steps > 0, 'train.steps', config.train.steps, 'must be positive.')
+  _require(config.train.log_every > 0, 'train.log_every', config.train.log_every,
+           'must be positive.')
+  _require(config.train.accum_steps >= 1, 'train.accum_steps', config.train.accum_steps,
+           'must be >= 1 (1 = no accumulation).')
+  _require(config.checkpoint.keep >= 1, 'checkpoint.keep', config.checkpoint.keep,
+           'must be >= 1.')
+  try:
+    validate_data_config(config.data)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   for axis in ('data', 'fsdp', 'tensor'):
     size = config.mesh[axis]
     _require(size == -1 or size >= 1, f'mesh.{axis}', size,
@@ -171,11 +202,15 @@ def validate_config(config: ml_collections.ConfigDict,
     from cookie_jax.sharding import mesh_shape  # pylint: disable=g-import-not-at-top
     shape = mesh_shape(config.mesh, num_devices)
     batch_shards = shape['data'] * shape['fsdp']
-    for key in ('train.batch_size', 'eval.batch_size'):
+    for key, parts in (('train.batch_size', batch_shards * config.train.accum_steps),
+                       ('eval.batch_size', batch_shards)):
       section, name = key.split('.')
       value = config[section][name]
-      _require(value % batch_shards == 0, key, value,
-               f'the batch is split over data*fsdp = {batch_shards} devices; use a multiple '
-               f'of {batch_shards} (e.g. {max(batch_shards, value // batch_shards * batch_shards)}).')
+      what = (f'data*fsdp = {batch_shards} devices' if parts == batch_shards else
+              f'data*fsdp = {batch_shards} devices x train.accum_steps = '
+              f'{config.train.accum_steps} micro-batches')
+      _require(value % parts == 0, key, value,
+               f'the batch is split over {what}; use a multiple of {parts} '
+               f'(e.g. {max(parts, value // parts * parts)}).')
   return config
 

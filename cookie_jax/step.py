@@ -28,8 +28,9 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
-  # The first step whose loss or gradient was not finite, or -1. From that step on the
-  # state is frozen, so nothing after the bad step can reach a checkpoint.
+  # The first step (counted like `step`, 1 = the first update) whose loss or gradient
+  # was not finite, or -1. From then on the state is frozen, so nothing from the bad
+  # step or after it can reach a checkpoint.
   nonfinite_step: jax.Array
 
 
@@ -226,7 +227,8 @@ def make_train_step(config: ml_collections.ConfigDict, setup: Setup):
     finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
     healthy = finite & (state.nonfinite_step < 0)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(healthy, n, o), new, old)
-    nonfinite_step = jnp.where((state.nonfinite_step < 0) & ~finite, state.step,
+    # Recorded as the step number this update would have produced (as metrics are logged).
+    nonfinite_step = jnp.where((state.nonfinite_step < 0) & ~finite, state.step + 1,
                                state.nonfinite_step)
     metrics = {f'loss/{k}': v for k, v in terms.items()}
     metrics.update({'loss': total, 'grad_norm': grad_norm,

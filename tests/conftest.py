@@ -1,6 +1,9 @@
 """Eight CPU devices for every test, set before jax is imported anywhere."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
@@ -12,3 +15,14 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 jax.config.update('jax_default_matmul_precision', 'highest')
+
+# Many tests compile the same tiny programs; a compilation cache shared by this session
+# (and by the subprocesses its tests start, through the environment) compiles each once.
+# It is new for every session, so timings of a run never depend on an earlier one.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='cookie_jax_xla_cache_')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], True)
+_CACHE = os.environ['JAX_COMPILATION_CACHE_DIR']
+jax.config.update('jax_compilation_cache_dir', _CACHE)
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)

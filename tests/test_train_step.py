@@ -183,9 +183,9 @@ def test_nonfinite_step_freezes_the_state():
   snapshot = jax.device_get(state)
   state, metrics = train_step(state, sharding.to_global(mesh, bad))
   assert not np.isfinite(float(metrics['loss']))
-  assert int(state.nonfinite_step) == 1
+  assert int(state.nonfinite_step) == 2
   state, _ = train_step(state, sharding.to_global(mesh, good))   # stays frozen
-  assert int(state.nonfinite_step) == 1
+  assert int(state.nonfinite_step) == 2
   for p, q in zip(jax.tree.leaves(jax.device_get(state.params)),
                   jax.tree.leaves(snapshot.params)):
     np.testing.assert_array_equal(p, q)

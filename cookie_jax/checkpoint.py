@@ -1,0 +1,183 @@
+"""Checkpoints: orbax CheckpointManager over the train state, data position and config.
+
+Each checkpoint step holds three items:
+  state  - the TrainState (params, optimiser state, step, non-finite marker), sharded;
+  data   - the input pipeline's position (JSON), so a resumed run sees the same batches;
+  config - the run's config (JSON), for inspection and for `launch/eval.py`.
+Randomness needs no item of its own: every key derives from `config.seed` and the step.
+
+Saves are asynchronous; orbax writes into a temporary directory and renames it only when
+complete, so a process killed mid-save leaves the previous checkpoint as the latest one.
+Retention keeps the last `checkpoint.keep` steps plus the best by validation RSUM.
+"""
+
+import json
+import os
+import signal
+import threading
+from typing import Any
+
+from absl import logging
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint whose parameters do not fit the configured model."""
+
+
+def _keystr(path) -> str:
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k))))
+                  for k in path)
+
+
+def check_compatible(stored, target, what: str) -> None:
+  """Raises naming the first parameter whose presence or shape differs."""
+  stored_flat = {_keystr(p): tuple(getattr(v, 'shape', ()))
+                 for p, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
+  target_flat = {_keystr(p): tuple(v.shape)
+                 for p, v in jax.tree_util.tree_flatten_with_path(target)[0]}
+  for key in sorted(set(stored_flat) | set(target_flat)):
+    if key not in stored_flat:
+      raise CheckpointMismatchError(
+          f'{what} has no parameter {key!r} (shape {target_flat[key]} in the configured '
+          'model); it was written by a different model. Use a matching config.model, or '
+          'a checkpoint of this model.')
+    if key not in target_flat:
+      raise CheckpointMismatchError(
+          f'{what} has a parameter {key!r} (shape {stored_flat[key]}) that the configured '
+          'model lacks; it was written by a different model. Use a matching config.model.')
+    if stored_flat[key] != target_flat[key]:
+      raise CheckpointMismatchError(
+          f'{what}: parameter {key!r} has shape {stored_flat[key]} in the checkpoint but '
+          f'{target_flat[key]} in the configured model. Use the config.model the '
+          'checkpoint was trained with.')
+
+
+def _handlers():
+  # Registered up front so that a fresh process can read metadata before restoring.
+  return {'state': ocp.StandardCheckpointHandler(), 'data': ocp.JsonCheckpointHandler(),
+          'config': ocp.JsonCheckpointHandler()}
+
+
+def abstract_with_shardings(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+class Checkpointer:
+  """Saving, retention, resume and preemption for one workdir."""
+
+  def __init__(self, directory: str, cfg: ml_collections.ConfigDict):
+    self.directory = os.fspath(directory)
+    self.every = cfg.every
+    policy = [policies.LatestN(n=cfg.keep)]
+    if cfg.keep_best:
+      policy.append(policies.BestN(get_metric_fn=lambda m: m['rsum'], reverse=False, n=1,
+                                   keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policies.AnyPreservationPolicy(policy),
+        enable_async_checkpointing=cfg.async_save,
+        create=True)
+    self.manager = ocp.CheckpointManager(self.directory, item_handlers=_handlers(),
+                                         options=options)
+    self._preempted = threading.Event()
+
+  # Preemption ---------------------------------------------------------------------------
+  def install_sigterm_handler(self):
+    """SIGTERM (how TPU/GPU schedulers preempt) asks the loop to save and stop."""
+    if threading.current_thread() is not threading.main_thread():
+      return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum, frame):
+      logging.warning('SIGTERM received: saving a checkpoint at the current step, then '
+                      'stopping.')
+      self._preempted.set()
+      del signum, frame
+    signal.signal(signal.SIGTERM, handler)
+    self._previous_handler = previous
+
+  def restore_sigterm_handler(self):
+    if getattr(self, '_previous_handler', None) is not None:
+      signal.signal(signal.SIGTERM, self._previous_handler)
+      self._previous_handler = None
+
+  def preempted(self, step: int) -> bool:
+    # orbax's check covers multi-host preemption notices (all hosts agree on the step).
+    return self._preempted.is_set() or self.manager.reached_preemption(step)
+
+  # Save / restore -----------------------------------------------------------------------
+  def should_save(self, step: int) -> bool:
+    return self.every > 0 and step % self.every == 0
+
+  def save(self, step: int, state, data_state: dict, config: ml_collections.ConfigDict,
+           metrics: dict[str, float] | None = None, force: bool = False) -> bool:
+    if step in self.manager.all_steps():
+      return False
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state),
+        config=ocp.args.JsonSave(json.loads(config.to_json())))
+    return self.manager.save(step, args=args, metrics=metrics, force=force)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def restore(self, step: int, abstract_state) -> tuple[Any, dict, dict]:
+    """(state in the target shardings, data position, config dict) of `step`."""
+    stored = self.manager.item_metadata(step)['state']
+    check_compatible(stored['params'], abstract_state.params,
+                     f'The checkpoint at {self.directory}/{step}')
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=ocp.args.JsonRestore(),
+        config=ocp.args.JsonRestore()))
+    return restored['state'], dict(restored['data'] or {}), dict(restored['config'] or {})
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def load_params(path: str, abstract_params, step: int | None = None):
+  """Parameters only, from another run's workdir or checkpoint directory (fine-tuning).
+
+  `path` may be a run's checkpoint directory (`WORKDIR/checkpoints`), a workdir, or one
+  step's directory. Restored in the shardings of `abstract_params`.
+  """
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'config.train.init_from={path!r} does not exist; give a '
+                            'workdir or checkpoint directory of a previous run.')
+  base, leaf = os.path.split(path.rstrip('/'))
+  if leaf.isdigit() and step is None:
+    path, step = base, int(leaf)
+  if os.path.isdir(os.path.join(path, 'checkpoints')):
+    path = os.path.join(path, 'checkpoints')
+  # The PyTree handler restores a subset (the parameters) of the saved state.
+  manager = ocp.CheckpointManager(path, item_handlers={'state': ocp.PyTreeCheckpointHandler()},
+                                  options=ocp.CheckpointManagerOptions(create=False))
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'config.train.init_from={path!r} holds no finished '
+                              'checkpoint.')
+    stored = manager.item_metadata(step)['state']['params']
+    check_compatible(stored, abstract_params, f'The checkpoint {path}/{step}')
+    target = {'params': abstract_params}
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)))
+    return restored['state']['params'], step
+  finally:
+    manager.close()

@@ -1,0 +1,164 @@
+"""`train_and_evaluate(config, workdir)`: mesh, input, model and optimiser, shard, restore,
+loop, evaluate, save.
+
+The loop keeps the host ahead of the devices: metrics are fetched only at logging steps,
+and the non-finite check reads one scalar of the state at those steps and before saves.
+"""
+
+import os
+import time
+
+from absl import logging
+import jax
+import ml_collections
+
+from cookie_jax import checkpoint as ckpt_lib
+from cookie_jax import metrics as metrics_lib
+from cookie_jax import sharding, step as step_lib
+from cookie_jax.config import ConfigError, validate_config
+
+
+class NonFiniteError(RuntimeError):
+  """Training produced a NaN or Inf loss or gradient."""
+
+
+class PreemptedError(RuntimeError):
+  """Not an error of the run: it was asked to stop (SIGTERM) and saved its state."""
+
+
+def _check_workdir(workdir: str) -> None:
+  if '://' in workdir:
+    return  # Remote (gs://...) paths are checked by orbax and tfds when first written.
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, '.write_test')
+    with open(probe, 'w', encoding='utf-8') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f'--workdir={workdir!r} cannot be written ({e.strerror}); choose a '
+                      'directory you can write to.') from None
+
+
+def _input(config, mesh):
+  from cookie_jax.data import pipeline  # TensorFlow loads here, not at import time.
+  vocab = pipeline.tokenizer_vocab_size(config.data)
+  if vocab > config.model.text.vocab_size:
+    raise ConfigError(
+        f'config.model.text.vocab_size={config.model.text.vocab_size}: the tokenizer has '
+        f'{vocab} tokens; set model.text.vocab_size >= {vocab}.')
+  second_view = config.loss.visual.weight > 0 and config.loss.visual.partner == 'augmented'
+  train_iter = pipeline.TrainIterator(
+      config.data, image_size=config.model.vision.image_size,
+      global_batch_size=config.train.batch_size, seed=config.seed, mesh=mesh,
+      second_view=second_view)
+  return pipeline, train_iter
+
+
+def _evaluate(pipeline, config, setup, params, split):
+  from cookie_jax import evaluate  # pylint: disable=g-import-not-at-top
+  data = pipeline.eval_data(config.data, split, image_size=config.model.vision.image_size,
+                            batch_size=config.eval.batch_size, mesh=setup.mesh)
+  return evaluate.evaluate_retrieval(setup.graphdef, params, data, mesh=setup.mesh,
+                                     progress=False)
+
+
+def restore_or_initialise(config, ckpt, state, setup):
+  """Resume from this run's latest checkpoint, else initialise from `train.init_from`."""
+  abstract = ckpt_lib.abstract_with_shardings(state, setup.state_shardings)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    logging.info('Resuming from %s/%d.', ckpt.directory, latest)
+    state, data_state, _ = ckpt.restore(latest, abstract)
+    return state, data_state
+  if config.train.init_from:
+    step = None if config.train.init_step < 0 else config.train.init_step
+    params, loaded = ckpt_lib.load_params(config.train.init_from, abstract.params, step)
+    logging.info('Initialised parameters from %s (step %d).', config.train.init_from, loaded)
+    state = state.replace(params=params)
+  return state, None
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains, evaluates and checkpoints in `workdir`; returns the final metrics."""
+  validate_config(config, num_devices=jax.device_count())
+  _check_workdir(workdir)
+  mesh = sharding.make_mesh(config.mesh)
+  logging.info('Mesh: %s', dict(mesh.shape))
+  pipeline, train_iter = _input(config, mesh)
+
+  state, setup = step_lib.create_train_state(config, mesh)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), config.checkpoint)
+  state, data_state = restore_or_initialise(config, ckpt, state, setup)
+  step = int(state.step)
+  if data_state is not None:
+    train_iter.set_state(data_state)
+  train_step = step_lib.make_train_step(config, setup)
+
+  total = config.train.steps
+  writer = metrics_lib.MetricWriter(workdir, total, start_step=step,
+                                    progress=config.train.progress_bar)
+  ckpt.install_sigterm_handler()
+  last_saved = ckpt.latest_step()
+
+  def guard(metrics=None):
+    bad = int(state.nonfinite_step)
+    if bad >= 0:
+      shown = '' if metrics is None else ' (' + ', '.join(
+          f'{k}={float(v):.4g}' for k, v in metrics.items() if k.startswith(('loss', 'grad'))
+      ) + ')'
+      where = (f'{ckpt.directory}/{last_saved}' if last_saved is not None
+               else 'none (no checkpoint was saved before it)')
+      raise NonFiniteError(
+          f'The loss or gradient became NaN/Inf at step {bad}{shown}. Training stopped and '
+          f'nothing from step {bad} on was saved. Last good checkpoint: {where}. Lower '
+          'optim.lr, keep optim.clip_norm on, or check the input data, then resume.')
+
+  def save(step, metrics=None, force=False):
+    nonlocal last_saved
+    guard()
+    if ckpt.save(step, state, train_iter.get_state(), config, metrics=metrics, force=force):
+      last_saved = step
+
+  result, logged = {}, {}
+  try:
+    tick, tick_step = time.perf_counter(), step
+    while step < total:
+      state, metrics = train_step(state, next(train_iter))
+      step += 1
+      if step % config.train.log_every == 0 or step == total:
+        metrics = jax.device_get(metrics)
+        guard(metrics)
+        now = time.perf_counter()
+        metrics['pairs_per_sec'] = (step - tick_step) * config.train.batch_size / (now - tick)
+        tick, tick_step = now, step
+        writer.write(step, metrics, prefix='train/')
+        writer.progress(step, metrics)
+        logged = {k: float(v) for k, v in metrics.items()}
+      val = None
+      if config.eval.every and step % config.eval.every == 0:
+        val = _evaluate(pipeline, config, setup, state.params, config.data.val_split)
+        writer.write(step, val, prefix='val/')
+        logging.info('Validation at step %d: RSUM %.2f', step, val['rsum'])
+        tick = time.perf_counter()  # evaluation time is not training throughput
+      if val is not None or ckpt.should_save(step):
+        save(step, metrics={'rsum': val['rsum']} if val is not None else None)
+      if ckpt.preempted(step):
+        save(step, force=True)
+        ckpt.wait()
+        raise PreemptedError(f'Preempted at step {step}; checkpoint saved in '
+                             f'{ckpt.directory}. Re-run the same command to resume.')
+    save(step, force=True)
+    ckpt.wait()
+    if config.eval.test_at_end:
+      result = _evaluate(pipeline, config, setup, state.params, config.data.test_split)
+      result['step'] = step
+      writer.write(step, result, prefix='test/')
+      metrics_lib.write_json(os.path.join(workdir, 'test_retrieval.json'), result)
+      logging.info('Test retrieval at step %d: %s', step,
+                   ', '.join(f'{k}={v:.2f}' for k, v in result.items()))
+  finally:
+    writer.close()
+    ckpt.restore_sigterm_handler()
+    ckpt.close()
+  return {'step': step, 'train': logged, 'test': result}

@@ -1,0 +1,257 @@
+"""The training loop: exact resume after SIGTERM, checkpoints across meshes, crash safety,
+the non-finite guard, fine-tuning init, and the launcher's error lines."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from cookie_jax import checkpoint as ckpt_lib
+from cookie_jax import sharding, step as step_lib, train
+from cookie_jax.config import default_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+def _config(data_dir, steps=6):
+  config = default_config('tiny')
+  config.model.vision.image_size = 16
+  config.data.data_dir = data_dir
+  config.data.max_len = 12
+  config.data.synthetic.train_images = 96
+  config.data.synthetic.eval_images = 24
+  config.data.synthetic.image_size = 16
+  config.train.batch_size = 16
+  config.train.steps = steps
+  config.train.log_every = 1
+  config.train.progress_bar = False
+  config.optim.warmup_steps = 2
+  config.loss.textual.weight = 0.5   # dropout randomness must resume exactly too
+  config.eval.batch_size = 16
+  config.eval.test_at_end = False
+  config.checkpoint.every = 2
+  return config
+
+
+def _metrics(workdir):
+  rows = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  return {r['step']: r for r in rows if 'train/loss' in r}
+
+
+def _params(workdir, config):
+  mesh = sharding.make_mesh(config.mesh)
+  state, setup = step_lib.create_train_state(config, mesh)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), config.checkpoint)
+  try:
+    restored, data_state, _ = ckpt.restore(
+        ckpt.latest_step(), ckpt_lib.abstract_with_shardings(state, setup.state_shardings))
+  finally:
+    ckpt.close()
+  return jax.device_get(restored), data_state
+
+
+def test_sigterm_then_resume_is_identical_to_an_uninterrupted_run(tmp_path, data_dir,
+                                                                   monkeypatch):
+  config = _config(data_dir)
+  straight = str(tmp_path / 'straight')
+  train.train_and_evaluate(config, straight)
+
+  # Preempt the second run with a real SIGTERM right after its third step.
+  interrupted = str(tmp_path / 'interrupted')
+  real_make = step_lib.make_train_step
+
+  def make_with_sigterm(cfg, setup):
+    fn, calls = real_make(cfg, setup), [0]
+    def step_fn(state, batch):
+      out = fn(state, batch)
+      calls[0] += 1
+      if calls[0] == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return out
+    return step_fn
+  monkeypatch.setattr(step_lib, 'make_train_step', make_with_sigterm)
+  handler_before = signal.getsignal(signal.SIGTERM)
+  with pytest.raises(train.PreemptedError, match='Preempted at step 3'):
+    train.train_and_evaluate(config, interrupted)
+  monkeypatch.setattr(step_lib, 'make_train_step', real_make)
+  assert signal.getsignal(signal.SIGTERM) == handler_before
+  assert sorted(os.listdir(os.path.join(interrupted, 'checkpoints'))) == ['2', '3']
+  result = train.train_and_evaluate(config, interrupted)   # resumes at 3
+  assert result['step'] == 6
+
+  a, b = _metrics(straight), _metrics(interrupted)
+  assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+  for s in (4, 5, 6):  # the steps after the resume: same data, dropout and updates
+    for key in ('train/loss', 'train/loss/cross_modal', 'train/loss/textual',
+                'train/grad_norm', 'train/learning_rate'):
+      assert abs(a[s][key] - b[s][key]) <= 1e-6 * max(1.0, abs(a[s][key])), (s, key)
+  state_a, data_a = _params(straight, config)
+  state_b, data_b = _params(interrupted, config)
+  assert data_a == data_b and int(state_a.step) == int(state_b.step) == 6
+  for p, q in zip(jax.tree.leaves(state_a.params), jax.tree.leaves(state_b.params)):
+    np.testing.assert_allclose(p, q, rtol=0, atol=1e-6)
+  tb = os.listdir(os.path.join(straight, 'tensorboard'))
+  assert any(f.startswith('events.out.tfevents') for f in tb)
+
+
+def test_checkpoint_from_8x1_restores_onto_2x4(tmp_path):
+  config = default_config('tiny')
+  config.model.vision.image_size = 16
+  config.mesh.data, config.mesh.fsdp = 8, 1
+  state, setup = step_lib.create_train_state(config, sharding.make_mesh(config.mesh))
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path / 'ckpt'), config.checkpoint)
+  ckpt.save(1, state, {'step': 1}, config, force=True)
+  ckpt.close()
+
+  config.mesh.data, config.mesh.fsdp = 2, 4
+  target, target_setup = step_lib.create_train_state(config, sharding.make_mesh(config.mesh))
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path / 'ckpt'), config.checkpoint)
+  restored, data_state, saved_config = ckpt.restore(1, ckpt_lib.abstract_with_shardings(
+      target, target_setup.state_shardings))
+  ckpt.close()
+  assert data_state == {'step': 1} and saved_config['mesh']['data'] == 8
+  kernel = restored.params['text']['layer'][0]['intermediate']['kernel']
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec('fsdp', None)
+  assert {s.data.shape for s in kernel.addressable_shards} == {(8, 64)}
+  for p, q in zip(jax.tree.leaves(jax.device_get(restored)), jax.tree.leaves(
+      jax.device_get(state))):
+    np.testing.assert_array_equal(p, q)
+
+
+def test_kill_9_during_a_save_leaves_the_latest_checkpoint_restorable(tmp_path):
+  """A child saves large checkpoints back to back; we SIGKILL it mid-write."""
+  directory = str(tmp_path / 'ckpt')
+  child = textwrap.dedent(f"""
+      import sys, time
+      import numpy as np, jax.numpy as jnp
+      sys.path.insert(0, {str(ROOT)!r})
+      from cookie_jax.checkpoint import Checkpointer
+      from cookie_jax.config import default_config
+      cfg = default_config().checkpoint
+      cfg.keep = 100
+      ckpt = Checkpointer({directory!r}, cfg)
+      for step in range(1, 1000):
+        # Random bits do not compress, so each save takes a while to write.
+        w = np.random.default_rng(step).random((32, 1024, 1024), dtype=np.float32)
+        w[0, 0, 0] = w[-1, -1, -1] = step
+        state = {{'w': jnp.asarray(w)}}
+        ckpt.save(step, state, {{'step': step}}, default_config(), force=True)
+        if step == 1:
+          ckpt.wait()
+          print('first', flush=True)
+      """)
+  proc = subprocess.Popen([sys.executable, '-c', child], stdout=subprocess.PIPE, text=True)
+  assert proc.stdout.readline().strip() == 'first'
+  # Let it get well into the next writes, then kill without warning.
+  import time  # pylint: disable=g-import-not-at-top
+  time.sleep(2.0)
+  proc.kill()
+  proc.wait()
+  entries = os.listdir(directory)
+  ckpt = ckpt_lib.Checkpointer(directory, default_config().checkpoint)
+  latest = ckpt.latest_step()
+  assert latest is not None and latest >= 1, entries
+  abstract = {'w': jax.ShapeDtypeStruct((32, 1024, 1024), np.float32,
+                                        sharding=sharding.replicated(
+                                            sharding.make_mesh(dict(data=-1, fsdp=1,
+                                                                    tensor=1))))}
+  state, data_state, _ = ckpt.restore(latest, abstract)
+  ckpt.close()
+  assert data_state == {'step': latest}
+  assert float(state['w'][0, 0, 0]) == float(latest) == float(state['w'][-1, -1, -1])
+
+
+def test_nonfinite_loss_stops_and_saves_nothing_after(tmp_path, data_dir, monkeypatch):
+  from cookie_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = _config(data_dir)
+  real_next = pipeline.TrainIterator.__next__
+
+  def poisoned_next(self):
+    batch = real_next(self)
+    if self.step == 3:   # the batch of step 3
+      image = np.asarray(batch['image']).copy()
+      image[0, 0, 0, 0] = np.nan
+      batch = dict(batch, image=sharding.to_global(self.mesh, {'image': image})['image'])
+    return batch
+  monkeypatch.setattr(pipeline.TrainIterator, '__next__', poisoned_next)
+  workdir = str(tmp_path / 'nan')
+  with pytest.raises(train.NonFiniteError,
+                     match=r'NaN/Inf at step 3 .*nothing from step 3 on was saved.*'
+                           r'checkpoints/2\b'):
+    train.train_and_evaluate(config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2']
+
+
+def test_init_from_a_different_model_names_the_parameter(tmp_path):
+  config = default_config('tiny')
+  config.model.vision.image_size = 16
+  state, _ = step_lib.create_train_state(config, sharding.make_mesh(config.mesh))
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path / 'run' / 'checkpoints'), config.checkpoint)
+  ckpt.save(5, state, {'step': 5}, config, force=True)
+  ckpt.close()
+
+  same, _ = ckpt_lib.load_params(str(tmp_path / 'run'), jax.eval_shape(lambda: state.params))
+  for p, q in zip(jax.tree.leaves(jax.device_get(same)), jax.tree.leaves(
+      jax.device_get(state.params))):
+    np.testing.assert_array_equal(p, q)
+
+  config.model.text.mlp_dim = 48
+  other, _ = step_lib.create_train_state(config, sharding.make_mesh(config.mesh))
+  with pytest.raises(ckpt_lib.CheckpointMismatchError,
+                     match=r"'text/layer/0/intermediate/bias' has shape \(64,\) in the "
+                           r'checkpoint but \(48,\)'):
+    ckpt_lib.load_params(str(tmp_path / 'run'), jax.eval_shape(lambda: other.params))
+  with pytest.raises(FileNotFoundError, match='does not exist'):
+    ckpt_lib.load_params(str(tmp_path / 'nowhere'), jax.eval_shape(lambda: other.params))
+
+
+def _launch(*args, timeout=300):
+  env = dict(os.environ)
+  env.pop('XLA_FLAGS', None)
+  return subprocess.run([sys.executable, str(ROOT / 'launch' / 'train.py'), *args],
+                        capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def test_launcher_unknown_override_is_one_line_and_nonzero(tmp_path):
+  out = _launch('--config=configs/base.py:tiny', '--config.model.vison.width=3',
+                f'--workdir={tmp_path}')
+  assert out.returncode != 0
+  lines = [l for l in out.stderr.splitlines() if l.strip()]
+  assert len(lines) <= 2 and 'Traceback' not in out.stderr, out.stderr
+  assert 'vison' in out.stderr
+
+
+def test_launcher_misspelt_key_in_config_file_is_one_line(tmp_path):
+  bad = tmp_path / 'bad.py'
+  bad.write_text(textwrap.dedent("""
+      from cookie_jax.config import default_config
+      def get_config():
+        c = default_config()
+        c.train.stpes = 5
+        return c
+      """))
+  out = _launch(f'--config={bad}', f'--workdir={tmp_path / "w"}')
+  assert out.returncode == 1
+  assert out.stderr.strip().splitlines()[-1].startswith(
+      "error: Unknown config key 'train.stpes'. Did you mean 'train.steps'?"), out.stderr
+  assert 'Traceback' not in out.stderr
+
+
+def test_launcher_unwritable_workdir(tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('x')
+  out = _launch('--config=configs/base.py:tiny', f'--workdir={blocker / "run"}')
+  assert out.returncode == 1
+  assert 'cannot be written' in out.stderr and 'Traceback' not in out.stderr, out.stderr
