@@ -24,6 +24,8 @@ def _demo():
   config = default_config('tiny')
   config.loss.visual.weight = 0.2
   config.loss.textual.weight = 0.2
+  # The synthetic captions are at most 20 tokens with [CLS] and [SEP].
+  config.data.max_len = 24
   config.train.batch_size = 128
   config.train.steps = 1500
   config.train.log_every = 50

@@ -132,8 +132,11 @@ class Checkpointer:
   def restore(self, step: int, abstract_state) -> tuple[Any, dict, dict]:
     """(state in the target shardings, data position, config dict) of `step`."""
     stored = self.manager.item_metadata(step)['state']
-    check_compatible(stored['params'], abstract_state.params,
-                     f'The checkpoint at {self.directory}/{step}')
+    target = abstract_state
+    if hasattr(abstract_state, 'params') and 'params' in stored:
+      # A TrainState: the parameters name a mismatch better than optimiser slots do.
+      stored, target = stored['params'], abstract_state.params
+    check_compatible(stored, target, f'The checkpoint at {self.directory}/{step}')
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         data=ocp.args.JsonRestore(),

@@ -160,9 +160,13 @@ def test_kill_9_during_a_save_leaves_the_latest_checkpoint_restorable(tmp_path):
   proc.kill()
   proc.wait()
   entries = os.listdir(directory)
+  print('after kill -9:', sorted(entries))
   ckpt = ckpt_lib.Checkpointer(directory, default_config().checkpoint)
   latest = ckpt.latest_step()
   assert latest is not None and latest >= 1, entries
+  # When the kill caught a save in flight, its step is not offered for restore.
+  in_flight = [int(e.split('.')[0]) for e in entries if 'tmp' in e]
+  assert all(latest < s for s in in_flight), (latest, entries)
   abstract = {'w': jax.ShapeDtypeStruct((32, 1024, 1024), np.float32,
                                         sharding=sharding.replicated(
                                             sharding.make_mesh(dict(data=-1, fsdp=1,
