@@ -4,9 +4,11 @@ import jax
 import ml_collections
 import optax
 
-# Parameters that are positions, tokens or scales rather than weights: never decayed.
+# Parameters that are positions, tokens or scales rather than weights, and the towers'
+# transformers-compatible poolers (unused by COOKIE, so decay would only erode imported
+# weights): never decayed.
 NO_DECAY_NAMES = ('position_embeddings', 'cls_token', 'modality_embedding',
-                  'log_logit_scale')
+                  'log_logit_scale', 'pooler')
 
 
 def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int

@@ -76,11 +76,17 @@ def restore_or_initialise(config, ckpt, state, setup):
     params, loaded = ckpt_lib.load_params(config.train.init_from, abstract.params, step)
     logging.info('Initialised parameters from %s (step %d).', config.train.init_from, loaded)
     state = state.replace(params=params)
+  elif config.model.text_init or config.model.image_init:
+    from cookie_jax.interop import hf_import  # pylint: disable=g-import-not-at-top
+    state = state.replace(params=hf_import.apply_pretrained_towers(config, state.params))
   return state, None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains, evaluates and checkpoints in `workdir`; returns the final metrics."""
+  if config.model.text_init or config.model.image_init:
+    from cookie_jax.interop import hf_import  # pylint: disable=g-import-not-at-top
+    hf_import.configure_pretrained_towers(config)  # tower sizes from the HF checkpoints
   validate_config(config, num_devices=jax.device_count())
   _check_workdir(workdir)
   mesh = sharding.make_mesh(config.mesh)

@@ -1,4 +1,4 @@
-"""The text tower: BERT laid out like transformers' `BertModel` (without its pooler)."""
+"""The text tower: BERT laid out like transformers' `BertModel`, pooler included."""
 
 from flax import nnx
 import jax
@@ -32,6 +32,13 @@ class Bert(nnx.Module):
         layers.PostNormBlock(cfg.width, cfg.heads, cfg.mlp_dim, dropout_rate=cfg.dropout,
                              attention_dropout=cfg.attention_dropout, dtype=dtype, rngs=rngs)
         for _ in range(cfg.depth)])
+    # BertModel's pooler (dense + tanh on [CLS]). COOKIE pools on its own and never calls
+    # it; it is kept so that a pretrained checkpoint imports and exports whole.
+    self.pooler = layers.dense(cfg.width, cfg.width, ('embed', None), dtype=dtype, rngs=rngs)
+
+  def pooled(self, hidden: jax.Array) -> jax.Array:
+    """BertModel's `pooler_output` of the states returned by `__call__`."""
+    return jnp.tanh(self.pooler(hidden[:, 0]).astype(jnp.float32))
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
                token_type_ids: jax.Array | None = None, *,

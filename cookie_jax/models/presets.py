@@ -85,4 +85,10 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       # unimodal encoder's output); 0 = no external partner, no partner head.
       image_partner_dim=0,
       text_partner_dim=0,
+      # A local Hugging Face BERT folder (config.json + model.safetensors or
+      # pytorch_model.bin) to initialise the text tower from; its sizes replace
+      # `text`'s. '' = random init.
+      text_init='',
+      # Likewise a local Hugging Face ViT folder for the image tower ('' = random init).
+      image_init='',
   ))

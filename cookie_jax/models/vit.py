@@ -1,4 +1,4 @@
-"""The image tower: a ViT laid out like transformers' `ViTModel` (without its pooler)."""
+"""The image tower: a ViT laid out like transformers' `ViTModel`, pooler included."""
 
 from flax import nnx
 import jax
@@ -36,6 +36,13 @@ class ViT(nnx.Module):
                             attention_dropout=cfg.attention_dropout, dtype=dtype, rngs=rngs)
         for _ in range(cfg.depth)])
     self.layernorm = layers.layer_norm(cfg.width, rngs=rngs)
+    # ViTModel's pooler (dense + tanh on CLS). COOKIE pools on its own and never calls it;
+    # it is kept so that a pretrained checkpoint imports and exports whole.
+    self.pooler = layers.dense(cfg.width, cfg.width, ('embed', None), dtype=dtype, rngs=rngs)
+
+  def pooled(self, hidden: jax.Array) -> jax.Array:
+    """ViTModel's `pooler_output` of the tokens returned by `__call__`."""
+    return jnp.tanh(self.pooler(hidden[:, 0]).astype(jnp.float32))
 
   def __call__(self, images: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
     r_embed, r_blocks = layers.split_rng(rng, 2)

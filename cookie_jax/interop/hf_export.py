@@ -1,0 +1,260 @@
+"""PyTorch / transformers checkpoints out: a trained COOKIE model as
+
+  OUT/text_encoder/    a `transformers.BertModel` folder (+ the tokenizer files),
+  OUT/image_encoder/   a `transformers.ViTModel` folder (+ preprocessor_config.json),
+  OUT/cookie.safetensors + OUT/cookie_config.json
+                       the shared transformer, projection heads and temperature,
+  OUT/torch_model.py   `CookieTorchModel`, which loads all of it with torch alone.
+
+Tower weights use transformers' original (4.x) key layout, which both 4.x and 5.x load.
+Every tensor is written by the rules of `keys.py`, the same ones the importer reads.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+
+from absl import logging
+from flax import nnx
+import jax
+import ml_collections
+import numpy as np
+
+from cookie_jax.interop import keys
+
+FORMAT = 'cookie_jax.torch/1'
+COOKIE_CONFIG = 'cookie_config.json'
+COOKIE_WEIGHTS = 'cookie.safetensors'
+
+
+def bert_config(text_cfg, *, pad_token_id: int = 0) -> dict:
+  """config.json of a `BertModel` with our text tower's sizes."""
+  return dict(
+      architectures=['BertModel'], model_type='bert', vocab_size=text_cfg.vocab_size,
+      hidden_size=text_cfg.width, num_hidden_layers=text_cfg.depth,
+      num_attention_heads=text_cfg.heads, intermediate_size=text_cfg.mlp_dim,
+      hidden_act='gelu', hidden_dropout_prob=text_cfg.dropout,
+      attention_probs_dropout_prob=text_cfg.attention_dropout,
+      max_position_embeddings=text_cfg.max_positions,
+      type_vocab_size=text_cfg.type_vocab_size, initializer_range=0.02,
+      layer_norm_eps=1e-12, pad_token_id=pad_token_id, position_embedding_type='absolute',
+      dtype='float32')
+
+
+def vit_config(vision_cfg) -> dict:
+  """config.json of a `ViTModel` with our image tower's sizes."""
+  return dict(
+      architectures=['ViTModel'], model_type='vit', hidden_size=vision_cfg.width,
+      num_hidden_layers=vision_cfg.depth, num_attention_heads=vision_cfg.heads,
+      intermediate_size=vision_cfg.mlp_dim, hidden_act='gelu',
+      hidden_dropout_prob=vision_cfg.dropout,
+      attention_probs_dropout_prob=vision_cfg.attention_dropout, initializer_range=0.02,
+      layer_norm_eps=1e-12, image_size=vision_cfg.image_size,
+      patch_size=vision_cfg.patch_size, num_channels=3, qkv_bias=True,
+      encoder_stride=vision_cfg.patch_size, pooler_output_size=vision_cfg.width,
+      pooler_act='tanh', dtype='float32')
+
+
+def _get(params, path):
+  for k in path:
+    params = params[k]
+  return params
+
+
+def state_dict(params, rules) -> dict[str, np.ndarray]:
+  """{torch key: float32 array} of the parameters the rules name."""
+  return {key: keys.to_torch(_get(params, path), layout) for key, path, layout in rules}
+
+
+def _write_json(path: pathlib.Path, obj) -> None:
+  path.write_text(json.dumps(obj, indent=2, sort_keys=True) + '\n', encoding='utf-8')
+
+
+def _save_safetensors(tensors: dict, path: pathlib.Path) -> None:
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  # transformers refuses a safetensors file without format metadata.
+  save_file(tensors, str(path), metadata={'format': 'pt'})
+
+
+def write_tower(params, tower: str, tower_cfg, out_dir, *, pad_token_id: int = 0) -> None:
+  """One tower (`params['text']` or `params['vision']`) as a transformers folder."""
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  if tower == 'text':
+    config, rules = bert_config(tower_cfg, pad_token_id=pad_token_id), keys.bert_rules(
+        tower_cfg.depth)
+  else:
+    config, rules = vit_config(tower_cfg), keys.vit_rules(tower_cfg.depth)
+  _write_json(out / 'config.json', config)
+  _save_safetensors(state_dict(params, rules), out / 'model.safetensors')
+
+
+def write_tokenizer(tokenizer, out_dir, max_len: int) -> None:
+  """tokenizer.json (fast), vocab.txt (slow / other tools) and the configs HF reads."""
+  from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
+  out = pathlib.Path(out_dir)
+  # Saved without our fixed padding and truncation: HF callers choose those per call.
+  tok = Tokenizer.from_str(tokenizer.to_str())
+  tok.no_padding()
+  tok.no_truncation()
+  tok.save(str(out / 'tokenizer.json'))
+  vocab = tok.get_vocab()
+  (out / 'vocab.txt').write_text(
+      ''.join(t + '\n' for t in sorted(vocab, key=vocab.get)), encoding='utf-8')
+  lowercase = bool(getattr(tok.normalizer, 'lowercase', True))
+  specials = dict(unk_token='[UNK]', sep_token='[SEP]', pad_token='[PAD]',
+                  cls_token='[CLS]', mask_token='[MASK]')
+  specials = {k: v for k, v in specials.items() if v in vocab}
+  _write_json(out / 'special_tokens_map.json', specials)
+  _write_json(out / 'tokenizer_config.json', dict(
+      specials, tokenizer_class='BertTokenizer', do_lower_case=lowercase,
+      model_max_length=max_len))
+
+
+def cookie_config(model_cfg, *, step=None, data_cfg=None) -> dict:
+  """cookie_config.json: what `CookieTorchModel` needs beyond the two tower folders."""
+  s = model_cfg.shared
+  shared = None if s.depth == 0 else dict(
+      width=s.width, depth=s.depth, heads=s.heads, mlp_dim=s.mlp_dim, dropout=s.dropout,
+      attention_dropout=s.attention_dropout, modality_embedding=bool(s.modality_embedding),
+      modality_layernorm=bool(s.modality_layernorm))
+  out = dict(
+      format=FORMAT, step=step, image_pool=model_cfg.image_pool,
+      text_pool=model_cfg.text_pool, embed_dim=model_cfg.embed_dim,
+      image_width=model_cfg.vision.width, text_width=model_cfg.text.width, shared=shared,
+      max_logit_scale=model_cfg.max_logit_scale,
+      image_partner_dim=model_cfg.image_partner_dim,
+      text_partner_dim=model_cfg.text_partner_dim, layer_norm_eps=1e-12)
+  if data_cfg is not None:
+    out.update(image_mean=list(data_cfg.mean), image_std=list(data_cfg.std),
+               max_len=data_cfg.max_len)
+  return out
+
+
+def _preprocessor_config(vision_cfg, data_cfg) -> dict:
+  # The eval view resizes the shorter side and centre-crops (bilinear, no antialias); for
+  # square inputs that is this resize. Pixels normalised as in training.
+  return dict(image_processor_type='ViTImageProcessor', do_resize=True,
+              size=dict(height=vision_cfg.image_size, width=vision_cfg.image_size),
+              resample=2, do_rescale=True, rescale_factor=1.0 / 255.0, do_normalize=True,
+              image_mean=list(data_cfg.mean), image_std=list(data_cfg.std))
+
+
+def export_params(params, model_cfg, output, *, tokenizer=None, data_cfg=None,
+                  step: int | None = None) -> dict:
+  """Writes an export of `params` (the model's pure dict) to `output`; returns the paths."""
+  out = pathlib.Path(output)
+  out.mkdir(parents=True, exist_ok=True)
+  params = jax.device_get(params)
+  pad_id = 0
+  if tokenizer is not None and tokenizer.token_to_id('[PAD]') is not None:
+    pad_id = tokenizer.token_to_id('[PAD]')
+  write_tower(params['text'], 'text', model_cfg.text, out / 'text_encoder', pad_token_id=pad_id)
+  write_tower(params['vision'], 'vision', model_cfg.vision, out / 'image_encoder')
+  if tokenizer is not None:
+    write_tokenizer(tokenizer, out / 'text_encoder', data_cfg.max_len)
+  if data_cfg is not None:
+    _write_json(out / 'image_encoder' / 'preprocessor_config.json',
+                _preprocessor_config(model_cfg.vision, data_cfg))
+  _save_safetensors(state_dict(params, keys.cookie_rules(model_cfg)), out / COOKIE_WEIGHTS)
+  _write_json(out / COOKIE_CONFIG, cookie_config(model_cfg, step=step, data_cfg=data_cfg))
+  # The loader travels with the weights, so that a PyTorch-only machine needs no cookie_jax.
+  shutil.copy(pathlib.Path(__file__).with_name('torch_model.py'), out / 'torch_model.py')
+  return {'output': str(out), 'text_encoder': str(out / 'text_encoder'),
+          'image_encoder': str(out / 'image_encoder'), 'cookie': str(out / COOKIE_WEIGHTS),
+          'tokenizer': tokenizer is not None, 'step': step}
+
+
+def read_export(output) -> dict:
+  """The parameters of an export as our pure dict (the inverse of `export_params`)."""
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  from cookie_jax.interop import hf_import  # pylint: disable=g-import-not-at-top
+  out = pathlib.Path(output)
+  flat = {}
+  for tower, folder in (('text', 'text_encoder'), ('vision', 'image_encoder')):
+    _, tower_flat = hf_import.tower_weights(out / folder, tower, f'export {out}')
+    flat.update({(tower,) + p: v for p, v in tower_flat.items()})
+  cfg = json.loads((out / COOKIE_CONFIG).read_text(encoding='utf-8'))
+  tensors = load_file(str(out / COOKIE_WEIGHTS))
+  model_cfg = ml_collections.ConfigDict(dict(
+      shared=cfg['shared'] or dict(depth=0),
+      image_partner_dim=cfg['image_partner_dim'], text_partner_dim=cfg['text_partner_dim']))
+  for key, path, layout in keys.cookie_rules(model_cfg):
+    flat[path] = keys.from_torch(tensors[key], layout)
+  tree = {}
+  for path, value in flat.items():
+    node = tree
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = value
+  return tree
+
+
+# Whole runs ---------------------------------------------------------------------------
+
+
+def _checkpoint_dir(workdir: str) -> str:
+  workdir = os.fspath(workdir)
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f'--workdir={workdir!r} does not exist; give the workdir of a '
+                            'training run (the folder holding checkpoints/).')
+  sub = os.path.join(workdir, 'checkpoints')
+  return sub if os.path.isdir(sub) else workdir
+
+
+def _run_config(ckpt, step: int) -> ml_collections.ConfigDict:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from cookie_jax.config import validate_config  # pylint: disable=g-import-not-at-top
+  restored = ckpt.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  return validate_config(ml_collections.ConfigDict(dict(restored['config'])))
+
+
+def _load_tokenizer(data_cfg):
+  try:
+    if data_cfg.tokenizer:
+      # What `pipeline.load_tokenizer` does for a tokenizer folder, without TensorFlow.
+      from cookie_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+      return tok_lib.finalize(
+          tok_lib.tokenizer_from_path(data_cfg.tokenizer, lowercase=data_cfg.lowercase),
+          data_cfg.max_len)
+    # The synthetic dataset keeps its vocabulary in its tfds metadata.
+    from cookie_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    return pipeline.load_tokenizer(data_cfg)
+  except Exception as e:  # pylint: disable=broad-except
+    # The weights are the export; a tokenizer that cannot be rebuilt here (TensorFlow
+    # missing, dataset elsewhere) must not cost the user the rest.
+    logging.warning('Tokenizer not exported (%s: %s). Copy tokenizer.json / vocab.txt of '
+                    'config.data.tokenizer into text_encoder/ yourself.', type(e).__name__, e)
+    return None
+
+
+def export_run(workdir: str, output: str, step: int | None = None) -> dict:
+  """Exports step `step` (default: the latest) of a training run's workdir to `output`."""
+  from cookie_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from cookie_jax.config import default_config  # pylint: disable=g-import-not-at-top
+  from cookie_jax.step import init_model  # pylint: disable=g-import-not-at-top
+  directory = _checkpoint_dir(workdir)
+  ckpt = ckpt_lib.Checkpointer(directory, default_config().checkpoint)
+  try:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise FileNotFoundError(f'{directory} holds no finished checkpoint; train first, or '
+                              'give the workdir of a run that saved one.')
+    step = max(steps) if step is None else step
+    if step not in steps:
+      raise FileNotFoundError(f'--step={step}: {directory} has checkpoints at steps '
+                              f'{sorted(steps)} only.')
+    config = _run_config(ckpt, step)
+  finally:
+    ckpt.close()
+  abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: init_model(config.model, 0))))
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices(backend='cpu')[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          abstract)
+  params, step = ckpt_lib.load_params(directory, abstract, step)
+  tokenizer = _load_tokenizer(config.data)
+  result = export_params(params, config.model, output, tokenizer=tokenizer,
+                         data_cfg=config.data, step=step)
+  logging.info('Exported %s step %d to %s.', directory, step, output)
+  return result
