@@ -26,6 +26,8 @@ setuptools.setup(
         'tqdm>=4.66',
         # Event files for TensorBoard, written without TensorFlow.
         'tensorboard>=2.18',
+        # Evaluation pictures (launch/eval.py).
+        'matplotlib>=3.8',
     ],
     extras_require={
         # torch 2.13.0 is pinned for tests: the CPU build this project's CI machine carries.

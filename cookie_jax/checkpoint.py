@@ -167,7 +167,8 @@ def load_params(path: str, abstract_params, step: int | None = None):
   if os.path.isdir(os.path.join(path, 'checkpoints')):
     path = os.path.join(path, 'checkpoints')
   # The PyTree handler restores a subset (the parameters) of the saved state.
-  manager = ocp.CheckpointManager(path, item_handlers={'state': ocp.PyTreeCheckpointHandler()},
+  handlers = dict(_handlers(), state=ocp.PyTreeCheckpointHandler())
+  manager = ocp.CheckpointManager(path, item_handlers=handlers,
                                   options=ocp.CheckpointManagerOptions(create=False))
   try:
     step = manager.latest_step() if step is None else step

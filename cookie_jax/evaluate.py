@@ -298,7 +298,17 @@ def evaluate_retrieval(graphdef, params, eval_data, *, mesh: Mesh, layout: str =
     if got != want:
       raise ValueError(f'Encoded {got} {name} but the split has {want}: the batches\' '
                        "'mask' does not mark exactly the real rows.")
-  index = np.asarray(eval_data.caption_image_index)
+  return metrics_from_embeddings(images, texts, eval_data.caption_image_index, mesh=mesh,
+                                 layout=layout, text_matching=text_matching,
+                                 block_size=block_size)
+
+
+def metrics_from_embeddings(images, texts, caption_image_index, *, mesh: Mesh,
+                            layout: str = 'full', text_matching: bool = True,
+                            block_size: int = retrieval.DEFAULT_BLOCK_SIZE
+                            ) -> dict[str, float]:
+  """The metrics of `evaluate_retrieval`, from embeddings already encoded."""
+  index = np.asarray(caption_image_index)
   metrics = retrieval_metrics(images, texts, index, mesh=mesh, layout=layout,
                               block_size=block_size)
   if text_matching and np.bincount(index).max() < 2:

@@ -1,0 +1,305 @@
+"""Evaluates one checkpoint of a training run: `evaluate_checkpoint(config, workdir)`.
+
+It writes into WORKDIR/eval/ (process 0 only):
+  <split>-<step>.json           every retrieval metric, plus the Recall@K curve;
+  <split>-<step>-recall.png     R@K for K = 1..50, image->text and text->image;
+  <split>-<step>-examples.png   image queries with their top-5 captions and caption queries
+                                with their top-5 images, ground truth marked.
+
+Each side of the split is encoded once. The metrics come from `evaluate.metrics_from_embeddings`
+on those embeddings (so they equal `evaluate.evaluate_retrieval`, which would encode
+again), the curve from exact ranks (`retrieval.positive_ranks`) and the examples from
+`retrieval.sharded_topk`.
+"""
+
+import os
+import re
+
+from absl import logging
+from etils import epath
+from flax import nnx
+import jax
+import ml_collections
+import numpy as np
+
+from cookie_jax import checkpoint as ckpt_lib
+from cookie_jax import evaluate, retrieval, sharding
+from cookie_jax.config import ConfigError, validate_config
+from cookie_jax.metrics import write_json
+
+EXAMPLE_IMAGE_QUERIES = 6
+EXAMPLE_TEXT_QUERIES = 4
+EXAMPLE_TOP_K = 5
+CURVE_MAX_K = 50
+
+
+def output_paths(workdir: str, split: str, step: int) -> dict[str, str]:
+  """Where `evaluate_checkpoint` writes: {'json', 'recall', 'examples'}."""
+  # A tfds split expression such as 'test[:100]' must not become a path.
+  name = re.sub(r'[^A-Za-z0-9_.+-]+', '_', split).strip('_') or 'split'
+  base = os.path.join(os.fspath(workdir), 'eval', f'{name}-{step}')
+  return {'json': f'{base}.json', 'recall': f'{base}-recall.png',
+          'examples': f'{base}-examples.png'}
+
+
+def checkpoint_directory(workdir: str) -> str:
+  """WORKDIR/checkpoints, checked to exist (`resolve_step` checks what it holds)."""
+  workdir = os.fspath(workdir)
+  if not epath.Path(workdir).is_dir():
+    raise FileNotFoundError(f'--workdir={workdir!r} does not exist; give the workdir of a '
+                            'training run (the folder holding checkpoints/).')
+  directory = os.path.join(workdir, 'checkpoints')
+  # Checked here, since orbax would report a missing folder in its own terms.
+  if not epath.Path(directory).is_dir():
+    raise FileNotFoundError(f'{workdir} holds no checkpoints/ folder, so no checkpoint to '
+                            'evaluate; train first with launch/train.py --workdir=' +
+                            workdir)
+  return directory
+
+
+def _open(directory: str):
+  """A manager that knows every item (orbax warns of items it has no handler for) and
+  never creates or deletes anything: it is only read from."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  return ocp.CheckpointManager(
+      directory, item_handlers={'state': ocp.PyTreeCheckpointHandler(),
+                                'data': ocp.JsonCheckpointHandler(),
+                                'config': ocp.JsonCheckpointHandler()},
+      options=ocp.CheckpointManagerOptions(create=False))
+
+
+def resolve_step(directory: str, step: int | None) -> tuple[int, ml_collections.ConfigDict]:
+  """The step to evaluate (default: the latest) and the config saved with it."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  manager = _open(directory)
+  try:
+    steps = sorted(manager.all_steps())
+    if not steps:
+      raise FileNotFoundError(f'{directory} holds no finished checkpoint; train first, or '
+                              'give the workdir of a run that saved one.')
+    step = steps[-1] if step is None else int(step)
+    if step not in steps:
+      raise FileNotFoundError(f'--step={step}: {directory} has checkpoints at steps '
+                              f'{steps} only.')
+    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  finally:
+    manager.close()
+  if not saved['config']:
+    raise FileNotFoundError(f'{directory}/{step} has no saved config; pass --config with '
+                            'the config the run was trained with.')
+  return step, ml_collections.ConfigDict(dict(saved['config']))
+
+
+def restore_params(config: ml_collections.ConfigDict, directory: str, step: int, mesh):
+  """(graphdef, params) of `step`: the parameters alone (no optimiser state, which is
+  twice their size), restored straight into their shardings on `mesh`."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from cookie_jax.step import init_model  # pylint: disable=g-import-not-at-top
+  graphdef, abstract_state = nnx.split(
+      nnx.eval_shape(lambda: init_model(config.model, config.seed)))
+  abstract = ckpt_lib.abstract_with_shardings(
+      nnx.to_pure_dict(abstract_state), sharding.param_shardings(abstract_state, mesh))
+  manager = _open(directory)
+  try:
+    stored = manager.item_metadata(step)['state']['params']
+    ckpt_lib.check_compatible(stored, abstract, f'The checkpoint {directory}/{step}')
+    target = {'params': abstract}
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))
+  finally:
+    manager.close()
+  return graphdef, restored['state']['params']
+
+
+def _eval_data(pipeline, config, split: str, layout: str):
+  from cookie_jax.data import sources  # pylint: disable=g-import-not-at-top
+  builder = sources.get_builder(config.data)
+  resolved = sources.resolve_split(config.data, split)
+  try:
+    sources.num_examples(builder, resolved)
+  except (KeyError, ValueError) as e:
+    named = f' (config.data.{split}_split={resolved!r})' if resolved != split else ''
+    raise ConfigError(f'--split={split!r}{named} is not a split of {builder.name}: '
+                      f"{' '.join(str(e).split())} 'val' and 'test' name "
+                      'config.data.val_split / test_split.') from None
+  # Numpy batches (mesh=None): the encoders place them on the mesh, and the example
+  # pictures can read the pixels back without a gather.
+  data = pipeline.eval_data(config.data, split, image_size=config.model.vision.image_size,
+                            batch_size=config.eval.batch_size)
+  if layout == 'coco1k' and data.num_images % evaluate.COCO1K_FOLDS:
+    raise ConfigError(f'--layout=coco1k splits the images into {evaluate.COCO1K_FOLDS} '
+                      f'equal folds, but split {split!r} has {data.num_images} images; '
+                      "use --layout=full.")
+  return data
+
+
+def recall_curve(images, texts, index, *, mesh, layout: str = 'full',
+                 max_k: int = CURVE_MAX_K) -> dict[str, list]:
+  """R@K (percent) for K = 1..max_k in both directions, from exact ranks.
+
+  With layout 'coco1k' the curve is the mean of the folds' curves, as the metrics are, so
+  its values at K = 1, 5, 10 are the reported R@1/5/10.
+  """
+  folds = evaluate.COCO1K_FOLDS if layout == 'coco1k' else 1
+  size = len(images) // folds
+  # Up to the caption gallery's size: beyond the image gallery's, text->image is 100.
+  ks = np.arange(1, min(max_k, len(texts) // folds) + 1)
+  curves = {'i2t': [], 't2i': []}
+  for f in range(folds):
+    lo, hi = f * size, (f + 1) * size
+    sel = (index >= lo) & (index < hi)
+    fold_index, ids = index[sel] - lo, np.arange(size, dtype=np.int32)
+    text_gallery = retrieval.prepare_gallery(texts[sel], mesh, labels=fold_index)
+    i2t = retrieval.positive_ranks(images[lo:hi], ids, text_gallery)
+    image_gallery = retrieval.prepare_gallery(images[lo:hi], mesh, labels=ids)
+    t2i = retrieval.positive_ranks(texts[sel], fold_index, image_gallery)
+    for name, ranks in (('i2t', i2t), ('t2i', t2i)):
+      curves[name].append(100.0 * np.mean(ranks[:, None] <= ks[None], axis=0))
+  return {'k': ks.tolist(),
+          **{name: np.mean(c, axis=0).tolist() for name, c in curves.items()}}
+
+
+def _spread(n: int, count: int, offset: float = 0.0) -> np.ndarray:
+  """`count` indices spread evenly over range(n) (fewer when n is small)."""
+  step = n / max(1, count)
+  return np.unique(np.minimum(((np.arange(count) + offset) * step).astype(np.int64), n - 1))
+
+
+def example_results(images, texts, index, *, mesh, top_k: int = EXAMPLE_TOP_K,
+                    num_image_queries: int = EXAMPLE_IMAGE_QUERIES,
+                    num_text_queries: int = EXAMPLE_TEXT_QUERIES) -> dict[str, dict]:
+  """Top-k lists over the whole split for a few queries spread over it.
+
+  Returns {'i2t': {...}, 't2i': {...}}, each with `queries`, top-k `indices` and `scores`,
+  `ranks`, the exact 1-based rank of each query's best ground truth, and `truths`, the
+  gallery index of that ground truth.
+  """
+  ids = np.arange(len(images), dtype=np.int32)
+  out = {}
+  for name, queries, labels, gallery, gallery_labels, count, offset in (
+      ('i2t', images, ids, texts, index, num_image_queries, 0.0),
+      # Half a step later, so that caption queries come from other images.
+      ('t2i', texts, index, images, ids, num_text_queries, 0.5)):
+    chosen = _spread(len(queries), count, offset)
+    placed = retrieval.prepare_gallery(gallery, mesh, labels=gallery_labels)
+    scores, top = retrieval.sharded_topk(queries[chosen], placed,
+                                         min(top_k, len(gallery)))
+    ranks = retrieval.positive_ranks(queries[chosen], labels[chosen], placed)
+    truths = []
+    for q in chosen:
+      positives = np.flatnonzero(gallery_labels == labels[q])
+      truths.append(positives[np.argmax(gallery[positives] @ queries[q])])
+    out[name] = {'queries': chosen, 'indices': top, 'scores': scores, 'ranks': ranks,
+                 'truths': np.asarray(truths, np.int64)}
+  return out
+
+
+def _images_at(data, wanted) -> dict[int, np.ndarray]:
+  """The normalised eval images at the given split indices (one partial read)."""
+  wanted, found, seen = set(int(i) for i in wanted), {}, 0
+  for batch in data.image_batches():
+    rows = np.asarray(batch['image'])[np.asarray(batch['mask'], bool)]
+    for j, row in enumerate(rows):
+      if seen + j in wanted:
+        found[seen + j] = row
+    seen += len(rows)
+    if seen > max(wanted):
+      break
+  return found
+
+
+def _draw(data, config, examples, curve, paths, title) -> None:
+  from cookie_jax import eval_pictures as pictures  # pylint: disable=g-import-not-at-top
+  if data.process_count > 1:
+    # This process's batches hold only its rows; read the whole split here.
+    from cookie_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    data = pipeline.eval_data(config.data, data.split, image_size=data.image_size,
+                              batch_size=data.batch_size, process_index=0, process_count=1)
+  i2t, t2i = examples['i2t'], examples['t2i']
+  index = np.asarray(data.caption_image_index)
+  pixels = _images_at(data, np.concatenate(
+      [i2t['queries'], t2i['indices'].ravel(), t2i['truths']]))
+  view = lambda i: pictures.to_uint8(pixels[int(i)], config.data.mean, config.data.std)
+  image_queries = [pictures.ImageQuery(
+      image=view(q), image_index=int(q), rank=int(r), truth=data.captions[gt],
+      results=[(data.captions[c], float(s), bool(index[c] == q)) for c, s in zip(top, sc)])
+      for q, top, sc, r, gt in zip(i2t['queries'], i2t['indices'], i2t['scores'],
+                                   i2t['ranks'], i2t['truths'])]
+  text_queries = [pictures.TextQuery(
+      caption=data.captions[q], caption_index=int(q), rank=int(r), truth=view(gt),
+      truth_index=int(gt),
+      results=[(view(i), int(i), float(s), bool(i == gt)) for i, s in zip(top, sc)])
+      for q, top, sc, r, gt in zip(t2i['queries'], t2i['indices'], t2i['scores'],
+                                   t2i['ranks'], t2i['truths'])]
+  pictures.draw_examples(paths['examples'], image_queries, text_queries, title=title,
+                         num_images=data.num_images, num_captions=data.num_captions)
+  pictures.draw_recall_curve(paths['recall'], curve, title=title)
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict | None, workdir: str, *,
+                        step: int | None = None, split: str = 'test', layout: str = 'full',
+                        progress: bool = True, pictures: bool = True) -> dict:
+  """Evaluates step `step` (default: the latest) of the run in `workdir` on `split`.
+
+  Args:
+    config: the config to evaluate with; None = the one saved with the checkpoint. Its
+      model must be the checkpoint's (checked); data and eval settings may differ.
+    split: 'val', 'test' (config.data.val_split / test_split) or a tfds split.
+    layout: 'full' or 'coco1k' (see cookie_jax/evaluate.py).
+    pictures: also draw the example and Recall@K PNGs.
+  Returns:
+    What WORKDIR/eval/<split>-<step>.json holds: the metrics of `evaluate_retrieval`
+    (i2t_r1, ..., rsum, t2t_*), `step`, `split`, `layout`, the split's sizes and
+    `recall_curve` ({'k', 'i2t', 't2i'}); and `files`, the paths written.
+  """
+  if layout not in evaluate.LAYOUTS:
+    raise ConfigError(f'--layout={layout!r}: use one of {list(evaluate.LAYOUTS)}.')
+  directory = checkpoint_directory(workdir)
+  step, saved = resolve_step(directory, step)
+  config = validate_config(saved if config is None else config,
+                           num_devices=jax.device_count())
+  mesh = sharding.make_mesh(config.mesh)
+  from cookie_jax.data import pipeline  # TensorFlow loads here, not at import time.
+  data = _eval_data(pipeline, config, split, layout)
+  graphdef, params = restore_params(config, directory, step, mesh)
+  logging.info('Evaluating %s/%d on %s (%d images, %d captions).', directory, step,
+               data.split, data.num_images, data.num_captions)
+
+  model = (graphdef, params)
+  images = evaluate.encode_images(model, data.image_batches(), mesh, progress=progress,
+                                  total=data.num_image_batches)
+  texts = evaluate.encode_texts(model, data.text_batches(), mesh, progress=progress,
+                                total=data.num_text_batches)
+  index = np.asarray(data.caption_image_index)
+  result = evaluate.metrics_from_embeddings(images, texts, index, mesh=mesh, layout=layout)
+  curve = recall_curve(images, texts, index, mesh=mesh, layout=layout)
+  result.update(step=step, split=split, layout=layout, num_images=data.num_images,
+                num_captions=data.num_captions, recall_curve=curve)
+
+  paths = output_paths(workdir, split, step)
+  write_json(paths['json'], result)
+  result['files'] = paths if pictures else {'json': paths['json']}
+  if pictures:
+    examples = example_results(images, texts, index, mesh=mesh)  # collective: every process
+    if jax.process_index() == 0:
+      title = (f'{data.split} split, step {step}, layout {layout} '
+               f'({data.num_images} images, {data.num_captions} captions)')
+      _draw(data, config, examples, curve, paths, title)
+  logging.info('Wrote %s', ', '.join(result['files'].values()))
+  return result
+
+
+def summary(result: dict) -> str:
+  """A few lines for the console: the headline metrics and the files written."""
+  def direction(prefix):
+    return ', '.join(f'R@{k} {result[f"{prefix}_r{k}"]:.1f}' for k in evaluate.RECALL_KS)
+  lines = [f"{result['split']} split, step {result['step']}, layout {result['layout']} "
+           f"({result['num_images']} images, {result['num_captions']} captions)",
+           f"  image->text  {direction('i2t')}, medr {result['i2t_medr']:.0f}",
+           f"  text->image  {direction('t2i')}, medr {result['t2i_medr']:.0f}"]
+  if 't2t_r1' in result:
+    lines.append(f"  text->text   {direction('t2t')}, medr {result['t2t_medr']:.0f}")
+  lines.append(f"  RSUM {result['rsum']:.1f}")
+  lines += [f'  wrote {path}' for path in result.get('files', {}).values()]
+  return '\n'.join(lines)
