@@ -33,6 +33,10 @@ def default_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       # text<->text: partner 'dropout' (a second pass with another dropout mask) or 'external'
       # (`text_partner` in the batch).
       textual=dict(weight=0.0, partner='dropout', temperature=0.1),
+      # Negatives per chunk of the InfoNCE logsumexp (0 = unchunked). The same loss and
+      # gradients with B_local x chunk_size logits per device instead of B_local x B_global:
+      # for global batches whose logits do not fit in memory.
+      chunk_size=0,
   ))
 
   c.data = data_config()
@@ -92,6 +96,30 @@ def default_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       async_save=True,
   ))
   return c
+
+
+def config_from_dict(saved: dict) -> ml_collections.ConfigDict:
+  """A config saved as JSON (e.g. in a checkpoint), on top of today's defaults.
+
+  Keys added to the schema after the run was saved take their defaults; keys the schema
+  no longer has are errors (from `validate_config`)."""
+  preset = saved.get('model', {}).get('preset', 'tiny')
+  config = default_config(preset if preset in _presets() else 'tiny')
+  _check_keys(saved, config)
+
+  def merge(node, values):
+    for key, value in values.items():
+      if isinstance(node[key], ml_collections.ConfigDict):
+        merge(node[key], value)
+      else:
+        node[key] = tuple(value) if isinstance(node[key], tuple) else value
+  merge(config, saved)
+  return config
+
+
+def _presets():
+  from cookie_jax.models.presets import PRESETS  # pylint: disable=g-import-not-at-top
+  return PRESETS
 
 
 def _check_keys(config, schema, prefix=''):
@@ -158,6 +186,8 @@ def validate_config(config: ml_collections.ConfigDict,
   _require(sum(losses[n].weight for n in ('cross_modal', 'visual', 'textual')) > 0,
            'loss.cross_modal.weight', losses.cross_modal.weight,
            'at least one loss weight must be positive.')
+  _require(losses.chunk_size >= 0, 'loss.chunk_size', losses.chunk_size,
+           'must be >= 0 (0 = unchunked).')
   for name in ('visual', 'textual'):
     _require(losses[name].temperature > 0, f'loss.{name}.temperature',
              losses[name].temperature, 'must be positive.')

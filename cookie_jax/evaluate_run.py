@@ -24,7 +24,7 @@ import numpy as np
 
 from cookie_jax import checkpoint as ckpt_lib
 from cookie_jax import evaluate, retrieval, sharding
-from cookie_jax.config import ConfigError, validate_config
+from cookie_jax.config import ConfigError, config_from_dict, validate_config
 from cookie_jax.metrics import write_json
 
 EXAMPLE_IMAGE_QUERIES = 6
@@ -87,7 +87,7 @@ def resolve_step(directory: str, step: int | None) -> tuple[int, ml_collections.
   if not saved['config']:
     raise FileNotFoundError(f'{directory}/{step} has no saved config; pass --config with '
                             'the config the run was trained with.')
-  return step, ml_collections.ConfigDict(dict(saved['config']))
+  return step, config_from_dict(dict(saved['config']))
 
 
 def restore_params(config: ml_collections.ConfigDict, directory: str, step: int, mesh):

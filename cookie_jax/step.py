@@ -116,7 +116,7 @@ def loss_pairs(model: CookieModel, batch, rng, loss_cfg):
   return pairs
 
 
-def sharded_losses(mesh: Mesh, stacked: bool = False):
+def sharded_losses(mesh: Mesh, stacked: bool = False, chunk_size: int = 0):
   """`compute_losses` inside shard_map over the batch axes: global negatives, local logits.
 
   `stacked=True` takes embeddings as [micro_batches, B / micro_batches, D] (gradient
@@ -127,7 +127,8 @@ def sharded_losses(mesh: Mesh, stacked: bool = False):
   def local(pairs, scales):
     if stacked:
       pairs = jax.tree.map(lambda x: x.reshape(-1, x.shape[-1]), pairs)
-    return losses_lib.compute_losses(pairs, scales, axis_name=sharding.BATCH_AXES)
+    return losses_lib.compute_losses(pairs, scales, axis_name=sharding.BATCH_AXES,
+                                     chunk_size=chunk_size)
   spec = P(None, sharding.BATCH_AXES) if stacked else P(sharding.BATCH_AXES)
   return jax.shard_map(local, mesh=mesh, in_specs=(spec, P()), out_specs=P())
 
@@ -174,7 +175,7 @@ def make_grad_fn(config: ml_collections.ConfigDict, setup: Setup):
     return sum(loss_cfg[name].weight * value for name, value in terms.items())
 
   if num_micro == 1:
-    compute = sharded_losses(setup.mesh)
+    compute = sharded_losses(setup.mesh, chunk_size=loss_cfg.chunk_size)
 
     def loss_fn(params, batch, rng):
       scales = scales_fn(params)
@@ -187,7 +188,7 @@ def make_grad_fn(config: ml_collections.ConfigDict, setup: Setup):
       return (total, terms, scale), grads
     return grad_fn
 
-  compute = sharded_losses(setup.mesh, stacked=True)
+  compute = sharded_losses(setup.mesh, stacked=True, chunk_size=loss_cfg.chunk_size)
 
   def grad_fn(params, batch, rng):
     micro = split_micro_batches(batch, num_micro, setup.mesh)

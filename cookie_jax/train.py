@@ -31,7 +31,8 @@ def _check_workdir(workdir: str) -> None:
     return  # Remote (gs://...) paths are checked by orbax and tfds when first written.
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, '.write_test')
+    # One probe per process: processes of a multi-host run may share the workdir.
+    probe = os.path.join(workdir, f'.write_test.{os.getpid()}.{jax.process_index()}')
     with open(probe, 'w', encoding='utf-8') as f:
       f.write('ok')
     os.remove(probe)

@@ -205,9 +205,9 @@ def _checkpoint_dir(workdir: str) -> str:
 
 def _run_config(ckpt, step: int) -> ml_collections.ConfigDict:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from cookie_jax.config import validate_config  # pylint: disable=g-import-not-at-top
+  from cookie_jax.config import config_from_dict, validate_config  # pylint: disable=g-import-not-at-top
   restored = ckpt.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  return validate_config(ml_collections.ConfigDict(dict(restored['config'])))
+  return validate_config(config_from_dict(dict(restored['config'])))
 
 
 def _load_tokenizer(data_cfg):

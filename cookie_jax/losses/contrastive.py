@@ -29,6 +29,7 @@ transpose (a reduce-scatter) carries gradients of the gathered negatives back to
 device that owns them. The psum of the local sums over the global N is the global mean.
 """
 
+import functools
 from typing import Sequence
 
 import jax
@@ -75,4 +76,91 @@ def info_nce(a: jax.Array, b: jax.Array, scale: jax.Array, axis_name: AxisName =
   n_global = a_all.shape[0]
   loss_ab = _cross_entropy_sum(scale * (a @ b_all.T), labels)   # [B_local, B_global]
   loss_ba = _cross_entropy_sum(scale * (b @ a_all.T), labels)
+  return _global_sum(loss_ab + loss_ba, axis_name) / (2.0 * n_global)
+
+
+# Chunked form --------------------------------------------------------------------------
+# At a global batch of 64k the B_local x B_global logits of `info_nce` (and the softmax
+# kept for its backward) dominate memory. The chunked form never holds more than
+# B_local x chunk of them: the logsumexp over the gathered negatives runs as an online
+# logsumexp over column chunks, and its custom VJP recomputes each chunk's softmax in the
+# backward instead of storing it (FlashAttention's trick, one level up). The gathered
+# embeddings themselves (B_global x D) are still materialised; they are D/chunk times
+# smaller than the logits they replace.
+
+
+def _column_chunks(k: jax.Array, chunk_size: int):
+  """[B, D] -> ([C, chunk, D] zero-padded, [C, chunk] validity mask)."""
+  n = k.shape[0]
+  n_chunks = -(-n // chunk_size)
+  pad = n_chunks * chunk_size - n
+  k = jnp.pad(k, ((0, pad), (0, 0))).reshape(n_chunks, chunk_size, k.shape[1])
+  valid = (jnp.arange(n_chunks * chunk_size) < n).reshape(n_chunks, chunk_size)
+  return k, valid
+
+
+def _chunk_logits(q, k_chunk, valid):
+  return jnp.where(valid[None, :], q @ k_chunk.T, -jnp.inf)
+
+
+# chunk_size is static (a Python int), hence a non-differentiable argument. The scale is
+# folded into `q` by the caller, so its gradient comes from ordinary autodiff (and, inside
+# shard_map, with the right replication type).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _chunked_logsumexp(q: jax.Array, k: jax.Array, chunk_size: int) -> jax.Array:
+  """logsumexp_j(q_i . k_j) for every row i, over column chunks of `k`."""
+  return _chunked_logsumexp_fwd(q, k, chunk_size)[0]
+
+
+def _chunked_logsumexp_fwd(q, k, chunk_size):
+  chunks, valid = _column_chunks(k, chunk_size)
+
+  def body(carry, xs):
+    m, s = carry
+    logits = _chunk_logits(q, *xs)
+    m_new = jnp.maximum(m, jnp.max(logits, axis=1))
+    s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[:, None]), axis=1)
+    return (m_new, s), None
+  # Derived from q so that the carry has q's type under shard_map (varying over the batch).
+  zero = q[:, 0] * 0
+  (m, s), _ = jax.lax.scan(body, (zero - jnp.inf, zero), (chunks, valid))
+  lse = m + jnp.log(s)
+  return lse, (q, k, lse)
+
+
+def _chunked_logsumexp_bwd(chunk_size, res, g):
+  q, k, lse = res
+  chunks, valid = _column_chunks(k, chunk_size)
+
+  def body(dq, xs):
+    k_chunk, valid_chunk = xs
+    # d lse_i / d logit_ij = softmax_ij, recomputed from the saved lse.
+    p = jnp.exp(_chunk_logits(q, k_chunk, valid_chunk) - lse[:, None]) * g[:, None]
+    return dq + p @ k_chunk, p.T @ q
+  dq, dk = jax.lax.scan(body, q * 0, (chunks, valid))
+  return dq, dk.reshape(-1, k.shape[1])[:k.shape[0]]
+
+
+_chunked_logsumexp.defvjp(_chunked_logsumexp_fwd, _chunked_logsumexp_bwd)
+
+
+def info_nce_chunked(a: jax.Array, b: jax.Array, scale: jax.Array,
+                     axis_name: AxisName = None, chunk_size: int = 1024) -> jax.Array:
+  """`info_nce` with O(B_local x chunk_size) logits memory instead of O(B_local x B_global).
+
+  Same value and gradients as `info_nce` (up to fp32 summation order). The positive logit
+  of row i pairs local row i with the gathered row offset+i, which is the local row of
+  the other side, so it needs no gathered lookup.
+  """
+  if chunk_size <= 0:
+    raise ValueError(f'chunk_size={chunk_size} must be positive (use info_nce for 0).')
+  a = a.astype(jnp.float32)
+  b = b.astype(jnp.float32)
+  scale = jnp.asarray(scale, jnp.float32)
+  a_all, b_all = _gather(a, axis_name), _gather(b, axis_name)
+  n_global = a_all.shape[0]
+  chunk_size = min(chunk_size, n_global)
+  positives = scale * jnp.sum(a * b, axis=1)
+  loss_ab = jnp.sum(_chunked_logsumexp(scale * a, b_all, chunk_size) - positives)
+  loss_ba = jnp.sum(_chunked_logsumexp(scale * b, a_all, chunk_size) - positives)
   return _global_sum(loss_ab + loss_ba, axis_name) / (2.0 * n_global)
