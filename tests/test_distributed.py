@@ -154,6 +154,7 @@ def _restore(workdir, config):
   return jax.device_get(restored), data_state
 
 
+@pytest.mark.slow
 def test_two_processes_train_and_resume_like_one(tmp_path, monkeypatch):
   data_dir = str(tmp_path / 'tfds')
   # Reference: 1 process x 8 devices fed the batches of the 2-process layout. It also
