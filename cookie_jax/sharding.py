@@ -118,13 +118,6 @@ def describe(shardings) -> dict[str, str]:
   return out
 
 
-def host_local_batch_size(global_batch: int) -> int:
-  if global_batch % jax.process_count():
-    raise ValueError(f'Global batch {global_batch} is not divisible by the '
-                     f'{jax.process_count()} processes.')
-  return global_batch // jax.process_count()
-
-
 def to_global(mesh: Mesh, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
   """Per-process numpy batch -> global jax.Arrays sharded over the batch axes."""
   sharding = batch_sharding(mesh)
