@@ -1,36 +1,58 @@
-"""Loss registry: each configured term maps a pair of embeddings and a scale to a scalar.
+"""Loss registry: each configured term maps a pair of embeddings (and a replicated
+argument: a logit scale, or the prototypes) to a scalar over the global batch.
 
 `compute_losses` runs inside `jax.shard_map` (or on one device with `axis_name=None`).
 """
 
 import functools
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 
-from cookie_jax.losses.contrastive import AxisName, info_nce, info_nce_chunked
+from cookie_jax.losses.clustering import sinkhorn, swapped_prediction
+from cookie_jax.losses.contrastive import (AxisName, NegativeWeighting, info_nce,
+                                           info_nce_chunked)
 
-# name -> fn(a, b, scale, axis_name) -> global-mean scalar.
+# name -> fn(a, b, replicated, axis_name, **options) -> global-mean scalar. `replicated`
+# is the logit scale for the InfoNCE terms and the prototypes for 'cluster'.
 LOSSES: dict[str, Callable[..., jax.Array]] = {
     'cross_modal': info_nce,
     'visual': info_nce,
     'textual': info_nce,
+    # CODER's concept branch: concept-level image and text embeddings, aligned like
+    # the cross-modal pair.
+    'concept': info_nce,
+    # CODER's online-clustering pseudo-label prediction.
+    'cluster': swapped_prediction,
 }
 
 
 def compute_losses(pairs: Mapping[str, tuple[jax.Array, jax.Array]],
                    scales: Mapping[str, jax.Array], axis_name: AxisName = None,
-                   chunk_size: int = 0) -> dict[str, jax.Array]:
+                   chunk_size: int = 0, negatives: Mapping[str, Any] | None = None,
+                   options: Mapping[str, Mapping[str, Any]] | None = None
+                   ) -> dict[str, jax.Array]:
   """{term: loss} for every term in `pairs`, each over the global batch.
 
-  `chunk_size > 0` (config `loss.chunk_size`) computes every InfoNCE term in chunks of
-  that many negatives: same value and gradients, less memory at large batch.
+  `chunk_size > 0` (config `loss.chunk_size`) computes every plain InfoNCE term in chunks
+  of that many negatives: same value and gradients, less memory at large batch.
+  `negatives[term]` are extra negatives of an InfoNCE term and `options[term]` its keyword
+  options (see `info_nce`, `swapped_prediction`).
   """
   unknown = set(pairs) - set(LOSSES)
   if unknown:
     raise ValueError(f'Unknown loss terms {sorted(unknown)}; registered: {sorted(LOSSES)}.')
+  negatives, options = negatives or {}, options or {}
+
   def fn(name):
-    if chunk_size and LOSSES[name] is info_nce:
+    kwargs = dict(options.get(name, {}))
+    if name in negatives:
+      kwargs['negatives'] = negatives[name]
+    if chunk_size and LOSSES[name] is info_nce and not kwargs:
       return functools.partial(info_nce_chunked, chunk_size=chunk_size)
-    return LOSSES[name]
+    return functools.partial(LOSSES[name], **kwargs)
   return {name: fn(name)(a, b, scales[name], axis_name) for name, (a, b) in pairs.items()}
+
+
+__all__ = ['LOSSES', 'NegativeWeighting', 'compute_losses', 'info_nce', 'info_nce_chunked',
+           'sinkhorn', 'swapped_prediction']

@@ -30,7 +30,7 @@ device that owns them. The psum of the local sums over the global N is the globa
 """
 
 import functools
-from typing import Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -61,12 +61,93 @@ def _cross_entropy_sum(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.sum(jax.nn.logsumexp(logits, axis=1) - picked)
 
 
-def info_nce(a: jax.Array, b: jax.Array, scale: jax.Array, axis_name: AxisName = None
-             ) -> jax.Array:
+class NegativeWeighting(NamedTuple):
+  """Stop-gradient weights on the negatives of each row (see `_log_weights`).
+
+  kind 'diversity': w_ij = exp(beta s_ij) / mean_k exp(beta s_ik) over row i's negatives,
+    s = cosine similarity. CODER's diversity-sensitive contrastive loss (Wang et al., ECCV
+    2022) weights negative pairs adaptively by their similarity; the paper gives no closed
+    form we could check, so this self-normalised importance weight (Robinson et al., ICLR
+    2021) is our reading. beta = 0 gives w = 1: plain InfoNCE.
+  kind 'topk': w_ij = 1 for the `topk` most similar negatives of row i, 0 for the rest:
+    in-batch hard-negative mining (VSE++'s hardest negative, softened to a top-k softmax),
+    the alternative to VLDeformer's composed negatives.
+  """
+  kind: str
+  beta: float = 0.0
+  topk: int = 0
+
+
+def _log_weights(sims: jax.Array, negative: jax.Array, weighting: NegativeWeighting | None
+                 ) -> jax.Array:
+  """log w for every column of `sims` [n, N]: 0 at the positive, -inf where not a negative."""
+  neg_inf = jnp.float32(-jnp.inf)
+  if weighting is None:
+    return jnp.where(negative, 0.0, neg_inf)
+  sims = jax.lax.stop_gradient(sims)
+  if weighting.kind == 'diversity':
+    z = jnp.where(negative, weighting.beta * sims, neg_inf)
+    count = jnp.maximum(jnp.sum(negative, axis=1, keepdims=True), 1)
+    log_mean = jax.nn.logsumexp(z, axis=1, keepdims=True) - jnp.log(count.astype(jnp.float32))
+    logw = z - log_mean
+  elif weighting.kind == 'topk':
+    masked = jnp.where(negative, sims, neg_inf)
+    k = min(weighting.topk, sims.shape[1])
+    kth = jax.lax.top_k(masked, k)[0][:, -1:]
+    logw = jnp.where(negative & (masked >= kth), 0.0, neg_inf)
+  else:
+    raise ValueError(f'Unknown negative weighting {weighting.kind!r}; '
+                     "use 'diversity' or 'topk'.")
+  return jnp.where(negative, logw, neg_inf)
+
+
+def _extra_keys(negatives, axis_name):
+  """(keys [E, D], valid [E]) of the extra negatives of one direction, or None.
+
+  `negatives` maps 'batch' -> (emb, valid) sharded like the batch (gathered here) and
+  'queue' -> (emb, valid) replicated on every device (a momentum queue)."""
+  keys, valid = [], []
+  for kind in ('batch', 'queue'):
+    if kind in negatives:
+      emb, ok = negatives[kind]
+      if kind == 'batch':
+        emb, ok = _gather(emb, axis_name), _gather(ok, axis_name)
+      keys.append(emb.astype(jnp.float32))
+      valid.append(ok.astype(bool))
+  if not keys:
+    return None
+  return jnp.concatenate(keys), jnp.concatenate(valid)
+
+
+def _directional_sum(q, keys, labels, scale, extra, weighting):
+  """sum_i [-z_i,pos + log(exp(z_i,pos) + sum_j w_ij exp(z_ij))] over local query rows."""
+  sims = q @ keys.T                                     # [B_local, B_global]
+  n_keys = keys.shape[0]
+  valid = jnp.ones((n_keys,), bool)
+  if extra is not None:
+    sims = jnp.concatenate([sims, q @ extra[0].T], axis=1)
+    valid = jnp.concatenate([valid, extra[1]])
+  positive = jnp.arange(sims.shape[1])[None, :] == labels[:, None]
+  logw = _log_weights(sims, valid[None, :] & ~positive, weighting)
+  logits = scale * sims
+  picked = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
+  return jnp.sum(jax.nn.logsumexp(jnp.where(positive, logits, logits + logw), axis=1)
+                 - picked)
+
+
+def info_nce(a: jax.Array, b: jax.Array, scale: jax.Array, axis_name: AxisName = None, *,
+             negatives: Mapping[str, Mapping] | None = None,
+             weighting: NegativeWeighting | None = None) -> jax.Array:
   """Symmetric InfoNCE of local shards `a`, `b` [B_local, D] over the global batch.
 
   With `axis_name=None` it is the plain single-device loss over the batch it is given.
   Returns the global-batch mean, identical on every device.
+
+  `negatives` appends extra negatives: `negatives['b']` are more keys in b's space for
+  the a -> b direction (composed negative captions, a text queue), `negatives['a']` the
+  same for b -> a; each maps 'batch' / 'queue' to (embeddings, valid mask), see
+  `_extra_keys`. `weighting` re-weights the negatives (`NegativeWeighting`). Without
+  either it is the plain loss above.
   """
   a = a.astype(jnp.float32)
   b = b.astype(jnp.float32)
@@ -74,8 +155,15 @@ def info_nce(a: jax.Array, b: jax.Array, scale: jax.Array, axis_name: AxisName =
   labels = _offset(n_local, axis_name) + jnp.arange(n_local)
   a_all, b_all = _gather(a, axis_name), _gather(b, axis_name)
   n_global = a_all.shape[0]
-  loss_ab = _cross_entropy_sum(scale * (a @ b_all.T), labels)   # [B_local, B_global]
-  loss_ba = _cross_entropy_sum(scale * (b @ a_all.T), labels)
+  negatives = negatives or {}
+  if not negatives and weighting is None:
+    loss_ab = _cross_entropy_sum(scale * (a @ b_all.T), labels)   # [B_local, B_global]
+    loss_ba = _cross_entropy_sum(scale * (b @ a_all.T), labels)
+  else:
+    loss_ab = _directional_sum(a, b_all, labels, scale,
+                               _extra_keys(negatives.get('b', {}), axis_name), weighting)
+    loss_ba = _directional_sum(b, a_all, labels, scale,
+                               _extra_keys(negatives.get('a', {}), axis_name), weighting)
   return _global_sum(loss_ab + loss_ba, axis_name) / (2.0 * n_global)
 
 
