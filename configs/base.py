@@ -9,6 +9,10 @@ Variants:
                     COOKIE losses, on COCO (Karpathy) or any tfds image-text dataset.
   coco_finetune   - fine-tuning a pre-trained checkpoint on COCO (Karpathy split).
   flickr_finetune - fine-tuning a pre-trained checkpoint on Flickr30K (Karpathy split).
+  vldeformer      - the demo as VLDeformer: every layer shared by both modalities, bimodal
+                    composed hard negatives, a sharp fixed temperature.
+  coder           - the demo with CODER's options: momentum queues, diversity-sensitive
+                    negative weighting, online clustering and the concept branch.
 
 Fine-tuning needs the pre-trained run: `--config.train.init_from=PRETRAIN_WORKDIR`; the
 Karpathy builder needs `--config.data.manual_dir=FOLDER` (images + dataset_*.json) and a
@@ -17,7 +21,9 @@ BERT vocabulary `--config.data.tokenizer=FOLDER_OR_vocab.txt`.
 
 from cookie_jax.config import default_config
 
-VARIANTS = ('demo', 'tiny', 'base', 'coco_finetune', 'flickr_finetune')
+from cookie_jax.models.presets import fully_shared
+
+VARIANTS = ('demo', 'tiny', 'base', 'coco_finetune', 'flickr_finetune', 'vldeformer', 'coder')
 
 
 def _demo():
@@ -88,6 +94,30 @@ def _finetune(dataset):
   return config
 
 
+def _vldeformer():
+  config = _demo()
+  fully_shared(config.model)
+  config.loss.hard_negatives.captions = True
+  config.loss.hard_negatives.images = True
+  # Sharp and fixed (our choice; the learned temperature of the demo settles near 0.05).
+  config.loss.cross_modal.temperature = 0.03
+  return config
+
+
+def _coder():
+  config = _demo()
+  config.loss.momentum.queue_size = 1024
+  config.loss.momentum.momentum = 0.99
+  config.loss.cross_modal.negative_weighting = 'diversity'
+  config.loss.cross_modal.diversity_beta = 5.0
+  config.model.num_prototypes = 32
+  config.loss.cluster.weight = 0.1
+  config.model.concept_gcn_depth = 2
+  config.loss.concept.weight = 0.2
+  config.loss.concept.num_concepts = 48
+  return config
+
+
 def get_config(arg: str | None = None):
   variant = arg or 'demo'
   if variant not in VARIANTS:
@@ -99,4 +129,8 @@ def get_config(arg: str | None = None):
     return _tiny()
   if variant == 'base':
     return _base()
+  if variant == 'vldeformer':
+    return _vldeformer()
+  if variant == 'coder':
+    return _coder()
   return _finetune('coco' if variant == 'coco_finetune' else 'flickr30k')

@@ -25,7 +25,13 @@ def default_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
 
   c.loss = ml_collections.ConfigDict(dict(
       # image<->text InfoNCE over the global batch, with the model's learned temperature.
-      cross_modal=dict(weight=1.0),
+      # negative_weighting: 'none' | 'diversity' (CODER: stop-gradient weights
+      # exp(diversity_beta * sim) / mean over the row's negatives; beta 0 = InfoNCE) |
+      # 'topk' (in-batch hard-negative mining: only the `topk` most similar negatives).
+      # temperature: 0 = learned (model.temperature_init); > 0 = fixed, e.g. VLDeformer's
+      # sharp 0.02. See losses/contrastive.py.
+      cross_modal=dict(weight=1.0, temperature=0.0, negative_weighting='none',
+                       diversity_beta=0.0, topk=16),
       # image<->image: each image embedding against its partner view (see losses/contrastive.py).
       # partner: 'augmented' (a second augmented view through the same path) or 'external'
       # (a fixed partner embedding supplied with the batch as `image_partner`).
@@ -37,6 +43,25 @@ def default_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       # gradients with B_local x chunk_size logits per device instead of B_local x B_global:
       # for global batches whose logits do not fit in memory.
       chunk_size=0,
+      # VLDeformer's bimodal hard negatives, appended to the cross-modal term's in-batch
+      # negatives: `captions` composes a negative caption per pair by swapping one word for
+      # another of its group (colour for colour, shape for shape on the synthetic set; the
+      # mined content words elsewhere, or the groups in `word_groups`, a JSON list of word
+      # lists); `images` mixes each image with the next one of the global batch
+      # (`image_mix`: 'region' pastes a rectangle, 'patch' a random half of the patches).
+      hard_negatives=dict(captions=False, images=False, image_mix='region', word_groups=''),
+      # CODER's momentum encoder and queues (dynamic dictionaries): an EMA copy of the
+      # model embeds every batch; its keys are enqueued (all devices' keys, FIFO) and the
+      # last `queue_size` of them serve as extra cross-modal negatives. 0 = off.
+      momentum=dict(queue_size=0, momentum=0.995),
+      # CODER's online clustering: Sinkhorn-Knopp codes over model.num_prototypes
+      # prototypes, each modality predicting the other's codes (losses/clustering.py).
+      cluster=dict(weight=0.0, temperature=0.1, epsilon=0.05, iterations=3),
+      # CODER's concept branch: `num_concepts` content words mined from the first
+      # `captions` training captions, their co-occurrence graph through the model's GCN;
+      # each embedding attends over the concept descriptors (softmax at `temperature`) and
+      # the concept-level image and text embeddings are aligned like the cross-modal pair.
+      concept=dict(weight=0.0, num_concepts=64, temperature=0.1, captions=20000),
   ))
 
   c.data = data_config()
@@ -153,6 +178,55 @@ def _check_transformer(name, m):
     _require(0.0 <= m[k] < 1.0, f'{name}.{k}', m[k], 'must be in [0, 1).')
 
 
+def _check_method_options(config):
+  """The VLDeformer / CODER switches of `loss` and what they need of the model."""
+  losses, m = config.loss, config.model
+  cm = losses.cross_modal
+  _require(cm.temperature >= 0, 'loss.cross_modal.temperature', cm.temperature,
+           'must be >= 0 (0 = the learned temperature).')
+  _require(cm.negative_weighting in ('none', 'diversity', 'topk'),
+           'loss.cross_modal.negative_weighting', cm.negative_weighting,
+           "use 'none', 'diversity' or 'topk'.")
+  _require(cm.topk >= 1, 'loss.cross_modal.topk', cm.topk, 'must be >= 1.')
+  hn = losses.hard_negatives
+  _require(hn.image_mix in ('region', 'patch'), 'loss.hard_negatives.image_mix',
+           hn.image_mix, "use 'region' or 'patch'.")
+  mo = losses.momentum
+  _require(mo.queue_size >= 0, 'loss.momentum.queue_size', mo.queue_size,
+           'must be >= 0 (0 = no momentum queue).')
+  _require(0.0 <= mo.momentum < 1.0, 'loss.momentum.momentum', mo.momentum,
+           'must be in [0, 1), e.g. 0.995.')
+  if mo.queue_size:
+    _require(mo.queue_size % config.train.batch_size == 0, 'loss.momentum.queue_size',
+             mo.queue_size, f'must be a multiple of train.batch_size='
+             f'{config.train.batch_size}, so that every step enqueues one whole batch.')
+  extras = (hn.captions or hn.images or mo.queue_size > 0
+            or cm.negative_weighting != 'none')
+  _require(not (extras and losses.chunk_size), 'loss.chunk_size', losses.chunk_size,
+           'the chunked loss supports plain InfoNCE only; set it to 0 to use hard '
+           'negatives, momentum queues or negative weighting.')
+  if extras:
+    _require(cm.weight > 0, 'loss.cross_modal.weight', cm.weight,
+             'hard negatives, queues and negative weighting act on the cross-modal term; '
+             'give it a positive weight.')
+  cl = losses.cluster
+  if cl.weight > 0:
+    _require(m.num_prototypes >= 2, 'model.num_prototypes', m.num_prototypes,
+             'loss.cluster.weight > 0 needs >= 2 prototypes (e.g. 64).')
+  for key in ('temperature', 'epsilon'):
+    _require(cl[key] > 0, f'loss.cluster.{key}', cl[key], 'must be positive.')
+  _require(cl.iterations >= 1, 'loss.cluster.iterations', cl.iterations, 'must be >= 1.')
+  co = losses.concept
+  if co.weight > 0:
+    _require(m.concept_gcn_depth >= 1, 'model.concept_gcn_depth', m.concept_gcn_depth,
+             'loss.concept.weight > 0 needs the concept GCN (e.g. 2 layers).')
+  _require(co.num_concepts >= 2, 'loss.concept.num_concepts', co.num_concepts,
+           'must be >= 2.')
+  _require(co.temperature > 0, 'loss.concept.temperature', co.temperature,
+           'must be positive.')
+  _require(co.captions >= 1, 'loss.concept.captions', co.captions, 'must be >= 1.')
+
+
 def validate_config(config: ml_collections.ConfigDict,
                     num_devices: int | None = None) -> ml_collections.ConfigDict:
   """Checks keys against the schema and values against each other. Returns `config`."""
@@ -180,12 +254,14 @@ def validate_config(config: ml_collections.ConfigDict,
            losses.visual.partner, "use 'augmented' or 'external'.")
   _require(losses.textual.partner in ('dropout', 'external'), 'loss.textual.partner',
            losses.textual.partner, "use 'dropout' or 'external'.")
-  for name in ('cross_modal', 'visual', 'textual'):
+  terms = ('cross_modal', 'visual', 'textual', 'cluster', 'concept')
+  for name in terms:
     _require(losses[name].weight >= 0, f'loss.{name}.weight', losses[name].weight,
              'must be >= 0 (0 switches the term off).')
-  _require(sum(losses[n].weight for n in ('cross_modal', 'visual', 'textual')) > 0,
+  _require(sum(losses[n].weight for n in terms) > 0,
            'loss.cross_modal.weight', losses.cross_modal.weight,
            'at least one loss weight must be positive.')
+  _check_method_options(config)
   _require(losses.chunk_size >= 0, 'loss.chunk_size', losses.chunk_size,
            'must be >= 0 (0 = unchunked).')
   for name in ('visual', 'textual'):

@@ -16,11 +16,8 @@ import ml_collections
 import optax
 
 from cookie_jax import losses as losses_lib
-from cookie_jax import optim, sharding
-from cookie_jax.models import CookieModel, l2_normalize
-from cookie_jax.models.layers import split_rng
-
-LOSS_NAMES = ('cross_modal', 'visual', 'textual')
+from cookie_jax import objectives, optim, sharding
+from cookie_jax.models import CookieModel
 
 
 @flax.struct.dataclass
@@ -32,6 +29,9 @@ class TrainState:
   # was not finite, or -1. From then on the state is frozen, so nothing from the bad
   # step or after it can reach a checkpoint.
   nonfinite_step: jax.Array
+  # Method state besides the parameters (objectives.init_extras): CODER's EMA parameters
+  # and key queues; {} when no option needs any.
+  extras: Any = flax.struct.field(default_factory=dict)
 
 
 @flax.struct.dataclass
@@ -59,64 +59,41 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: Mesh
   def init_fn():
     params = nnx.to_pure_dict(nnx.state(init_model(config.model, config.seed)))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params), nonfinite_step=jnp.full((), -1, jnp.int32))
+                      opt_state=tx.init(params), nonfinite_step=jnp.full((), -1, jnp.int32),
+                      extras=objectives.init_extras(config.loss, params,
+                                                    config.model.embed_dim))
 
   abstract = jax.eval_shape(init_fn)
   state_shardings = TrainState(
       step=sharding.replicated(mesh), params=param_shardings,
       opt_state=sharding.opt_state_shardings(tx, abstract.opt_state, param_shardings, mesh),
-      nonfinite_step=sharding.replicated(mesh))
+      nonfinite_step=sharding.replicated(mesh),
+      extras=_extras_shardings(abstract.extras, param_shardings, mesh))
   state = jax.jit(init_fn, out_shardings=state_shardings)()
   return state, Setup(graphdef=graphdef, tx=tx, schedule=schedule, mesh=mesh,
                       state_shardings=state_shardings)
 
 
-def _need(batch, key, why):
-  if key not in batch:
-    raise ValueError(f"{why} needs batch['{key}'], which the input pipeline did not "
-                     f'provide (batch has {sorted(batch)}).')
-  return batch[key]
+def _extras_shardings(extras, param_shardings, mesh):
+  # EMA parameters are laid out like the parameters; queues and counters are replicated.
+  return {k: param_shardings if k == 'ema_params' else sharding.replicated(mesh)
+          for k in extras}
 
 
-def loss_scales(model: CookieModel, loss_cfg):
-  """The logit scale of every loss term with weight > 0."""
-  scales = {}
-  if loss_cfg.cross_modal.weight > 0:
-    scales['cross_modal'] = model.logit_scale()
-  for name in ('visual', 'textual'):
-    if loss_cfg[name].weight > 0:
-      scales[name] = jnp.float32(1.0 / loss_cfg[name].temperature)
-  return scales
+def with_params(state: TrainState, params) -> TrainState:
+  """`state` with new parameters (fine-tuning init); an EMA copy restarts from them."""
+  extras = dict(state.extras)
+  if 'ema_params' in extras:
+    extras['ema_params'] = jax.tree.map(jnp.copy, params)
+  return state.replace(params=params, extras=extras)
 
 
-def loss_pairs(model: CookieModel, batch, rng, loss_cfg):
-  """The (a, b) embedding pair of every loss term with weight > 0."""
-  r_img, r_txt, r_img2, r_txt2 = split_rng(rng, 4)
-  image = model.embed_image(batch['image'], rng=r_img)
-  text = model.embed_text(batch['input_ids'], batch['attention_mask'], rng=r_txt)
-  pairs = {}
-  if loss_cfg.cross_modal.weight > 0:
-    pairs['cross_modal'] = (l2_normalize(image), l2_normalize(text))
-  if loss_cfg.visual.weight > 0:
-    if loss_cfg.visual.partner == 'augmented':
-      view2 = _need(batch, 'image_view2', "loss.visual.partner='augmented'")
-      pairs['visual'] = (l2_normalize(image), model.encode_image(view2, rng=r_img2))
-    else:
-      partner = _need(batch, 'image_partner', "loss.visual.partner='external'")
-      pairs['visual'] = (model.image_partner(image),
-                         l2_normalize(jax.lax.stop_gradient(partner)))
-  if loss_cfg.textual.weight > 0:
-    if loss_cfg.textual.partner == 'dropout':
-      pairs['textual'] = (l2_normalize(text), model.encode_text(
-          batch['input_ids'], batch['attention_mask'], rng=r_txt2))
-    else:
-      partner = _need(batch, 'text_partner', "loss.textual.partner='external'")
-      pairs['textual'] = (model.text_partner(text),
-                          l2_normalize(jax.lax.stop_gradient(partner)))
-  return pairs
+def _is_queue(path) -> bool:
+  return any(getattr(k, 'key', None) == 'queue' for k in path)
 
 
-def sharded_losses(mesh: Mesh, stacked: bool = False, chunk_size: int = 0):
+def sharded_losses(mesh: Mesh, stacked: bool = False, chunk_size: int = 0,
+                   options=None):
   """`compute_losses` inside shard_map over the batch axes: global negatives, local logits.
 
   `stacked=True` takes embeddings as [micro_batches, B / micro_batches, D] (gradient
@@ -124,13 +101,26 @@ def sharded_losses(mesh: Mesh, stacked: bool = False, chunk_size: int = 0):
   InfoNCE is invariant to a permutation applied to both sides, so the value equals the
   loss over the whole batch.
   """
-  def local(pairs, scales):
+  flat = lambda x: x.reshape(-1, *x.shape[2:])
+
+  def local(pairs, scales, negatives):
     if stacked:
-      pairs = jax.tree.map(lambda x: x.reshape(-1, x.shape[-1]), pairs)
+      pairs = jax.tree.map(flat, pairs)
+      negatives = jax.tree_util.tree_map_with_path(
+          lambda path, x: x if _is_queue(path) else flat(x), negatives)
     return losses_lib.compute_losses(pairs, scales, axis_name=sharding.BATCH_AXES,
-                                     chunk_size=chunk_size)
+                                     chunk_size=chunk_size, negatives=negatives,
+                                     options=options)
   spec = P(None, sharding.BATCH_AXES) if stacked else P(sharding.BATCH_AXES)
-  return jax.shard_map(local, mesh=mesh, in_specs=(spec, P()), out_specs=P())
+
+  def compute(pairs, scales, negatives=None):
+    negatives = negatives or {}
+    # Extra negatives composed from the batch are sharded like it; queues are replicated.
+    neg_specs = jax.tree_util.tree_map_with_path(
+        lambda path, _: P() if _is_queue(path) else spec, negatives)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, P(), neg_specs),
+                         out_specs=P())(pairs, scales, negatives)
+  return compute
 
 
 def step_rng(seed: int, step: jax.Array) -> jax.Array:
@@ -152,8 +142,11 @@ def split_micro_batches(batch, num_micro: int, mesh: Mesh):
   return jax.tree.map(split, batch)
 
 
-def make_grad_fn(config: ml_collections.ConfigDict, setup: Setup):
-  """params, batch, rng -> ((total, terms, logit_scale), grads).
+def make_grad_fn(config: ml_collections.ConfigDict, setup: Setup, constants=None):
+  """params, batch, rng, queues -> ((total, terms, logit_scale), grads).
+
+  `queues` are extra negatives that need no gradient (`objectives.queue_negatives`) or
+  {}; `constants` the data-mined tables of `objectives.needs_constants`.
 
   With `train.accum_steps = M > 1`, GradCache-style accumulation that keeps the negatives
   of the whole batch: (1) embed every micro-batch without gradients, (2) compute the loss
@@ -164,66 +157,90 @@ def make_grad_fn(config: ml_collections.ConfigDict, setup: Setup):
   """
   loss_cfg = config.loss
   num_micro = config.train.accum_steps
+  options = objectives.loss_options(loss_cfg)
+  if constants is None and objectives.needs_constants(loss_cfg):
+    raise ValueError('These loss options need the tables mined from the training data '
+                     '(see cookie_jax.data.concepts); pass `constants`.')
+  constants = None if constants is None else jax.tree.map(jnp.asarray, dict(constants))
 
-  def pairs_fn(params, batch, rng):
-    return loss_pairs(nnx.merge(setup.graphdef, params), batch, rng, loss_cfg)
+  def inputs_fn(params, batch, rng):
+    return objectives.loss_inputs(nnx.merge(setup.graphdef, params), batch, rng, loss_cfg,
+                                  constants)
 
   def scales_fn(params):
-    return loss_scales(nnx.merge(setup.graphdef, params), loss_cfg)
+    return objectives.loss_scales(nnx.merge(setup.graphdef, params), loss_cfg)
 
   def total_of(terms):
     return sum(loss_cfg[name].weight * value for name, value in terms.items())
 
+  def reported_scale(scales):
+    return scales.get('cross_modal')
+
   if num_micro == 1:
-    compute = sharded_losses(setup.mesh, chunk_size=loss_cfg.chunk_size)
+    compute = sharded_losses(setup.mesh, chunk_size=loss_cfg.chunk_size, options=options)
 
-    def loss_fn(params, batch, rng):
+    def loss_fn(params, batch, rng, queues):
       scales = scales_fn(params)
-      terms = compute(pairs_fn(params, batch, rng), scales)
-      return total_of(terms), (terms, scales.get('cross_modal'))
+      pairs, negatives = inputs_fn(params, batch, rng)
+      terms = compute(pairs, scales, objectives.merge_negatives(negatives, queues))
+      return total_of(terms), (terms, reported_scale(scales))
 
-    def grad_fn(params, batch, rng):
+    def grad_fn(params, batch, rng, queues):
       (total, (terms, scale)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          params, batch, rng)
+          params, batch, rng, queues)
       return (total, terms, scale), grads
     return grad_fn
 
-  compute = sharded_losses(setup.mesh, stacked=True, chunk_size=loss_cfg.chunk_size)
+  compute = sharded_losses(setup.mesh, stacked=True, chunk_size=loss_cfg.chunk_size,
+                           options=options)
 
-  def grad_fn(params, batch, rng):
+  def grad_fn(params, batch, rng, queues):
     micro = split_micro_batches(batch, num_micro, setup.mesh)
     keys = jax.random.split(rng, num_micro)
-    _, stacked = jax.lax.scan(lambda c, xs: (c, pairs_fn(params, *xs)), None, (micro, keys))
+    _, stacked = jax.lax.scan(lambda c, xs: (c, inputs_fn(params, *xs)), None,
+                              (micro, keys))
     scales = scales_fn(params)
 
     def loss_of_embeddings(stacked, scales):
-      terms = compute(stacked, scales)
+      pairs, negatives = stacked
+      terms = compute(pairs, scales, objectives.merge_negatives(negatives, queues))
       return total_of(terms), terms
     (total, terms), (g_stacked, g_scales) = jax.value_and_grad(
         loss_of_embeddings, argnums=(0, 1), has_aux=True)(stacked, scales)
 
     def backprop(acc, xs):
       batch_m, key_m, g_m = xs
-      _, vjp = jax.vjp(lambda p: pairs_fn(p, batch_m, key_m), params)
+      _, vjp = jax.vjp(lambda p: inputs_fn(p, batch_m, key_m), params)
       return jax.tree.map(jnp.add, acc, vjp(g_m)[0]), None
     grads, _ = jax.lax.scan(backprop, jax.tree.map(jnp.zeros_like, params),
                             (micro, keys, g_stacked))
     _, scales_vjp = jax.vjp(scales_fn, params)
     grads = jax.tree.map(jnp.add, grads, scales_vjp(g_scales)[0])
-    return (total, terms, scales.get('cross_modal')), grads
+    return (total, terms, reported_scale(scales)), grads
   return grad_fn
 
 
-def make_train_step(config: ml_collections.ConfigDict, setup: Setup):
+def make_train_step(config: ml_collections.ConfigDict, setup: Setup, constants=None):
   """A jitted `(state, batch) -> (state, metrics)`; the input state is donated."""
-  grad_fn = make_grad_fn(config, setup)
+  grad_fn = make_grad_fn(config, setup, constants)
+  momentum = config.loss.momentum
 
   def train_step(state: TrainState, batch):
     rng = step_rng(config.seed, state.step)
-    (total, terms, scale), grads = grad_fn(state.params, batch, rng)
+    queues = {}
+    if momentum.queue_size:
+      # Keys of this batch from the momentum encoder; they join the queue after the
+      # update, so the loss sees only keys of earlier batches.
+      keys = objectives.momentum_keys(
+          nnx.merge(setup.graphdef, state.extras['ema_params']), batch)
+      queues = objectives.queue_negatives(state.extras)
+    (total, terms, scale), grads = grad_fn(state.params, batch, rng, queues)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    extras = state.extras
+    if momentum.queue_size:
+      extras = objectives.update_extras(extras, params, keys, momentum.momentum)
     # Non-finite guard: keep the last good state and remember where it went wrong.
     finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
     healthy = finite & (state.nonfinite_step < 0)
@@ -238,7 +255,8 @@ def make_train_step(config: ml_collections.ConfigDict, setup: Setup):
       metrics['temperature'] = 1.0 / scale
     new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
                            opt_state=keep(opt_state, state.opt_state),
-                           nonfinite_step=nonfinite_step)
+                           nonfinite_step=nonfinite_step,
+                           extras=keep(extras, state.extras))
     return new_state, metrics
 
   batch_sharding = sharding.batch_sharding(setup.mesh)

@@ -14,6 +14,7 @@ import ml_collections
 
 from cookie_jax import checkpoint as ckpt_lib
 from cookie_jax import metrics as metrics_lib
+from cookie_jax import objectives
 from cookie_jax import sharding, step as step_lib
 from cookie_jax.config import ConfigError, validate_config
 
@@ -76,10 +77,11 @@ def restore_or_initialise(config, ckpt, state, setup):
     step = None if config.train.init_step < 0 else config.train.init_step
     params, loaded = ckpt_lib.load_params(config.train.init_from, abstract.params, step)
     logging.info('Initialised parameters from %s (step %d).', config.train.init_from, loaded)
-    state = state.replace(params=params)
+    state = step_lib.with_params(state, params)
   elif config.model.text_init or config.model.image_init:
     from cookie_jax.interop import hf_import  # pylint: disable=g-import-not-at-top
-    state = state.replace(params=hf_import.apply_pretrained_towers(config, state.params))
+    state = step_lib.with_params(
+        state, hf_import.apply_pretrained_towers(config, state.params))
   return state, None
 
 
@@ -100,7 +102,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   step = int(state.step)
   if data_state is not None:
     train_iter.set_state(data_state)
-  train_step = step_lib.make_train_step(config, setup)
+  logging.info('Objectives: %s', objectives.config_summary(config.loss))
+  train_step = step_lib.make_train_step(config, setup, objectives.mine_constants(config))
 
   total = config.train.steps
   writer = metrics_lib.MetricWriter(workdir, total, start_step=step,

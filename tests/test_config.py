@@ -26,7 +26,8 @@ def test_every_variant_validates(variant):
       validate_config(config)
     config.data.manual_dir = '/data/coco'
     config.data.tokenizer = '/data/bert-base-uncased'
-  validate_config(config, num_devices=8 if variant in ('tiny', 'demo') else 256)
+  small = variant in ('tiny', 'demo', 'vldeformer', 'coder')
+  validate_config(config, num_devices=8 if small else 256)
 
 
 def test_base_variant_is_the_pretraining_recipe():

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from cookie_jax.models import layers
 from cookie_jax.models.bert import Bert
+from cookie_jax.models.concept import ConceptGCN, attend_concepts
 from cookie_jax.models.shared import IMAGE, TEXT, SharedTransformer
 from cookie_jax.models.vit import ViT
 
@@ -45,6 +46,7 @@ class CookieModel(nnx.Module):
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     dtype = DTYPES[cfg.dtype]
     self.image_pool = cfg.image_pool
+    self.vision_patch_size = cfg.vision.patch_size
     self.text_pool = cfg.text_pool
     self.max_log_scale = math.log(cfg.max_logit_scale)
     self.vision = ViT(cfg.vision, dtype=dtype, remat=cfg.remat, rngs=rngs)
@@ -70,6 +72,14 @@ class CookieModel(nnx.Module):
     self.text_partner_head = (
         layers.dense(cfg.embed_dim, cfg.text_partner_dim, (None, None), dtype=dtype,
                      rngs=rngs, use_bias=False) if cfg.text_partner_dim else None)
+    # CODER: prototypes of the online clustering, and the GCN of the concept branch.
+    self.prototypes = (
+        nnx.Param(layers.normal_init(1.0)(rngs.params(), (cfg.num_prototypes, cfg.embed_dim),
+                                          jnp.float32), logical_axes=(None, None))
+        if cfg.num_prototypes else None)
+    self.concept_gcn = (
+        ConceptGCN(cfg.text.width, cfg.embed_dim, depth=cfg.concept_gcn_depth, dtype=dtype,
+                   rngs=rngs) if cfg.concept_gcn_depth else None)
 
   def logit_scale(self) -> jax.Array:
     """1 / temperature, clamped."""
@@ -109,3 +119,14 @@ class CookieModel(nnx.Module):
 
   def text_partner(self, embedding: jax.Array) -> jax.Array:
     return l2_normalize(self.text_partner_head(embedding))
+
+  def concept_descriptors(self, concept_ids: jax.Array, adjacency: jax.Array) -> jax.Array:
+    """CODER's concept descriptors [K, embed_dim]: the text tower's word embeddings of the
+    concept tokens `concept_ids` [K], propagated over the normalised concept graph
+    `adjacency` [K, K] by the GCN."""
+    return self.concept_gcn(self.text.word_embeddings(concept_ids), adjacency)
+
+  def concept_embedding(self, embedding: jax.Array, descriptors: jax.Array,
+                        temperature: float) -> jax.Array:
+    """Normalised concept-level embedding: `embedding` [B, D] attending over descriptors."""
+    return l2_normalize(attend_concepts(embedding, descriptors, temperature))

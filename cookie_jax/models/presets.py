@@ -85,6 +85,11 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       # unimodal encoder's output); 0 = no external partner, no partner head.
       image_partner_dim=0,
       text_partner_dim=0,
+      # Learnable prototypes for CODER's online clustering (loss.cluster); 0 = none.
+      num_prototypes=0,
+      # Layers of the GCN over the concept graph for CODER's concept branch (loss.concept);
+      # 0 = no concept branch.
+      concept_gcn_depth=0,
       # A local Hugging Face BERT folder (config.json + model.safetensors or
       # pytorch_model.bin) to initialise the text tower from; its sizes replace
       # `text`'s. '' = random init.
@@ -92,3 +97,15 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       # Likewise a local Hugging Face ViT folder for the image tower ('' = random init).
       image_init='',
   ))
+
+
+def fully_shared(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """VLDeformer's decomposed single stream: every transformer layer shared by both
+  modalities. The towers keep only their embeddings (patch / word + position, with
+  their LayerNorm); the shared stack takes the towers' depth plus its own, so the
+  per-modality depth stays the same. Each modality still runs alone, so retrieval
+  encodes each side once. Returns `model_cfg`, changed in place."""
+  model_cfg.shared.depth += max(model_cfg.vision.depth, model_cfg.text.depth)
+  model_cfg.vision.depth = 0
+  model_cfg.text.depth = 0
+  return model_cfg
