@@ -137,8 +137,11 @@ def main():
   logging.set_verbosity(logging.WARNING)
   print(f'jax {jax.__version__}, devices: {jax.devices()}, steps {args.steps}, '
         f'seeds {args.seeds}', flush=True)
-  results = {row: [run(row, args.steps, seed, args.workdir) for seed in args.seeds]
-             for row in args.rows}
+  # Seed-major order, so that an interrupted ablation has every row for the first seeds.
+  results = {row: [] for row in args.rows}
+  for seed in args.seeds:
+    for row in args.rows:
+      results[row].append(run(row, args.steps, seed, args.workdir))
   rows = summarise(results)
   print(markdown(rows))
   if args.json:
