@@ -9,6 +9,8 @@ Rows build on each other (except `vldeformer`, the fully shared model as a whole
   vldeformer    VLDeformer as a whole: every layer shared, hard negatives, fixed temp 0.03
   coder         cookie + CODER: momentum queues, diversity-sensitive weighting, online
                 clustering and the concept branch (configs/base.py:coder)
+  coder_queue, coder_diversity, coder_cluster_concept
+                cookie + one of CODER's parts, with the `coder` recipe's settings
 
 Every run is `train_and_evaluate` on configs/base.py:demo with the row's switches, for
 `--steps` steps (the demo's schedule compressed to them) and each `--seeds` seed (model
@@ -61,6 +63,23 @@ def _hard_neg(c):
   return c
 
 
+def _coder_part(part):
+  """COOKIE plus one CODER component, with the `coder` recipe's settings for it."""
+  def make():
+    c, coder = base_configs.get_config('demo'), base_configs.get_config('coder')
+    if part == 'queue':
+      c.loss.momentum = coder.loss.momentum
+    elif part == 'diversity':
+      c.loss.cross_modal = coder.loss.cross_modal
+    else:
+      c.model.num_prototypes = coder.model.num_prototypes
+      c.model.concept_gcn_depth = coder.model.concept_gcn_depth
+      c.loss.cluster = coder.loss.cluster
+      c.loss.concept = coder.loss.concept
+    return c
+  return make
+
+
 ROWS = {
     'dual': lambda: _dual(base_configs.get_config('demo')),
     'shared': lambda: _shared(base_configs.get_config('demo')),
@@ -68,6 +87,9 @@ ROWS = {
     'hard_neg': lambda: _hard_neg(base_configs.get_config('demo')),
     'vldeformer': lambda: base_configs.get_config('vldeformer'),
     'coder': lambda: base_configs.get_config('coder'),
+    'coder_queue': _coder_part('queue'),
+    'coder_diversity': _coder_part('diversity'),
+    'coder_cluster_concept': _coder_part('cluster_concept'),
 }
 METRICS = ('i2t_r1', 't2i_r1', 'rsum', 't2t_r1')
 

@@ -146,21 +146,22 @@ def test_all_options_on_8_devices_equal_one_device(all_options_one_device):
 
 
 def test_all_options_resume_exactly_from_a_checkpoint(all_options_one_device, tmp_path):
-  ref, ref_hist, _, _ = all_options_one_device
+  """Save the state after step 2 (queues and EMA included), restore it into a fresh
+  state and take step 3: the same as the uninterrupted run."""
+  ref, ref_hist, before, setup = all_options_one_device
   config = _all_options()
   config.mesh.data = 1
   config.checkpoint.async_save = False
-  batches = _batches(3)
-  first, _, _, setup = _run(config, jax.devices()[:1], batches[:2])
   ckpt = ckpt_lib.Checkpointer(str(tmp_path / 'ckpt'), config.checkpoint)
-  ckpt.save(2, first, {'step': 2}, config, force=True)
+  ckpt.save(2, before[2], {'step': 2}, config, force=True)
   ckpt.wait()
   fresh, _ = step.create_train_state(config, setup.mesh)
   abstract = ckpt_lib.abstract_with_shardings(fresh, setup.state_shardings)
   restored, _, _ = ckpt.restore(2, abstract)
   ckpt.close()
-  _assert_trees_close(restored.extras, first.extras, atol=0)
-  resumed, hist, _, _ = _run(config, jax.devices()[:1], batches[2:], state=restored)
+  _assert_trees_close(restored.extras, before[2].extras, atol=0)
+  assert int(restored.extras['queue_count']) == 2 * B  # not a fresh, empty queue
+  resumed, hist, _, _ = _run(config, jax.devices()[:1], _batches(3)[2:], state=restored)
   assert float(hist[0]['loss']) == pytest.approx(float(ref_hist[2]['loss']), abs=1e-6)
   _assert_trees_close(resumed.params, ref.params, atol=1e-6)
   _assert_trees_close(resumed.extras, ref.extras, atol=1e-6)

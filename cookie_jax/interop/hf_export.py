@@ -141,6 +141,10 @@ def _preprocessor_config(vision_cfg, data_cfg) -> dict:
               image_mean=list(data_cfg.mean), image_std=list(data_cfg.std))
 
 
+# Parameters that shape training only and are left out of an export.
+TRAINING_ONLY = ('prototypes', 'concept_gcn')
+
+
 def export_params(params, model_cfg, output, *, tokenizer=None, data_cfg=None,
                   step: int | None = None) -> dict:
   """Writes an export of `params` (the model's pure dict) to `output`; returns the paths."""
@@ -158,6 +162,11 @@ def export_params(params, model_cfg, output, *, tokenizer=None, data_cfg=None,
     _write_json(out / 'image_encoder' / 'preprocessor_config.json',
                 _preprocessor_config(model_cfg.vision, data_cfg))
   _save_safetensors(state_dict(params, keys.cookie_rules(model_cfg)), out / COOKIE_WEIGHTS)
+  training_only = [k for k in TRAINING_ONLY if params.get(k) is not None]
+  if training_only:
+    # Shape training only (CODER's clustering and concept branch); retrieval never uses them.
+    logging.info('Not exported (training-only, unused at retrieval): %s.',
+                 ', '.join(training_only))
   _write_json(out / COOKIE_CONFIG, cookie_config(model_cfg, step=step, data_cfg=data_cfg))
   # The loader travels with the weights, so that a PyTorch-only machine needs no cookie_jax.
   shutil.copy(pathlib.Path(__file__).with_name('torch_model.py'), out / 'torch_model.py')
