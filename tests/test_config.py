@@ -20,13 +20,13 @@ def _load(name):
 @pytest.mark.parametrize('variant', _load('base').VARIANTS)
 def test_every_variant_validates(variant):
   config = _load('base').get_config(variant)
-  if config.data.builder == 'karpathy':
+  if config.data.builder in ('karpathy', 'msrvtt'):
     # The recipe leaves the user's local folders to the command line.
     with pytest.raises(ConfigError, match=r'config\.data\.manual_dir'):
       validate_config(config)
     config.data.manual_dir = '/data/coco'
     config.data.tokenizer = '/data/bert-base-uncased'
-  validate_config(config, num_devices=8 if variant in ('tiny', 'demo') else 256)
+  validate_config(config, num_devices=8 if variant in ('tiny', 'demo', 'video_demo') else 256)
 
 
 def test_base_variant_is_the_pretraining_recipe():

@@ -428,3 +428,35 @@ def test_mean_video_model_exports_to_pytorch_encode_video(tmp_path):
     got = CookieTorchModel.from_pretrained(tmp_path / 'out').encode_video(
         torch.from_numpy(clips.transpose(0, 1, 4, 2, 3).copy())).numpy()
   np.testing.assert_allclose(got, np.asarray(model.encode_image(clips)), atol=1e-4)
+
+
+@pytest.mark.slow  # two short training runs: several minutes on 2 cores
+def test_short_video_finetune_from_an_image_run_beats_chance(tmp_path):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  from cookie_jax import train  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      'base', pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'base.py')
+  recipes = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(recipes)
+
+  def small(config, steps):
+    config.data.data_dir = str(tmp_path / 'tfds')
+    config.data.synthetic.update(dict(train_images=2000, eval_images=200))
+    config.data.synthetic_video.update(dict(train_clips=2000, eval_clips=200))
+    config.train.update(dict(steps=steps, batch_size=64, progress_bar=False))
+    config.optim.warmup_steps = 20
+    config.eval.update(dict(every=0, batch_size=200))
+    config.checkpoint.every = 0
+    return config
+
+  train.train_and_evaluate(small(recipes.get_config('demo'), 150), str(tmp_path / 'image'))
+  config = small(recipes.get_config('video_demo'), 300)
+  config.train.init_from = str(tmp_path / 'image')
+  result = train.train_and_evaluate(config, str(tmp_path / 'video'))['test']
+  # 200 clips x 5 captions: chance is R@K = K/2 % both ways (near enough), RSUM about 16.
+  chance = sum(100 * (1 - np.prod(1 - 5 / np.arange(1000 - k + 1, 1001))) + k / 2
+               for k in (1, 5, 10))
+  print(f'synthetic video test RSUM {result["rsum"]:.1f} (chance {chance:.1f}): {result}')
+  assert result['rsum'] > 4 * chance
+  assert result['t2v_r10'] > 3 * 5.0 and result['v2t_r10'] > 3 * 4.9

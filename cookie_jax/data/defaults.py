@@ -130,6 +130,10 @@ def validate_data_config(data_cfg) -> None:
              'builder=karpathy needs the folder with dataset_<name>.json and the images.')
     _require(d.karpathy_dataset in ('coco', 'flickr30k'), 'karpathy_dataset',
              d.karpathy_dataset, "use 'coco' or 'flickr30k'.")
+  if d.builder == 'msrvtt':
+    _require(bool(d.manual_dir), 'manual_dir', d.manual_dir,
+             'builder=msrvtt needs the MSRVTT folder with MSRVTT_data.json, '
+             'MSRVTT_JSFUSION_test.csv and the videos.')
   if d.builder == 'tfds':
     _require(bool(d.tfds_name), 'tfds_name', d.tfds_name,
              "builder=tfds needs a prepared dataset's name, e.g. 'coco_captions'.")
@@ -140,9 +144,6 @@ def validate_data_config(data_cfg) -> None:
   _require(d.num_frames >= 0, 'num_frames', d.num_frames,
            'must be >= 0 (0 = every stored frame of a clip).')
   if d.builder == 'msrvtt':
-    _require(bool(d.manual_dir), 'manual_dir', d.manual_dir,
-             'builder=msrvtt needs the MSRVTT folder with MSRVTT_data.json, '
-             'MSRVTT_JSFUSION_test.csv and the videos.')
     m = d.msrvtt
     _require(m.train_list in ('9k', '7k'), 'msrvtt.train_list', m.train_list,
              "use '9k' or '7k'.")

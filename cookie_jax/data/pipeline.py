@@ -104,7 +104,6 @@ def _autotune(n):
   return tf.data.AUTOTUNE if n == -1 else n
 
 
-
 class TrainIterator:
   """Infinite training batches; `get_state`/`set_state` or `start_step` resume exactly."""
 
