@@ -28,6 +28,8 @@ setuptools.setup(
         'tensorboard>=2.18',
         # Evaluation pictures (launch/eval.py).
         'matplotlib>=3.8',
+        # Frame sampling from video files (the MSRVTT builder); wheels bundle FFmpeg.
+        'av>=14',
     ],
     extras_require={
         # torch 2.13.0 is pinned for tests: the CPU build this project's CI machine carries.

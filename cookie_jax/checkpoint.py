@@ -28,6 +28,12 @@ class CheckpointMismatchError(ValueError):
   """A checkpoint whose parameters do not fit the configured model."""
 
 
+# Top-level modules that a model may add on top of the checkpoint it is fine-tuned from:
+# the temporal transformer of a video model initialised from an image-text run. Missing
+# from the checkpoint as a whole, they keep their initial values (see `load_params`).
+NEW_MODULES = ('video',)
+
+
 def _keystr(path) -> str:
   return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k))))
                   for k in path)
@@ -151,11 +157,15 @@ class Checkpointer:
     self.manager.close()
 
 
-def load_params(path: str, abstract_params, step: int | None = None):
+def load_params(path: str, abstract_params, step: int | None = None, *, fallback=None):
   """Parameters only, from another run's workdir or checkpoint directory (fine-tuning).
 
   `path` may be a run's checkpoint directory (`WORKDIR/checkpoints`), a workdir, or one
   step's directory. Restored in the shardings of `abstract_params`.
+
+  With `fallback` (the freshly initialised parameters), a module of `NEW_MODULES` that the
+  checkpoint lacks entirely keeps its values from `fallback`, with a logged note; every
+  other difference is still a CheckpointMismatchError.
   """
   path = os.fspath(path)
   if not os.path.exists(path):
@@ -176,12 +186,20 @@ def load_params(path: str, abstract_params, step: int | None = None):
       raise FileNotFoundError(f'config.train.init_from={path!r} holds no finished '
                               'checkpoint.')
     stored = manager.item_metadata(step)['state']['params']
-    check_compatible(stored, abstract_params, f'The checkpoint {path}/{step}')
-    target = {'params': abstract_params}
+    new = [k for k in NEW_MODULES
+           if fallback is not None and k in abstract_params and k not in stored]
+    wanted = {k: v for k, v in abstract_params.items() if k not in new}
+    check_compatible(stored, wanted, f'The checkpoint {path}/{step}')
+    target = {'params': wanted}
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
             partial_restore=True)))
-    return restored['state']['params'], step
   finally:
     manager.close()
+  params = dict(restored['state']['params'])
+  for k in new:
+    params[k] = fallback[k]
+    logging.info('%s/%d has no %r parameters (%d arrays): new in this model, they keep '
+                 'their initial values.', path, step, k, len(jax.tree.leaves(fallback[k])))
+  return params, step

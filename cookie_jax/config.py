@@ -9,7 +9,7 @@ import difflib
 
 import ml_collections
 
-from cookie_jax.data.defaults import data_config, validate_data_config
+from cookie_jax.data.defaults import VIDEO_BUILDERS, data_config, validate_data_config
 from cookie_jax.models.presets import model_config
 
 
@@ -191,6 +191,10 @@ def _check_method_options(config):
   hn = losses.hard_negatives
   _require(hn.image_mix in ('region', 'patch'), 'loss.hard_negatives.image_mix',
            hn.image_mix, "use 'region' or 'patch'.")
+  if hn.images:
+    _require(m.video.num_frames == 0, 'loss.hard_negatives.images', hn.images,
+             'composed negative images mix still images; turn it off for a video model '
+             '(model.video.num_frames > 0).')
   mo = losses.momentum
   _require(mo.queue_size >= 0, 'loss.momentum.queue_size', mo.queue_size,
            'must be >= 0 (0 = no momentum queue).')
@@ -227,6 +231,30 @@ def _check_method_options(config):
   _require(co.captions >= 1, 'loss.concept.captions', co.captions, 'must be >= 1.')
 
 
+def _check_video(config):
+  v = config.model.video
+  _require(v.num_frames >= 0, 'model.video.num_frames', v.num_frames,
+           'must be >= 0 (0 = an image-only model).')
+  _require(v.temporal in ('mean', 'transformer'), 'model.video.temporal', v.temporal,
+           "use 'mean' or 'transformer'.")
+  if v.num_frames > 0 and v.temporal == 'transformer':
+    _require(v.depth >= 1, 'model.video.depth', v.depth,
+             "the temporal transformer needs >= 1 block; or use temporal='mean'.")
+    _check_transformer('model.video', ml_collections.ConfigDict(
+        dict(v.to_dict(), width=config.model.vision.width)))
+  builder = config.data.builder
+  if builder in VIDEO_BUILDERS:
+    _require(v.num_frames > 0, 'model.video.num_frames', v.num_frames,
+             f'data.builder={builder!r} gives video clips; set model.video.num_frames to '
+             'the frames per clip (e.g. 4), which builds the video path.')
+    if v.temporal == 'transformer':
+      _require(0 < config.data.num_frames <= v.num_frames, 'data.num_frames',
+               config.data.num_frames,
+               f'the temporal transformer has {v.num_frames} frame positions '
+               '(model.video.num_frames); feed 1 to that many frames per clip, e.g. '
+               f'data.num_frames={v.num_frames}.')
+
+
 def validate_config(config: ml_collections.ConfigDict,
                     num_devices: int | None = None) -> ml_collections.ConfigDict:
   """Checks keys against the schema and values against each other. Returns `config`."""
@@ -237,6 +265,7 @@ def validate_config(config: ml_collections.ConfigDict,
   _check_transformer('model.text', m.text)
   if m.shared.depth > 0:
     _check_transformer('model.shared', m.shared)
+  _check_video(config)
   _require(m.vision.image_size % m.vision.patch_size == 0, 'model.vision.patch_size',
            m.vision.patch_size,
            f'image_size {m.vision.image_size} must be a multiple of the patch size.')

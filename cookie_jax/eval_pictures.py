@@ -120,9 +120,10 @@ def _text_query(fig, cells, query: TextQuery) -> None:
 
 def draw_examples(path: str, image_queries: Sequence[ImageQuery],
                   text_queries: Sequence[TextQuery], *, title: str, num_images: int,
-                  num_captions: int) -> None:
+                  num_captions: int, visual: str = 'image') -> None:
   """One PNG: image queries (two per row) with their top captions, then caption queries
-  (one per row) with their top images and, last, the image they describe."""
+  (one per row) with their top images and, last, the image they describe. `visual` names
+  the visual side in the headings ('video': clips drawn as their frames side by side)."""
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   top_k = max([len(q.results) for q in [*image_queries, *text_queries]] or [1])
   rows_i = -(-len(image_queries) // 2)
@@ -132,17 +133,17 @@ def draw_examples(path: str, image_queries: Sequence[ImageQuery],
   fig.suptitle(f'{title}; scores are cosine similarities', fontsize=13, weight='bold')
   top, bottom = fig.subfigures(2, 1, height_ratios=[2.0 * rows_i + 0.4,
                                                     2.3 * rows_t + 0.4])
-  top.suptitle(f'Image \u2192 text: each image against all {num_captions} captions '
-               f'({CHECK} green = one of its captions, {CROSS} red = another image\'s)',
-               fontsize=11.5)
+  top.suptitle(f'{visual.capitalize()} \u2192 text: each {visual} against all {num_captions} '
+               f'captions ({CHECK} green = one of its captions, {CROSS} red = another '
+               f'{visual}\'s)', fontsize=11.5)
   if rows_i:
     grid = top.add_gridspec(rows_i, 4, width_ratios=[1.2, 6.8, 1.2, 6.8])
     for i, query in enumerate(image_queries):
       r, c = divmod(i, 2)
       _image_query(top, grid[r, 2 * c], grid[r, 2 * c + 1], query, top_k)
-  bottom.suptitle(f'Text \u2192 image: each caption against all {num_images} images '
-                  '(green frame = its image; dashed, right: its image wherever it ranked)',
-                  fontsize=11.5)
+  bottom.suptitle(f'Text \u2192 {visual}: each caption against all {num_images} {visual}s '
+                  f'(green frame = its {visual}; dashed, right: its {visual} wherever it '
+                  'ranked)', fontsize=11.5)
   if rows_t:
     grid = bottom.add_gridspec(rows_t, top_k + 2, width_ratios=[3.2] + [1] * (top_k + 1))
     for r, query in enumerate(text_queries):
@@ -161,8 +162,10 @@ def draw_recall_curve(path: str, curve: dict, *, title: str,
   ax = fig.add_subplot()
   for k in marks:
     ax.axvline(k, color='#999999', linestyle=':', linewidth=1)
-  for name, label, color in (('i2t', 'image \u2192 text', '#1f77b4'),
-                             ('t2i', 'text \u2192 image', '#d62728')):
+  visual, (to_v, from_v) = ('video', ('v2t', 't2v')) if 'v2t' in curve else (
+      'image', ('i2t', 't2i'))
+  for name, label, color in ((to_v, f'{visual} \u2192 text', '#1f77b4'),
+                             (from_v, f'text \u2192 {visual}', '#d62728')):
     values = np.asarray(curve[name])
     at = ', '.join(f'R@{k} {values[k - 1]:.1f}' for k in marks)
     ax.plot(ks, values, color=color, linewidth=2, label=f'{label}   ({at})')

@@ -9,9 +9,14 @@ The protocol is the standard one of VSE++ / CLIP / COOKIE:
   the mean rank.
 * Ties are pessimistic: a negative scoring exactly as high as the best ground truth is
   ranked before it (see cookie_jax/retrieval.py).
-* Layouts: 'full' ranks against the whole split (COCO 5K, Flickr30K 1K); 'coco1k'
-  averages every metric over 5 folds of consecutive images with their captions (COCO 1K,
-  folds of 1000 when the split has COCO's 5000 test images).
+* Layouts: 'full' ranks against the whole split (COCO 5K, Flickr30K 1K, MSRVTT's full
+  2,990-video test with 20 captions each); 'coco1k' averages every metric over 5 folds of
+  consecutive images with their captions (COCO 1K, folds of 1000 when the split has
+  COCO's 5000 test images); 'msrvtt1k' is MSRVTT's 1k-A (JSFusion) test: 1000 videos with
+  exactly one caption each, ranked against all, and is refused on a split that is not
+  one caption per video.
+* Videos are the visual side like images (one embedding per clip); their metrics are
+  named `v2t_*` / `t2v_*` (video->text, text->video) instead of `i2t_*` / `t2i_*`.
 
 Unimodal tasks as in the COOKIE paper: text matching (text -> text, the other captions of
 the same image are the positives) and image retrieval (image -> image, images sharing a
@@ -35,8 +40,40 @@ from cookie_jax import retrieval, sharding
 log = logging.getLogger(__name__)
 
 RECALL_KS = (1, 5, 10)
-LAYOUTS = ('full', 'coco1k')
+LAYOUTS = ('full', 'coco1k', 'msrvtt1k')
 COCO1K_FOLDS = 5
+MSRVTT1K_VIDEOS = 1000
+# Metric-name prefixes per kind of visual side: (visual->text, text->visual).
+DIRECTIONS = {'image': ('i2t', 't2i'), 'video': ('v2t', 't2v')}
+
+
+def name_metrics(metrics: dict, visual: str) -> dict:
+  """`metrics` (or a Recall@K curve) with i2t/t2i renamed for `visual` ('image' or
+  'video'): v2t_r1, t2v_medr, ..."""
+  if visual not in DIRECTIONS:
+    raise ValueError(f'visual={visual!r}: use one of {list(DIRECTIONS)}.')
+  to_v, from_v = DIRECTIONS[visual]
+  rename = {'i2t': to_v, 't2i': from_v}
+  out = {}
+  for key, value in metrics.items():
+    head, sep, tail = key.partition('_')
+    out[rename.get(head, head) + sep + tail] = value
+  return out
+
+
+def check_msrvtt1k(num_videos: int, caption_image_index) -> None:
+  """Raises unless every video has exactly one caption (the 1k-A layout)."""
+  counts = np.bincount(np.asarray(caption_image_index), minlength=num_videos)
+  if np.any(counts != 1):
+    bad = np.flatnonzero(counts != 1)
+    raise ValueError(
+        f'The msrvtt1k layout pairs each video with exactly one caption, but video '
+        f'{bad[0]} has {counts[bad[0]]} ({bad.size} videos are not 1:1). Evaluate the '
+        "1k-A split (msrvtt's 'test', from MSRVTT_JSFUSION_test.csv) or use layout "
+        "'full' (e.g. for 'test_full').")
+  if num_videos != MSRVTT1K_VIDEOS:
+    log.info('msrvtt1k layout on %d videos (the 1k-A test has %d).', num_videos,
+             MSRVTT1K_VIDEOS)
 
 
 def rank_summary(ranks, prefix: str = '') -> dict[str, float]:
@@ -104,7 +141,8 @@ def retrieval_metrics(image_emb, text_emb, caption_image_index, *, mesh: Mesh | 
     caption_image_index: int [num_captions], the image of each caption; every image needs
       at least one caption.
     mesh: the gallery is sharded over all of its devices; None = one device.
-    layout: 'full' or 'coco1k' (the mean over 5 folds of consecutive images).
+    layout: 'full', 'coco1k' (the mean over 5 folds of consecutive images) or
+      'msrvtt1k' ('full', checked to be one caption per video).
   Returns:
     {i2t_r1, i2t_r5, i2t_r10, i2t_medr, i2t_meanr, t2i_..., rsum}.
   """
@@ -115,6 +153,8 @@ def retrieval_metrics(image_emb, text_emb, caption_image_index, *, mesh: Mesh | 
                                    num_folds=COCO1K_FOLDS, mesh=mesh, block_size=block_size,
                                    query_block_size=query_block_size)
   images, texts, index = _check_split(image_emb, text_emb, caption_image_index)
+  if layout == 'msrvtt1k':
+    check_msrvtt1k(len(images), index)
   return _cross_modal(images, texts, index, mesh, block_size, query_block_size)
 
 
@@ -284,7 +324,8 @@ def evaluate_retrieval(graphdef, params, eval_data, *, mesh: Mesh, layout: str =
 
   `eval_data` is `cookie_jax.data.pipeline.eval_data(...)` or anything with
   `image_batches()`, `text_batches()`, `caption_image_index`, `num_images` and
-  `num_captions`. With `text_matching`, adds the text->text metrics as `t2t_*`.
+  `num_captions`. With `text_matching`, adds the text->text metrics as `t2t_*`. Video
+  splits (`eval_data.visual == 'video'`) give v2t_* / t2v_* instead of i2t_* / t2i_*.
   """
   if layout not in LAYOUTS:
     raise ValueError(f'Unknown layout {layout!r}; use one of {LAYOUTS}.')
@@ -300,14 +341,16 @@ def evaluate_retrieval(graphdef, params, eval_data, *, mesh: Mesh, layout: str =
                        "'mask' does not mark exactly the real rows.")
   return metrics_from_embeddings(images, texts, eval_data.caption_image_index, mesh=mesh,
                                  layout=layout, text_matching=text_matching,
-                                 block_size=block_size)
+                                 block_size=block_size,
+                                 visual=getattr(eval_data, 'visual', 'image'))
 
 
 def metrics_from_embeddings(images, texts, caption_image_index, *, mesh: Mesh,
                             layout: str = 'full', text_matching: bool = True,
-                            block_size: int = retrieval.DEFAULT_BLOCK_SIZE
-                            ) -> dict[str, float]:
-  """The metrics of `evaluate_retrieval`, from embeddings already encoded."""
+                            block_size: int = retrieval.DEFAULT_BLOCK_SIZE,
+                            visual: str = 'image') -> dict[str, float]:
+  """The metrics of `evaluate_retrieval`, from embeddings already encoded; `visual`
+  ('image' or 'video') names them (see `name_metrics`)."""
   index = np.asarray(caption_image_index)
   metrics = retrieval_metrics(images, texts, index, mesh=mesh, layout=layout,
                               block_size=block_size)
@@ -317,4 +360,4 @@ def metrics_from_embeddings(images, texts, caption_image_index, *, mesh: Mesh,
   elif text_matching:
     matching = unimodal_metrics(texts, index, mesh=mesh, block_size=block_size)
     metrics.update({f't2t_{k}': v for k, v in matching.items()})
-  return metrics
+  return name_metrics(metrics, visual)

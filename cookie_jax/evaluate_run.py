@@ -131,6 +131,11 @@ def _eval_data(pipeline, config, split: str, layout: str):
     raise ConfigError(f'--layout=coco1k splits the images into {evaluate.COCO1K_FOLDS} '
                       f'equal folds, but split {split!r} has {data.num_images} images; '
                       "use --layout=full.")
+  if layout == 'msrvtt1k':
+    try:
+      evaluate.check_msrvtt1k(data.num_images, data.caption_image_index)
+    except ValueError as e:
+      raise ConfigError(f'--layout=msrvtt1k --split={split!r}: {e}') from None
   return data
 
 
@@ -209,6 +214,11 @@ def _images_at(data, wanted) -> dict[int, np.ndarray]:
   return found
 
 
+def _picture(pixels: np.ndarray) -> np.ndarray:
+  """An image as is; a clip [T, H, W, 3] as its frames side by side."""
+  return np.concatenate(list(pixels), axis=1) if pixels.ndim == 4 else pixels
+
+
 def _draw(data, config, examples, curve, paths, title) -> None:
   from cookie_jax import eval_pictures as pictures  # pylint: disable=g-import-not-at-top
   if data.process_count > 1:
@@ -220,7 +230,8 @@ def _draw(data, config, examples, curve, paths, title) -> None:
   index = np.asarray(data.caption_image_index)
   pixels = _images_at(data, np.concatenate(
       [i2t['queries'], t2i['indices'].ravel(), t2i['truths']]))
-  view = lambda i: pictures.to_uint8(pixels[int(i)], config.data.mean, config.data.std)
+  view = lambda i: pictures.to_uint8(_picture(pixels[int(i)]), config.data.mean,
+                                     config.data.std)
   image_queries = [pictures.ImageQuery(
       image=view(q), image_index=int(q), rank=int(r), truth=data.captions[gt],
       results=[(data.captions[c], float(s), bool(index[c] == q)) for c, s in zip(top, sc)])
@@ -233,7 +244,8 @@ def _draw(data, config, examples, curve, paths, title) -> None:
       for q, top, sc, r, gt in zip(t2i['queries'], t2i['indices'], t2i['scores'],
                                    t2i['ranks'], t2i['truths'])]
   pictures.draw_examples(paths['examples'], image_queries, text_queries, title=title,
-                         num_images=data.num_images, num_captions=data.num_captions)
+                         num_images=data.num_images, num_captions=data.num_captions,
+                         visual=getattr(data, 'visual', 'image'))
   pictures.draw_recall_curve(paths['recall'], curve, title=title)
 
 
@@ -246,12 +258,13 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict | None, workdir: str, 
     config: the config to evaluate with; None = the one saved with the checkpoint. Its
       model must be the checkpoint's (checked); data and eval settings may differ.
     split: 'val', 'test' (config.data.val_split / test_split) or a tfds split.
-    layout: 'full' or 'coco1k' (see cookie_jax/evaluate.py).
+    layout: 'full', 'coco1k' or 'msrvtt1k' (see cookie_jax/evaluate.py).
     pictures: also draw the example and Recall@K PNGs.
   Returns:
     What WORKDIR/eval/<split>-<step>.json holds: the metrics of `evaluate_retrieval`
-    (i2t_r1, ..., rsum, t2t_*), `step`, `split`, `layout`, the split's sizes and
-    `recall_curve` ({'k', 'i2t', 't2i'}); and `files`, the paths written.
+    (i2t_r1, ..., rsum, t2t_*; v2t_* / t2v_* for video), `step`, `split`, `layout`, the
+    split's sizes and `recall_curve` ({'k', 'i2t', 't2i'} or {'k', 'v2t', 't2v'}); and
+    `files`, the paths written.
   """
   if layout not in evaluate.LAYOUTS:
     raise ConfigError(f'--layout={layout!r}: use one of {list(evaluate.LAYOUTS)}.')
@@ -272,8 +285,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict | None, workdir: str, 
   texts = evaluate.encode_texts(model, data.text_batches(), mesh, progress=progress,
                                 total=data.num_text_batches)
   index = np.asarray(data.caption_image_index)
-  result = evaluate.metrics_from_embeddings(images, texts, index, mesh=mesh, layout=layout)
-  curve = recall_curve(images, texts, index, mesh=mesh, layout=layout)
+  visual = getattr(data, 'visual', 'image')
+  result = evaluate.metrics_from_embeddings(images, texts, index, mesh=mesh, layout=layout,
+                                            visual=visual)
+  curve = evaluate.name_metrics(recall_curve(images, texts, index, mesh=mesh,
+                                             layout=layout), visual)
   result.update(step=step, split=split, layout=layout, num_images=data.num_images,
                 num_captions=data.num_captions, recall_curve=curve)
 
@@ -284,7 +300,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict | None, workdir: str, 
     examples = example_results(images, texts, index, mesh=mesh)  # collective: every process
     if jax.process_index() == 0:
       title = (f'{data.split} split, step {step}, layout {layout} '
-               f'({data.num_images} images, {data.num_captions} captions)')
+               f'({data.num_images} {visual}s, {data.num_captions} captions)')
       _draw(data, config, examples, curve, paths, title)
   logging.info('Wrote %s', ', '.join(result['files'].values()))
   return result
@@ -294,10 +310,12 @@ def summary(result: dict) -> str:
   """A few lines for the console: the headline metrics and the files written."""
   def direction(prefix):
     return ', '.join(f'R@{k} {result[f"{prefix}_r{k}"]:.1f}' for k in evaluate.RECALL_KS)
+  visual = 'video' if 'v2t_r1' in result else 'image'
+  to_v, from_v = evaluate.DIRECTIONS[visual]
   lines = [f"{result['split']} split, step {result['step']}, layout {result['layout']} "
-           f"({result['num_images']} images, {result['num_captions']} captions)",
-           f"  image->text  {direction('i2t')}, medr {result['i2t_medr']:.0f}",
-           f"  text->image  {direction('t2i')}, medr {result['t2i_medr']:.0f}"]
+           f"({result['num_images']} {visual}s, {result['num_captions']} captions)",
+           f"  {visual}->text  {direction(to_v)}, medr {result[f'{to_v}_medr']:.0f}",
+           f"  text->{visual}  {direction(from_v)}, medr {result[f'{from_v}_medr']:.0f}"]
   if 't2t_r1' in result:
     lines.append(f"  text->text   {direction('t2t')}, medr {result['t2t_medr']:.0f}")
   lines.append(f"  RSUM {result['rsum']:.1f}")

@@ -75,7 +75,10 @@ def restore_or_initialise(config, ckpt, state, setup):
     return state, data_state
   if config.train.init_from:
     step = None if config.train.init_step < 0 else config.train.init_step
-    params, loaded = ckpt_lib.load_params(config.train.init_from, abstract.params, step)
+    # A video model's temporal transformer is new on an image-text checkpoint: it keeps
+    # its initial values (fallback); any other mismatch is an error.
+    params, loaded = ckpt_lib.load_params(config.train.init_from, abstract.params, step,
+                                          fallback=state.params)
     logging.info('Initialised parameters from %s (step %d).', config.train.init_from, loaded)
     state = step_lib.with_params(state, params)
   elif config.model.text_init or config.model.image_init:

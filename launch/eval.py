@@ -23,8 +23,10 @@ flags.DEFINE_string('workdir', None, 'The workdir of a training run (holding che
 flags.DEFINE_integer('step', -1, 'Which checkpoint step to evaluate; -1 = the latest.')
 flags.DEFINE_string('split', 'test', "'val', 'test' (config.data.val_split / test_split) "
                     'or any tfds split of the dataset.')
-flags.DEFINE_enum('layout', 'full', ['full', 'coco1k'], "'full' ranks against the whole "
-                  "split; 'coco1k' averages over 5 folds (COCO 1K).")
+flags.DEFINE_enum('layout', 'full', ['full', 'coco1k', 'msrvtt1k'],
+                  "'full' ranks against the whole split; 'coco1k' averages over 5 folds "
+                  "(COCO 1K); 'msrvtt1k': MSRVTT's 1k-A test, one caption per video "
+                  "(--split=test of builder msrvtt).")
 flags.DEFINE_bool('pictures', True, 'Also draw the example and Recall@K PNGs.')
 flags.DEFINE_bool('progress', True, 'Show a progress bar while encoding.')
 flags.mark_flags_as_required(['workdir'])

@@ -20,13 +20,13 @@ def _load(name):
 @pytest.mark.parametrize('variant', _load('base').VARIANTS)
 def test_every_variant_validates(variant):
   config = _load('base').get_config(variant)
-  if config.data.builder == 'karpathy':
+  if config.data.builder in ('karpathy', 'msrvtt'):
     # The recipe leaves the user's local folders to the command line.
     with pytest.raises(ConfigError, match=r'config\.data\.manual_dir'):
       validate_config(config)
     config.data.manual_dir = '/data/coco'
     config.data.tokenizer = '/data/bert-base-uncased'
-  small = variant in ('tiny', 'demo', 'vldeformer', 'coder')
+  small = variant in ('tiny', 'demo', 'vldeformer', 'coder', 'video_demo')
   validate_config(config, num_devices=8 if small else 256)
 
 

@@ -59,9 +59,27 @@ def batch_train_view(images, seed, *, size, area_range, aspect_ratio_range, flip
   The same augmentation as `train_view`, in a handful of ops for the whole batch instead
   of dozens per image: for small images (the synthetic set) per-op overhead, not pixels,
   is the cost. Bilinear, like `train_view`.
+
+  Clips [B, T, H, W, 3] give [B, T, size, size, 3]: one crop and flip per clip, the same
+  for all of its frames, so that motion stays what it was.
   """
+  if images.shape.rank == 5:
+    clip_shape = tf.shape(images)
+    frames = tf.reshape(images, tf.concat([[-1], clip_shape[2:]], 0))
+    out = _batch_view(frames, seed, size=size, area_range=area_range,
+                      aspect_ratio_range=aspect_ratio_range, flip=flip,
+                      frames_per_clip=clip_shape[1])
+    return tf.reshape(out, tf.concat([clip_shape[:2], [size, size, 3]], 0))
+  return _batch_view(images, seed, size=size, area_range=area_range,
+                     aspect_ratio_range=aspect_ratio_range, flip=flip)
+
+
+def _batch_view(images, seed, *, size, area_range, aspect_ratio_range, flip,
+                frames_per_clip=1):
+  """`batch_train_view` of [N, H, W, 3]; consecutive groups of `frames_per_clip` images
+  share one random crop and flip."""
   shape = tf.shape(images)
-  n = shape[0]
+  n = shape[0] // frames_per_clip
   aspect = tf.cast(shape[1], tf.float32) / tf.cast(shape[2], tf.float32)  # H / W
   u = tf.random.stateless_uniform([n, 5], seed)
   area = area_range[0] + (area_range[1] - area_range[0]) * u[:, 0]
@@ -72,10 +90,25 @@ def batch_train_view(images, seed, *, size, area_range, aspect_ratio_range, flip
   top = u[:, 2] * (1.0 - height)
   left = u[:, 3] * (1.0 - width)
   boxes = tf.stack([top, left, top + height, left + width], axis=-1)
-  out = tf.image.crop_and_resize(images, boxes, tf.range(n), [size, size])
+  boxes = tf.repeat(boxes, frames_per_clip, axis=0)
+  out = tf.image.crop_and_resize(images, boxes, tf.range(shape[0]), [size, size])
   if flip:
-    out = tf.where((u[:, 4] < 0.5)[:, None, None, None], tf.reverse(out, axis=[2]), out)
+    coin = tf.repeat(u[:, 4] < 0.5, frames_per_clip, axis=0)
+    out = tf.where(coin[:, None, None, None], tf.reverse(out, axis=[2]), out)
   return out
+
+
+def decode_frames(frames_bytes, shape):
+  """uint8 [T, H, W, 3] from T encoded frames of a clip whose stored shape is `shape`."""
+  frames = tf.map_fn(lambda b: tf.io.decode_image(b, channels=3, expand_animations=False),
+                     frames_bytes, fn_output_signature=tf.uint8)
+  return tf.ensure_shape(frames, shape)
+
+
+def eval_clip(frames_bytes, *, size):
+  """float32 [T, size, size, 3] in [0, 255]: `eval_view` of every frame of a clip."""
+  return tf.map_fn(lambda b: eval_view(b, size=size), frames_bytes,
+                   fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
 
 
 def eval_view(image_bytes, *, size):

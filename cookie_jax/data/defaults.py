@@ -2,13 +2,20 @@
 
 import ml_collections
 
-BUILDERS = ('synthetic', 'karpathy', 'tfds')
+BUILDERS = ('synthetic', 'karpathy', 'tfds', 'msrvtt', 'synthetic_video')
+# Builders whose examples are clips of frames ([T, H, W, 3]) rather than images.
+VIDEO_BUILDERS = ('msrvtt', 'synthetic_video')
+# Builders that train and ship their own WordPiece vocabulary.
+OWN_VOCAB_BUILDERS = ('synthetic', 'synthetic_video')
+# config.data.tokenizer naming the synthetic image set's vocabulary rather than a path.
+SYNTHETIC_VOCAB = 'synthetic'
 
 
 def data_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
-      # 'synthetic' (embedded, generated), 'karpathy' (COCO/Flickr30K from local files) or
-      # 'tfds' (any tfds dataset with an image and a text feature).
+      # 'synthetic' (embedded, generated), 'karpathy' (COCO/Flickr30K from local files),
+      # 'tfds' (any tfds dataset with an image and a text feature), and for video
+      # 'msrvtt' (MSR-VTT from local files) or 'synthetic_video' (embedded, generated).
       builder='synthetic',
       # Where tfds datasets are written and read; '' = tfds' default (~/tensorflow_datasets).
       data_dir='',
@@ -16,12 +23,15 @@ def data_config() -> ml_collections.ConfigDict:
       max_len=32,
 
       # A local folder holding tokenizer.json or vocab.txt, or either file. '' = the
-      # WordPiece vocabulary trained on and stored with the synthetic dataset.
+      # WordPiece vocabulary trained on and stored with the synthetic dataset (image or
+      # video) being read; 'synthetic' = the synthetic image set's (config `synthetic`)
+      # whatever the builder, e.g. to fine-tune a synthetic-image run on synthetic_video.
       tokenizer='',
       # Lowercase before WordPiece; used for a bare vocab.txt (tokenizer.json says itself).
       lowercase=True,
 
-      # builder='karpathy': the folder with dataset_<name>.json and the images.
+      # builder='karpathy': the folder with dataset_<name>.json and the images;
+      # builder='msrvtt': the MSRVTT folder (annotations and videos; see builders/msrvtt.py).
       manual_dir='',
       # builder='karpathy': 'coco' or 'flickr30k'.
       karpathy_dataset='coco',
@@ -48,6 +58,32 @@ def data_config() -> ml_collections.ConfigDict:
           image_size=64,  # stored resolution; the pipeline resizes to the model's
           seed=0,  # the dataset's own seed, independent of the training seed
           vocab_size=1024,  # upper bound of the trained WordPiece vocabulary
+      ),
+
+      # Video builders: frames per clip fed to the model, taken evenly spread from the
+      # frames stored per clip (the centre of each of num_frames equal segments);
+      # 0 = every stored frame. A temporal transformer takes at most model.video.num_frames.
+      num_frames=0,
+      # builder='msrvtt': what is built once from the videos (each setting is its own tfds
+      # config, so changing one builds a new copy and never overwrites).
+      msrvtt=dict(
+          # Training videos: '9k' (MSRVTT_train.9k.csv: every video outside the 1k-A test,
+          # the usual choice with the 1k-A test) or '7k' (MSRVTT_train.7k.csv: the
+          # official train + validate videos, for the full 2,990-video test).
+          train_list='9k',
+          frames=12,  # frames sampled per clip (segment centres), as CLIP4Clip
+          image_size=224,  # stored frame size: shorter side resized, centre-cropped
+      ),
+      # builder='synthetic_video': sizes of the generated clips (see builders/motion.py).
+      synthetic_video=dict(
+          train_clips=6000,
+          train_captions=3,  # per training clip (at most 6)
+          eval_clips=1000,  # per eval split (val and test)
+          eval_captions=5,  # per eval clip (at most 6)
+          frames=4,
+          image_size=32,  # stored frame size
+          seed=0,  # the dataset's own seed, independent of the training seed
+          vocab_size=512,  # upper bound of the trained WordPiece vocabulary
       ),
 
       # Equal-sized images (the synthetic set) are kept decoded in memory, with their
@@ -94,13 +130,43 @@ def validate_data_config(data_cfg) -> None:
              'builder=karpathy needs the folder with dataset_<name>.json and the images.')
     _require(d.karpathy_dataset in ('coco', 'flickr30k'), 'karpathy_dataset',
              d.karpathy_dataset, "use 'coco' or 'flickr30k'.")
+  if d.builder == 'msrvtt':
+    _require(bool(d.manual_dir), 'manual_dir', d.manual_dir,
+             'builder=msrvtt needs the MSRVTT folder with MSRVTT_data.json, '
+             'MSRVTT_JSFUSION_test.csv and the videos.')
   if d.builder == 'tfds':
     _require(bool(d.tfds_name), 'tfds_name', d.tfds_name,
              "builder=tfds needs a prepared dataset's name, e.g. 'coco_captions'.")
-  if d.builder != 'synthetic':
+  if d.builder not in OWN_VOCAB_BUILDERS:
     _require(bool(d.tokenizer), 'tokenizer', d.tokenizer,
-             'only the synthetic dataset ships a vocabulary; give a local folder with '
+             'only the synthetic datasets ship a vocabulary; give a local folder with '
              'tokenizer.json or vocab.txt (e.g. of bert-base-uncased).')
+  _require(d.num_frames >= 0, 'num_frames', d.num_frames,
+           'must be >= 0 (0 = every stored frame of a clip).')
+  if d.builder == 'msrvtt':
+    m = d.msrvtt
+    _require(m.train_list in ('9k', '7k'), 'msrvtt.train_list', m.train_list,
+             "use '9k' or '7k'.")
+    for key in ('frames', 'image_size'):
+      _require(m[key] > 0, f'msrvtt.{key}', m[key], 'must be positive.')
+    _require(d.num_frames <= m.frames, 'num_frames', d.num_frames,
+             f'msrvtt stores msrvtt.frames={m.frames} frames per clip; feed at most that.')
+  if d.builder == 'synthetic_video':
+    v = d.synthetic_video
+    for key in ('train_clips', 'eval_clips', 'frames', 'image_size', 'vocab_size'):
+      _require(v[key] > 0, f'synthetic_video.{key}', v[key], 'must be positive.')
+    for key in ('train_captions', 'eval_captions'):
+      _require(1 <= v[key] <= 6, f'synthetic_video.{key}', v[key],
+               'there are 6 phrasings per clip; use 1 to 6.')
+    _require(v.frames >= 2, 'synthetic_video.frames', v.frames,
+             'motion and change need at least 2 frames; use e.g. 4.')
+    _require(d.num_frames <= v.frames, 'num_frames', d.num_frames,
+             f'synthetic_video stores {v.frames} frames per clip; feed at most that.')
+    _require(v.vocab_size >= 64, 'synthetic_video.vocab_size', v.vocab_size,
+             'the characters and special tokens alone need about 40; use e.g. 512.')
+    _require(not d.flip, 'flip', d.flip,
+             "the synthetic clips move left and right, which a flip reverses; set "
+             'flip=False.')
   if d.builder == 'synthetic':
     s = d.synthetic
     for key in ('train_images', 'eval_images', 'image_size', 'vocab_size'):

@@ -17,6 +17,11 @@ checkpointing tf.data iterators, whose state holds the shuffle buffer (gigabytes
 encoded images at a 10k buffer) and is tied to one graph and one process layout. The
 price is reading up to one epoch of records on restore (photos are not decoded for it).
 
+Video datasets take the same path: a clip is `image` [T, H, W, 3] (batches [B, T, H, W, 3]),
+with `config.data.num_frames` frames taken evenly from those stored, and one crop per
+clip shared by its frames. Everything downstream (sharding on axis 0, losses, evaluation)
+is the image path's.
+
 Evaluation (`eval_data`) visits a split once in file order; the last global batch is
 padded and masked. Process p owns rows [p*b, (p+1)*b) of every global batch of size
 B = b * process_count, so the global arrays hold images 0..B-1, B..2B-1, ... in order.
@@ -32,6 +37,7 @@ from tokenizers import Tokenizer
 from cookie_jax import sharding
 from cookie_jax.data import augment, sources
 from cookie_jax.data import tokenizer as tok_lib
+from cookie_jax.data.defaults import OWN_VOCAB_BUILDERS, SYNTHETIC_VOCAB
 from cookie_jax.data.tf_env import tf
 
 log = logging.getLogger(__name__)
@@ -40,13 +46,17 @@ _FOREVER = 2**62
 
 def load_tokenizer(data_cfg) -> Tokenizer:
   """BERT WordPiece: [CLS] text [SEP], truncated and padded to `data_cfg.max_len`."""
-  if data_cfg.tokenizer:
+  if data_cfg.tokenizer == SYNTHETIC_VOCAB:
+    image_set = data_cfg.copy_and_resolve_references()
+    image_set.builder = 'synthetic'
+    tok = tok_lib.wordpiece_tokenizer(sources.get_builder(image_set).info.metadata['vocab'])
+  elif data_cfg.tokenizer:
     tok = tok_lib.tokenizer_from_path(data_cfg.tokenizer, lowercase=data_cfg.lowercase)
-  elif data_cfg.builder == 'synthetic':
+  elif data_cfg.builder in OWN_VOCAB_BUILDERS:
     tok = tok_lib.wordpiece_tokenizer(sources.get_builder(data_cfg).info.metadata['vocab'])
   else:
     raise ValueError(
-        f"config.data.tokenizer='': only the synthetic dataset ships its own vocabulary; "
+        f"config.data.tokenizer='': only the synthetic datasets ship their own vocabulary; "
         f'builder={data_cfg.builder!r} needs a local folder with tokenizer.json or '
         'vocab.txt (e.g. bert-base-uncased).')
   return tok_lib.finalize(tok, data_cfg.max_len)
@@ -123,7 +133,7 @@ class TrainIterator:
     # Equal-sized images (the synthetic set) are augmented a whole batch at a time; if
     # they also fit in `cache_mb`, they are decoded and their captions tokenised once, and
     # kept in memory from the first epoch on. Photos are cropped while being decoded.
-    shape = sources.image_shape(self._builder, self._keys)
+    shape, self._frames = sources.visual_shape(data_cfg, self._builder, self._keys)
     self._fixed_shape = shape if None not in shape else None
     self._cache = bool(self._fixed_shape) and (
         self.num_local_examples * math.prod(shape) <= data_cfg.cache_mb * 2**20)
@@ -137,6 +147,8 @@ class TrainIterator:
     return tf.random.experimental.stateless_fold_in(base, index)
 
   def _decode_fixed(self, image_bytes):
+    if self._frames is not None:  # a clip: decode only the frames fed
+      return augment.decode_frames(tf.gather(image_bytes, self._frames), self._fixed_shape)
     image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
     return tf.ensure_shape(image, self._fixed_shape)
 
@@ -286,6 +298,9 @@ class EvalData:
     self.local_batch_size = _local_batch(batch_size, self.process_count, 'eval.batch_size')
     self._builder = sources.get_builder(data_cfg)
     self._keys = sources.feature_keys(data_cfg)
+    self._shape, self._frames = sources.visual_shape(data_cfg, self._builder, self._keys)
+    # What the visual side is, for naming metrics (image->text or video->text).
+    self.visual = 'image' if self._frames is None else 'video'
 
     counts, captions, ids = [], [], []
     text = sources.read(self._builder, self.split, self._keys, with_image=False)
@@ -321,21 +336,27 @@ class EvalData:
     return batch if self.mesh is None else sharding.to_global(self.mesh, batch)
 
   def image_batches(self, with_ids: bool = False):
-    """{'image': float32 [b, s, s, 3], 'mask': bool [b]} (+ 'image_id' if asked)."""
+    """{'image': float32 [b, s, s, 3] (clips: [b, T, s, s, 3]), 'mask': bool [b]} (+
+    'image_id' if asked)."""
     cfg, size = self.cfg, self.image_size
     total = self.num_image_batches * self.batch_size
     pads = sum(1 for i in range(self.num_images, total) if self._mine(i))
     has_ids = with_ids and self.image_ids is not None
 
+    def view(encoded):
+      if self._frames is None:
+        return augment.eval_view(encoded, size=size)
+      return augment.eval_clip(tf.gather(encoded, self._frames), size=size)
+
     def decode(i, ex):
-      out = {'image': augment.normalize(augment.eval_view(ex['image'], size=size),
-                                        cfg.mean, cfg.std),
+      out = {'image': augment.normalize(view(ex['image']), cfg.mean, cfg.std),
              'mask': tf.constant(True)}
       if has_ids:
         out['image_id'] = ex['image_id']
       return out
 
-    pad = {'image': tf.zeros([size, size, 3], tf.float32), 'mask': tf.constant(False)}
+    pixels = [size, size, 3] if self._frames is None else [self._shape[0], size, size, 3]
+    pad = {'image': tf.zeros(pixels, tf.float32), 'mask': tf.constant(False)}
     if has_ids:
       pad['image_id'] = tf.constant(-1, tf.int64)
     records = sources.read(self._builder, self.split, self._keys)

@@ -2,13 +2,15 @@
 
 Records leave here with the image still encoded (`image`: bytes) and all captions of the
 image (`captions`: 1-D strings), so the pipeline can decode only what it uses (a JPEG
-crop window) and choose a caption per visit.
+crop window) and choose a caption per visit. For the video builders `image` is a clip:
+its frames, each encoded ([T] strings).
 """
 
 from cookie_jax.data.tf_env import tf  # pylint: disable=g-bad-import-order  # GPUs first
 import tensorflow_datasets as tfds
 
-from cookie_jax.data.builders import karpathy, synthetic
+from cookie_jax.data.builders import karpathy, msrvtt, synthetic, synthetic_video
+from cookie_jax.data.builders.frames import segment_centres
 
 # Same order on every read: eval pairs image and caption passes by position, and exact
 # resume replays positions. tfds' interleave is deterministic under these options.
@@ -36,6 +38,20 @@ def get_builder(data_cfg) -> tfds.core.DatasetBuilder:
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=data_cfg.manual_dir))
     return builder
+  if kind == 'synthetic_video':
+    builder = synthetic_video.SyntheticVideo(
+        data_dir=_data_dir(data_cfg),
+        config=synthetic_video.synthetic_video_config(**data_cfg.synthetic_video.to_dict()))
+    builder.download_and_prepare()
+    return builder
+  if kind == 'msrvtt':
+    m = data_cfg.msrvtt
+    msrvtt.locate(data_cfg.manual_dir, m.train_list)  # named errors before tfds makes any
+    builder = msrvtt.Msrvtt(data_dir=_data_dir(data_cfg), config=msrvtt.msrvtt_config(
+        train_list=m.train_list, frames=m.frames, image_size=m.image_size))
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=data_cfg.manual_dir))
+    return builder
   if kind == 'tfds':
     if not data_cfg.tfds_name:
       raise ValueError("config.data.tfds_name='': builder='tfds' needs the name of a "
@@ -47,12 +63,15 @@ def get_builder(data_cfg) -> tfds.core.DatasetBuilder:
           f'{builder.data_dir}. Nothing is downloaded during training; prepare it first, '
           f'e.g. `tfds build {data_cfg.tfds_name} --data_dir=<config.data.data_dir>`.')
     return builder
-  raise ValueError(f"config.data.builder={kind!r}: use 'synthetic', 'karpathy' or 'tfds'.")
+  raise ValueError(f"config.data.builder={kind!r}: use 'synthetic', 'karpathy', 'tfds', "
+                   "'msrvtt' or 'synthetic_video'.")
 
 
 def feature_keys(data_cfg) -> tuple[str, str]:
   if data_cfg.builder == 'tfds':
     return data_cfg.tfds_image_key, data_cfg.tfds_text_key
+  if data_cfg.builder in ('msrvtt', 'synthetic_video'):
+    return 'frames', 'captions'
   return 'image', 'captions'
 
 
@@ -95,14 +114,34 @@ def check_keys(builder, keys: tuple[str, str]) -> None:
       names = sorted(builder.info.features.keys())
       raise ValueError(f'config.data.{what}={key!r}: {builder.name} has no such feature; '
                        f"top-level features: {names} ('/' selects a nested one).") from None
-  if not isinstance(_get(builder.info.features, image_key), tfds.features.Image):
-    raise ValueError(f'config.data.tfds_image_key={image_key!r}: not an Image feature '
-                     f'in {builder.name}; choose the encoded image feature.')
+  feature = _get(builder.info.features, image_key)
+  if not isinstance(feature, (tfds.features.Image, tfds.features.Video)):
+    raise ValueError(f'config.data.tfds_image_key={image_key!r}: not an Image or Video '
+                     f'feature in {builder.name}; choose the encoded image feature.')
 
 
 def image_shape(builder, keys: tuple[str, str]) -> tuple:
-  """The stored image shape; None marks a size that varies between images."""
+  """The stored image shape, [T, H, W, 3] for clips; None marks a size that varies."""
   return tuple(_get(builder.info.features, keys[0]).shape)
+
+
+def is_video(builder, keys: tuple[str, str]) -> bool:
+  return isinstance(_get(builder.info.features, keys[0]), tfds.features.Video)
+
+
+def visual_shape(data_cfg, builder, keys):
+  """(stored shape with the clip's frames cut to those fed, frame indices or None)."""
+  shape = image_shape(builder, keys)
+  if not is_video(builder, keys):
+    return shape, None
+  stored, wanted = shape[0], data_cfg.num_frames or shape[0]
+  if None in shape:
+    raise ValueError(f'{builder.name} stores clips of varying shape {shape}; the video '
+                     'pipeline needs a fixed number and size of frames.')
+  if wanted > stored:
+    raise ValueError(f'config.data.num_frames={wanted}: {builder.name} stores {stored} '
+                     f'frames per clip; use at most {stored} (0 = all).')
+  return (wanted,) + shape[1:], tf.constant(segment_centres(stored, wanted), tf.int32)
 
 
 def read(builder, split: str, keys: tuple[str, str], *, with_image: bool = True,

@@ -125,7 +125,10 @@ def cookie_config(model_cfg, *, step=None, data_cfg=None) -> dict:
       image_width=model_cfg.vision.width, text_width=model_cfg.text.width, shared=shared,
       max_logit_scale=model_cfg.max_logit_scale,
       image_partner_dim=model_cfg.image_partner_dim,
-      text_partner_dim=model_cfg.text_partner_dim, layer_norm_eps=1e-12)
+      text_partner_dim=model_cfg.text_partner_dim, layer_norm_eps=1e-12,
+      # A 'mean' video model (`encode_video`); None for an image-text model.
+      video=(dict(num_frames=model_cfg.video.num_frames, temporal='mean')
+             if model_cfg.video.num_frames > 0 else None))
   if data_cfg is not None:
     out.update(image_mean=list(data_cfg.mean), image_std=list(data_cfg.std),
                max_len=data_cfg.max_len)
@@ -148,6 +151,13 @@ TRAINING_ONLY = ('prototypes', 'concept_gcn')
 def export_params(params, model_cfg, output, *, tokenizer=None, data_cfg=None,
                   step: int | None = None) -> dict:
   """Writes an export of `params` (the model's pure dict) to `output`; returns the paths."""
+  video = model_cfg.video
+  if video.num_frames > 0 and video.temporal != 'mean':
+    raise ValueError(
+        f"config.model.video.temporal={video.temporal!r}: the PyTorch export has no "
+        "temporal transformer, and leaving its weights out would change the model. Export "
+        "a temporal='mean' video model (or an image-text model); the JAX checkpoint "
+        'itself keeps every weight.')
   out = pathlib.Path(output)
   out.mkdir(parents=True, exist_ok=True)
   params = jax.device_get(params)
@@ -221,13 +231,13 @@ def _run_config(ckpt, step: int) -> ml_collections.ConfigDict:
 
 def _load_tokenizer(data_cfg):
   try:
-    if data_cfg.tokenizer:
+    if data_cfg.tokenizer and data_cfg.tokenizer != 'synthetic':
       # What `pipeline.load_tokenizer` does for a tokenizer folder, without TensorFlow.
       from cookie_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
       return tok_lib.finalize(
           tok_lib.tokenizer_from_path(data_cfg.tokenizer, lowercase=data_cfg.lowercase),
           data_cfg.max_len)
-    # The synthetic dataset keeps its vocabulary in its tfds metadata.
+    # The synthetic datasets keep their vocabulary in their tfds metadata.
     from cookie_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     return pipeline.load_tokenizer(data_cfg)
   except Exception as e:  # pylint: disable=broad-except

@@ -9,6 +9,7 @@ The export copies this file next to the weights, so on a PyTorch-only machine:
     model = CookieTorchModel.from_pretrained(OUT)
     image = model.encode_image(pixel_values)              # [B, 3, H, W], normalised pixels
     text = model.encode_text(input_ids, attention_mask)   # tokenizer of OUT/text_encoder
+    video = model.encode_video(frames)                    # [B, T, 3, H, W]: 'mean' video
 
 gives the L2-normalised embeddings of the JAX model it was exported from.
 """
@@ -187,7 +188,17 @@ class CookieTorchModel(nn.Module):
 
   def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
     """Unnormalised image embeddings [B, embed_dim], fp32."""
-    x = self.vision(pixel_values=pixel_values).last_hidden_state
+    return self._embed_image_tokens(self.vision(pixel_values=pixel_values).last_hidden_state)
+
+  def embed_video(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Unnormalised clip embeddings [B, embed_dim] of frames [B, T, 3, H, W]: the image
+    tower on every frame, each token averaged over the frames (a video model with
+    temporal='mean'), then the image path."""
+    b, t = pixel_values.shape[:2]
+    x = self.vision(pixel_values=pixel_values.flatten(0, 1)).last_hidden_state
+    return self._embed_image_tokens(x.unflatten(0, (b, t)).mean(dim=1))
+
+  def _embed_image_tokens(self, x: torch.Tensor) -> torch.Tensor:
     if self.shared is not None:
       x = self.shared(x, None, IMAGE)
     return self.image_head(pool(x, None, self.config['image_pool'], skip_first=True)).float()
@@ -205,6 +216,10 @@ class CookieTorchModel(nn.Module):
   def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
     """L2-normalised image embeddings of normalised NCHW pixels."""
     return l2_normalize(self.embed_image(pixel_values))
+
+  def encode_video(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    """L2-normalised clip embeddings of normalised frames [B, T, 3, H, W]."""
+    return l2_normalize(self.embed_video(pixel_values))
 
   def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   token_type_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -5,6 +5,8 @@ r"""COOKIE: two towers, a weight-sharing transformer on top, pooling, projection
     text  -> BERT ---/                                  \-> pool -> text_head  -> L2 norm
 
 With `shared.depth == 0` it is a plain dual encoder (tower outputs are pooled directly).
+Video clips [B, T, H, W, 3] take the image path, with a temporal step between the ViT
+and the shared transformer (models/video.py).
 The temperature is learned as a log logit scale and clamped at `max_logit_scale`.
 """
 
@@ -18,6 +20,7 @@ from cookie_jax.models import layers
 from cookie_jax.models.bert import Bert
 from cookie_jax.models.concept import ConceptGCN, attend_concepts
 from cookie_jax.models.shared import IMAGE, TEXT, SharedTransformer
+from cookie_jax.models.video import clip_tokens, make_temporal
 from cookie_jax.models.vit import ViT
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -80,15 +83,24 @@ class CookieModel(nnx.Module):
     self.concept_gcn = (
         ConceptGCN(cfg.text.width, cfg.embed_dim, depth=cfg.concept_gcn_depth, dtype=dtype,
                    rngs=rngs) if cfg.concept_gcn_depth else None)
+    # Video: the temporal step between the image tower and the shared layers (video.py).
+    # Made last, so that the other parameters are those of the image model of this seed.
+    self.num_frames = cfg.video.num_frames
+    self.video = make_temporal(cfg.video, width=cfg.vision.width, dtype=dtype,
+                               remat=cfg.remat, rngs=rngs)
 
   def logit_scale(self) -> jax.Array:
     """1 / temperature, clamped."""
     return jnp.exp(jnp.minimum(self.log_logit_scale[...], self.max_log_scale))
 
   def embed_image(self, images: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
-    """Unnormalised image embeddings [B, embed_dim], fp32."""
+    """Unnormalised image embeddings [B, embed_dim], fp32; clips [B, T, H, W, 3] too."""
     r_tower, r_shared = layers.split_rng(rng, 2)
-    x = self.vision(images, rng=r_tower)
+    if images.ndim == 5:  # a clip: frames -> image-shaped tokens (models/video.py)
+      x = clip_tokens(self.vision, self.video, images, num_frames=self.num_frames,
+                      rng=r_tower)
+    else:
+      x = self.vision(images, rng=r_tower)
     if self.shared is not None:
       x = self.shared(x, None, IMAGE, rng=r_shared)
     return self.image_head(pool(x, None, self.image_pool, skip_first=True)).astype(

@@ -29,6 +29,20 @@ def _shared(width, depth, heads, mlp_dim, dropout=0.0):
               modality_layernorm=True)
 
 
+def _video(vision):
+  return dict(
+      # Frames per clip the model takes at most (the temporal transformer's frame-position
+      # table); 0 = an image-only model. Clips [B, T, H, W, 3] need T <= num_frames.
+      num_frames=0,
+      # How the frames' tokens become one image-shaped token sequence before the
+      # weight-sharing transformer: 'mean' (each token averaged over frames; no
+      # parameters) or 'transformer' (attention across frames per token, then the mean).
+      temporal='mean',
+      # The temporal transformer (temporal='transformer'); its width is the image tower's.
+      depth=1, heads=vision['heads'], mlp_dim=vision['mlp_dim'], dropout=0.0,
+      attention_dropout=0.0)
+
+
 PRESETS = {
     # CPU tests and the demo: a few hundred thousand parameters.
     'tiny': dict(
@@ -68,6 +82,7 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       vision=p['vision'],
       text=p['text'],
       shared=p['shared'],
+      video=_video(p['vision']),
       # Pooling of each path's shared-transformer output: 'cls' (first token) or 'mean'
       # (masked mean over real tokens).
       image_pool='cls',
