@@ -72,8 +72,8 @@ def test_sigterm_then_resume_is_identical_to_an_uninterrupted_run(tmp_path, data
   interrupted = str(tmp_path / 'interrupted')
   real_make = step_lib.make_train_step
 
-  def make_with_sigterm(cfg, setup):
-    fn, calls = real_make(cfg, setup), [0]
+  def make_with_sigterm(cfg, setup, *args):
+    fn, calls = real_make(cfg, setup, *args), [0]
     def step_fn(state, batch):
       out = fn(state, batch)
       calls[0] += 1
