@@ -124,6 +124,7 @@ def test_queue_holds_the_last_gathered_keys_and_ema_follows_params(all_options_o
   assert max(drift) > 1e-4
 
 
+@pytest.mark.slow  # a second compile of the whole program, on 8 devices: ~1 min idle
 def test_all_options_on_8_devices_equal_one_device(all_options_one_device):
   ref, ref_hist, _, _ = all_options_one_device
   config = _all_options()
