@@ -7,10 +7,12 @@ Sub-module names follow transformers' BERT/ViT layout (query/key/value, output d
 intermediate, ...) so that checkpoint conversion is a renaming and a transpose.
 """
 
+import math
 from typing import Sequence
 
 from flax import nnx
 import jax
+import jax.extend
 import jax.numpy as jnp
 
 # transformers' BERT and ViT both default to layer_norm_eps=1e-12.
@@ -44,11 +46,50 @@ def split_rng(rng: jax.Array | None, n: int) -> list[jax.Array | None]:
   return [None] * n if rng is None else list(jax.random.split(rng, n))
 
 
+def _uniform_u16(rng: jax.Array, shape: tuple[int, ...]) -> jax.Array | None:
+  """Uniform 16-bit integers of `shape` (as uint32), four from each Threefry hash.
+
+  `jax.random.bernoulli` spends one Threefry-2x32 hash (20 rounds on two words) per
+  element and keeps 32 bits of its 64. Dropout needs far fewer: 16 bits resolve a rate to
+  1.5e-5, so each hash here gives four elements. The counter of a hash is its index in
+  the array, as in jax's partitionable Threefry, so the bits do not depend on how the
+  array is sharded and a sharded step draws the same masks as an unsharded one.
+  Returns None where this does not apply (a non-Threefry key, or 2**32 hashes or more).
+  """
+  if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    if str(jax.random.key_impl(rng)) != 'threefry2x32':
+      return None
+    rng = jax.random.key_data(rng)
+  *lead, last = shape
+  words = -(-last // 4)
+  grid = (*lead, words)
+  if math.prod(grid) >= 2**32:
+    return None
+  counts = jnp.zeros(grid, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(len(grid))):
+    counts = counts + jax.lax.broadcasted_iota(jnp.uint32, grid, axis) * jnp.uint32(stride)
+    stride *= grid[axis]
+  hi, lo = jax.extend.random.threefry2x32_p.bind(
+      rng[..., 0], rng[..., 1], jnp.zeros_like(counts), counts)
+  mask = jnp.uint32(0xFFFF)
+  parts = [hi & mask, hi >> 16, lo & mask, lo >> 16]
+  return jnp.stack(parts, axis=-1).reshape(*lead, 4 * words)[..., :last]
+
+
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
   if rng is None or rate == 0.0:
     return x
-  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+  bits = _uniform_u16(rng, x.shape)
+  if bits is None:
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+  # Dropped with probability threshold / 2**16, and the kept values scaled by the
+  # inverse of the exact keep probability, so that the expectation is x.
+  threshold = round(rate * 65536)
+  keep_prob = 1.0 - threshold / 65536
+  return jnp.where(bits >= threshold, x / jnp.asarray(keep_prob, x.dtype),
+                   jnp.zeros_like(x))
 
 
 def gelu(x: jax.Array) -> jax.Array:
