@@ -96,6 +96,9 @@ def default_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       init_step=-1,
       # Show a console progress bar (process 0).
       progress_bar=True,
+      # Peak matmul FLOP/s of one device, for train/mfu; 0 = from the table in
+      # cookie_jax/flops.py by device kind (GPUs, TPUs; none for CPUs: no MFU logged).
+      peak_flops=0.0,
   ))
 
   c.eval = ml_collections.ConfigDict(dict(
@@ -319,6 +322,8 @@ def validate_config(config: ml_collections.ConfigDict,
   _require(config.train.steps > 0, 'train.steps', config.train.steps, 'must be positive.')
   _require(config.train.log_every > 0, 'train.log_every', config.train.log_every,
            'must be positive.')
+  _require(config.train.peak_flops >= 0, 'train.peak_flops', config.train.peak_flops,
+           'must be >= 0 (0 = look the device up).')
   _require(config.train.accum_steps >= 1, 'train.accum_steps', config.train.accum_steps,
            'must be >= 1 (1 = no accumulation).')
   _require(config.checkpoint.keep >= 1, 'checkpoint.keep', config.checkpoint.keep,

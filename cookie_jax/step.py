@@ -253,6 +253,8 @@ def make_train_step(config: ml_collections.ConfigDict, setup: Setup, constants=N
                     'learning_rate': setup.schedule(state.step)})
     if scale is not None:
       metrics['temperature'] = 1.0 / scale
+    # For the loop's guard, which reads it from the metrics it fetches anyway.
+    metrics['nonfinite_step'] = nonfinite_step
     new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
                            opt_state=keep(opt_state, state.opt_state),
                            nonfinite_step=nonfinite_step,

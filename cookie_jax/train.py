@@ -1,8 +1,13 @@
 """`train_and_evaluate(config, workdir)`: mesh, input, model and optimiser, shard, restore,
 loop, evaluate, save.
 
-The loop keeps the host ahead of the devices: metrics are fetched only at logging steps,
-and the non-finite check reads one scalar of the state at those steps and before saves.
+The loop keeps the host ahead of the devices, so that they never wait for it:
+
+* the metrics of a logging step are fetched only after the next step has been
+  dispatched, while the devices run it (and the non-finite guard reads them there);
+* a background thread builds the next global batches and puts them on the devices
+  (`data.device_prefetch`);
+* only a save reads the state itself.
 """
 
 import os
@@ -13,6 +18,7 @@ import jax
 import ml_collections
 
 from cookie_jax import checkpoint as ckpt_lib
+from cookie_jax import flops as flops_lib
 from cookie_jax import metrics as metrics_lib
 from cookie_jax import objectives
 from cookie_jax import sharding, step as step_lib
@@ -54,6 +60,9 @@ def _input(config, mesh):
       config.data, image_size=config.model.vision.image_size,
       global_batch_size=config.train.batch_size, seed=config.seed, mesh=mesh,
       second_view=second_view)
+  if config.data.device_prefetch:
+    from cookie_jax.data.prefetch import DevicePrefetcher  # pylint: disable=g-import-not-at-top
+    train_iter = DevicePrefetcher(train_iter, config.data.device_prefetch)
   return pipeline, train_iter
 
 
@@ -114,8 +123,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ckpt.install_sigterm_handler()
   last_saved = ckpt.latest_step()
 
+  # Model FLOPs per step, for train/tflops_per_device and train/mfu (flops.py).
+  flops_per_step = flops_lib.train_step_flops(config)['total']
+  peak = flops_lib.peak_flops_per_device(config.model.dtype,
+                                         override=config.train.peak_flops)
+
   def guard(metrics=None):
-    bad = int(state.nonfinite_step)
+    bad = int(state.nonfinite_step) if metrics is None else int(metrics['nonfinite_step'])
     if bad >= 0:
       shown = '' if metrics is None else ' (' + ', '.join(
           f'{k}={float(v):.4g}' for k, v in metrics.items() if k.startswith(('loss', 'grad'))
@@ -129,27 +143,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def save(step, metrics=None, force=False):
     nonlocal last_saved
+    flush()
     guard()
     if ckpt.save(step, state, train_iter.get_state(), config, metrics=metrics, force=force):
       last_saved = step
 
   result, logged = {}, {}
+  # The device metrics of the last logging step, fetched by `flush` once the step after
+  # it is queued on the devices, so that fetching them never leaves the devices idle.
+  pending = None
+  tick, tick_step = time.perf_counter(), step
+
+  def flush():
+    nonlocal pending, tick, tick_step, logged
+    if pending is None:
+      return
+    log_step, metrics = pending
+    pending = None
+    metrics = jax.device_get(metrics)  # waits for `log_step` only
+    guard(metrics)
+    del metrics['nonfinite_step']
+    now = time.perf_counter()
+    steps_per_sec = (log_step - tick_step) / (now - tick)
+    tick, tick_step = now, log_step
+    metrics['pairs_per_sec'] = steps_per_sec * config.train.batch_size
+    metrics.update(flops_lib.utilisation(flops_per_step, steps_per_sec, jax.device_count(),
+                                         peak))
+    writer.write(log_step, metrics, prefix='train/')
+    writer.progress(log_step, metrics)
+    logged = {k: float(v) for k, v in metrics.items()}
+
   try:
-    tick, tick_step = time.perf_counter(), step
     while step < total:
       state, metrics = train_step(state, next(train_iter))
       step += 1
+      flush()
       if step % config.train.log_every == 0 or step == total:
-        metrics = jax.device_get(metrics)
-        guard(metrics)
-        now = time.perf_counter()
-        metrics['pairs_per_sec'] = (step - tick_step) * config.train.batch_size / (now - tick)
-        tick, tick_step = now, step
-        writer.write(step, metrics, prefix='train/')
-        writer.progress(step, metrics)
-        logged = {k: float(v) for k, v in metrics.items()}
+        for value in metrics.values():
+          value.copy_to_host_async()
+        pending = (step, metrics)
       val = None
       if config.eval.every and step % config.eval.every == 0:
+        flush()
         val = _evaluate(pipeline, config, setup, state.params, config.data.val_split)
         writer.write(step, val, prefix='val/')
         logging.info('Validation at step %d: RSUM %.2f', step, val['rsum'])
@@ -171,6 +206,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       logging.info('Test retrieval at step %d: %s', step,
                    ', '.join(f'{k}={v:.2f}' for k, v in result.items()))
   finally:
+    if hasattr(train_iter, 'close'):
+      train_iter.close()
     writer.close()
     ckpt.restore_sigterm_handler()
     ckpt.close()

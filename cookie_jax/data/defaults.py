@@ -107,6 +107,9 @@ def data_config() -> ml_collections.ConfigDict:
       num_parallel_calls=-1,
       # Batches prepared ahead of the accelerator; -1 = autotune.
       prefetch=2,
+      # Global batches a background thread puts on the devices ahead of the training
+      # step (cookie_jax/data/prefetch.py); 0 = none, the loop's thread does it.
+      device_prefetch=2,
   ))
 
 
@@ -190,5 +193,7 @@ def validate_data_config(data_cfg) -> None:
            'mean and std need 3 values each (RGB), std > 0.')
   _require(d.num_parallel_calls == -1 or d.num_parallel_calls >= 1, 'num_parallel_calls',
            d.num_parallel_calls, 'use -1 (autotune) or a positive count.')
+  _require(d.device_prefetch >= 0, 'device_prefetch', d.device_prefetch,
+           'use 0 (none) or a number of batches, e.g. 2.')
   _require(d.prefetch >= -1, 'prefetch', d.prefetch,
            'use -1 (autotune), 0 (none) or a number of batches.')
