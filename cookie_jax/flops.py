@@ -10,9 +10,11 @@ Counting (a multiply-add is 2 FLOPs), per pass of B rows through a block of widt
 width M, T tokens: 2·B·T·(4·W² + 2·W·M) for the projections and MLP, plus 4·B·T²·W for
 the attention scores and the weighted sum of values. The backward pass costs twice the
 forward (the gradients of both operands), except where an operand needs no gradient: the
-pixels of the patch embedding and the fixed external partner embeddings of a loss term.
-Every pass is counted: the second image view (`loss.visual.partner='augmented'`) and the
-second, differently dropped-out text pass (`loss.textual.partner='dropout'`).
+pixels of the patch embedding, the fixed external partner embeddings of a loss term, and
+CODER's momentum encoder and queues (forward only). Every pass is counted: the second
+image view (`loss.visual.partner='augmented'`), the second, differently dropped-out text
+pass (`loss.textual.partner='dropout'`), VLDeformer's composed negative images and
+captions, every frame of a video clip, and the momentum encoder's keys.
 """
 
 import jax
@@ -46,12 +48,19 @@ def image_tokens(vision_cfg) -> int:
   return (vision_cfg.image_size // vision_cfg.patch_size) ** 2 + 1
 
 
-def embed_image_flops(model_cfg, rows: int) -> dict[str, int]:
-  """Forward FLOPs of `CookieModel.embed_image` on `rows` images, by part."""
+def embed_image_flops(model_cfg, rows: int, frames: int = 0) -> dict[str, int]:
+  """Forward FLOPs of `CookieModel.embed_image` on `rows` images, or on `rows` clips of
+  `frames` frames (the image tower on every frame, then the temporal step), by part."""
   v, s = model_cfg.vision, model_cfg.shared
   tokens = image_tokens(v)
-  out = {'patch_embedding': 2 * rows * (tokens - 1) * v.patch_size ** 2 * 3 * v.width,
-         'vision_blocks': v.depth * block_flops(rows, tokens, v.width, v.mlp_dim)}
+  seen = rows * max(frames, 1)  # images through the image tower
+  out = {'patch_embedding': 2 * seen * (tokens - 1) * v.patch_size ** 2 * 3 * v.width,
+         'vision_blocks': v.depth * block_flops(seen, tokens, v.width, v.mlp_dim)}
+  video = model_cfg.video
+  if frames and video.temporal == 'transformer':
+    # Attention across the frames of each token position: rows * tokens sequences.
+    out['temporal_blocks'] = video.depth * block_flops(rows * tokens, frames, v.width,
+                                                       video.mlp_dim)
   width = v.width
   if s.depth > 0:
     out['shared_in'] = 2 * rows * tokens * v.width * s.width
@@ -75,38 +84,51 @@ def embed_text_flops(model_cfg, rows: int, text_len: int) -> dict[str, int]:
   return out
 
 
-def info_nce_flops(batch: int, dim: int) -> int:
-  """Forward FLOPs of one symmetric InfoNCE term: two B x B x dim logit matmuls."""
-  return 2 * (2 * batch * batch * dim)
+def info_nce_flops(batch: int, dim: int, extra: int = 0) -> int:
+  """Forward FLOPs of one symmetric InfoNCE term: the B x B x dim logits, counted for
+  both directions as the loss computes them, plus B x `extra` x dim against extra
+  negatives."""
+  return 2 * (2 * batch * batch * dim) + 2 * batch * extra * dim
 
 
 def train_step_flops(config, batch_size: int | None = None,
                      text_len: int | None = None) -> dict[str, float]:
   """Model FLOPs of one train step over the global batch, by part, and their 'total'.
 
-  Each part is forward + backward. Defaults: `config.train.batch_size` and
+  Each part is forward + backward, or forward only where nothing needs its gradient
+  (CODER's momentum encoder, the queues). Defaults: `config.train.batch_size` and
   `config.data.max_len`.
   """
   m, losses = config.model, config.loss
   b = config.train.batch_size if batch_size is None else batch_size
   length = config.data.max_len if text_len is None else text_len
-  image_passes = 1 + (losses.visual.weight > 0 and losses.visual.partner == 'augmented')
-  text_passes = 1 + (losses.textual.weight > 0 and losses.textual.partner == 'dropout')
+  frames = config.data.num_frames if m.video.num_frames > 0 else 0
+  hn, queue = losses.hard_negatives, losses.momentum.queue_size
+  image_passes = (1 + (losses.visual.weight > 0 and losses.visual.partner == 'augmented')
+                  + bool(hn.images))    # VLDeformer's composed negative images
+  text_passes = (1 + (losses.textual.weight > 0 and losses.textual.partner == 'dropout')
+                 + bool(hn.captions))   # and composed negative captions
   parts: dict[str, float] = {}
 
-  def add(prefix, forward: dict[str, int], passes: int):
+  def add(prefix, forward: dict[str, int], passes: int, backward: bool = True):
     for name, f in forward.items():
-      # The pixels need no gradient: the patch embedding's backward is its weight
-      # gradient alone.
-      times = 2 if name == 'patch_embedding' else 3
+      # Backward costs twice the forward (both operands' gradients), except the patch
+      # embedding's: the pixels need no gradient.
+      times = 1 + (1 if name == 'patch_embedding' else 2) * backward
       key = f'{prefix}/{name}'
       parts[key] = parts.get(key, 0) + times * passes * f
 
-  add('image', embed_image_flops(m, b), image_passes)
+  add('image', embed_image_flops(m, b, frames), image_passes)
   add('text', embed_text_flops(m, b, length), text_passes)
+  if queue:  # CODER's momentum encoder: the keys of the batch, no gradient
+    add('momentum_image', embed_image_flops(m, b, frames), 1, backward=False)
+    add('momentum_text', embed_text_flops(m, b, length), 1, backward=False)
   e = m.embed_dim
   if losses.cross_modal.weight > 0:
-    parts['loss/cross_modal'] = 3 * info_nce_flops(b, e)
+    extra = b * (bool(hn.images) + bool(hn.captions))  # composed negatives: B per kind
+    parts['loss/cross_modal'] = 3 * info_nce_flops(b, e, extra)
+    if queue:  # B x Q logits per direction; only the query side has a gradient
+      parts['loss/queue'] = 2 * 2 * (2 * b * queue * e)
   for name, side in (('visual', 'image'), ('textual', 'text')):
     term = losses[name]
     if term.weight <= 0:
@@ -118,6 +140,14 @@ def train_step_flops(config, batch_size: int | None = None,
       # The partner head, then logits against a fixed partner: one operand's gradient.
       parts[f'{side}/partner_head'] = 3 * 2 * b * e * dim
       parts[f'loss/{name}'] = 2 * info_nce_flops(b, dim)
+  if losses.cluster.weight > 0:  # both sides' scores against the K prototypes
+    parts['loss/cluster'] = 3 * 2 * (2 * b * m.num_prototypes * e)
+  if losses.concept.weight > 0:
+    k, w = losses.concept.num_concepts, m.text.width
+    # The GCN over the K concepts, then each side's embeddings attend over them.
+    gcn = 2 * k * w * e + m.concept_gcn_depth * (2 * k * e * e + 2 * k * k * e)
+    parts['concept/gcn'] = 3 * gcn
+    parts['loss/concept'] = 3 * (2 * 2 * (2 * b * k * e) + info_nce_flops(b, e))
   parts['total'] = float(sum(parts.values()))
   return parts
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from cookie_jax import checkpoint as ckpt_lib
+from cookie_jax import flops
 from cookie_jax import sharding, step as step_lib, train
 from cookie_jax.config import default_config
 
@@ -42,6 +43,7 @@ def _config(data_dir, steps=6):
   config.eval.batch_size = 16
   config.eval.test_at_end = False
   config.checkpoint.every = 2
+  config.train.peak_flops = 1e12   # for train/mfu, which CPUs do not get by default
   return config
 
 
@@ -93,6 +95,11 @@ def test_sigterm_then_resume_is_identical_to_an_uninterrupted_run(tmp_path, data
 
   a, b = _metrics(straight), _metrics(interrupted)
   assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+  for row in a.values():  # model FLOPs utilisation, from cookie_jax/flops.py
+    assert row['train/tflops_per_device'] > 0 and 'train/nonfinite_step' not in row
+    assert row['train/mfu'] == pytest.approx(row['train/tflops_per_device'] * 1e12 / 1e12)
+    assert row['train/tflops_per_device'] == pytest.approx(
+        row['train/pairs_per_sec'] / 16 * flops.train_step_flops(config)['total'] / 1e12)
   for s in (4, 5, 6):  # the steps after the resume: same data, dropout and updates
     for key in ('train/loss', 'train/loss/cross_modal', 'train/loss/textual',
                 'train/grad_norm', 'train/learning_rate'):
