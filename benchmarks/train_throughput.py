@@ -162,6 +162,33 @@ class JaxTrainer:
     jax.block_until_ready(self.state)
 
 
+def gemm_rate(n: int = 2048, runs: int = 5) -> dict[str, float]:
+  """Measured fp32 GEMM rate (FLOP/s) of an n x n x n matmul in JAX and PyTorch: the
+  ceiling of a matmul-bound step on this machine, for CPUs, which have no listed peak."""
+  x = np.random.default_rng(0).normal(size=(n, n)).astype(np.float32)
+  f = jax.jit(lambda a: a @ a)
+  xj = jax.device_put(x)
+  f(xj).block_until_ready()
+  out = {}
+  times = []
+  for _ in range(runs):
+    t0 = time.perf_counter()
+    f(xj).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  out['jax'] = 2 * n ** 3 / statistics.median(times)
+  if not ARGS.no_torch:
+    import torch  # pylint: disable=g-import-not-at-top
+    xt = torch.from_numpy(x)
+    xt @ xt
+    times = []
+    for _ in range(runs):
+      t0 = time.perf_counter()
+      xt @ xt
+      times.append(time.perf_counter() - t0)
+    out['torch'] = 2 * n ** 3 / statistics.median(times)
+  return out
+
+
 def timed(trainer, steps: int) -> tuple[float, float]:
   """(wall seconds, process CPU seconds, all threads) of `steps` steps."""
   t0, c0 = time.perf_counter(), time.process_time()
@@ -328,6 +355,11 @@ def main():
       ['base'] if plat == 'gpu' else ['tiny', 'small'])
   jax.config.update('jax_compilation_cache_dir', os.path.join(ARGS.workdir, 'xla_cache'))
   env = environment(plat)
+  if plat == 'cpu':
+    if not ARGS.no_torch:
+      import torch  # pylint: disable=g-import-not-at-top
+      torch.set_num_threads(ARGS.torch_threads or os.cpu_count())
+    env['gemm_gflops'] = {k: v / 1e9 for k, v in gemm_rate().items()}
   print(json.dumps(env))
   results = []
   for preset in presets:
@@ -350,6 +382,15 @@ def main():
           f"| {fmt(r['jax_pairs_per_sec'])} | {torch_s} | {ratio} | {cpu} | {cpu_ratio} "
           f"| {r['flops_per_step'] / 1e9:.1f} ({r['xla_flops_per_step'] / 1e9:.1f}) "
           f"| {r['jax_model_tflops']:.4f} | {mfu} |")
+  if 'gemm_gflops' in env:
+    gemm = env['gemm_gflops']
+    print('fp32 GEMM 2048^3: ' + ', '.join(f'{k} {v:.1f} GFLOP/s' for k, v in gemm.items()))
+    for r in results:
+      print(f"{r['preset']}: model GFLOP/s JAX {1e3 * r['jax_model_tflops']:.1f}"
+            + (f", PyTorch {1e3 * r['torch_model_tflops']:.1f}" if 'torch_model_tflops' in r
+               else '') + f" = {1e3 * r['jax_model_tflops'] / gemm['jax']:.0%} of JAX's GEMM"
+            + (f", {1e3 * r['torch_model_tflops'] / gemm['torch']:.0%} of PyTorch's"
+               if 'torch_model_tflops' in r and 'torch' in gemm else ''))
   for r in results:
     if 'loop' in r:
       lp = r['loop']

@@ -98,8 +98,10 @@ def test_sigterm_then_resume_is_identical_to_an_uninterrupted_run(tmp_path, data
   for row in a.values():  # model FLOPs utilisation, from cookie_jax/flops.py
     assert row['train/tflops_per_device'] > 0 and 'train/nonfinite_step' not in row
     assert row['train/mfu'] == pytest.approx(row['train/tflops_per_device'] * 1e12 / 1e12)
+    # Per device: the step's FLOPs are spread over the mesh's 8 devices.
     assert row['train/tflops_per_device'] == pytest.approx(
-        row['train/pairs_per_sec'] / 16 * flops.train_step_flops(config)['total'] / 1e12)
+        row['train/pairs_per_sec'] / 16 * flops.train_step_flops(config)['total'] / 1e12
+        / jax.device_count())
   for s in (4, 5, 6):  # the steps after the resume: same data, dropout and updates
     for key in ('train/loss', 'train/loss/cross_modal', 'train/loss/textual',
                 'train/grad_norm', 'train/learning_rate'):
