@@ -48,10 +48,22 @@ def image_tokens(vision_cfg) -> int:
   return (vision_cfg.image_size // vision_cfg.patch_size) ** 2 + 1
 
 
+def _shared_and_head(model_cfg, rows: int, tokens: int, width: int) -> dict[str, int]:
+  """Forward FLOPs after a tower of `width`: the weight-sharing transformer (with its
+  input projection) and the embedding head."""
+  s, out = model_cfg.shared, {}
+  if s.depth > 0:
+    out['shared_in'] = 2 * rows * tokens * width * s.width
+    out['shared_blocks'] = s.depth * block_flops(rows, tokens, s.width, s.mlp_dim)
+    width = s.width
+  out['head'] = 2 * rows * width * model_cfg.embed_dim
+  return out
+
+
 def embed_image_flops(model_cfg, rows: int, frames: int = 0) -> dict[str, int]:
   """Forward FLOPs of `CookieModel.embed_image` on `rows` images, or on `rows` clips of
   `frames` frames (the image tower on every frame, then the temporal step), by part."""
-  v, s = model_cfg.vision, model_cfg.shared
+  v = model_cfg.vision
   tokens = image_tokens(v)
   seen = rows * max(frames, 1)  # images through the image tower
   out = {'patch_embedding': 2 * seen * (tokens - 1) * v.patch_size ** 2 * 3 * v.width,
@@ -61,27 +73,15 @@ def embed_image_flops(model_cfg, rows: int, frames: int = 0) -> dict[str, int]:
     # Attention across the frames of each token position: rows * tokens sequences.
     out['temporal_blocks'] = video.depth * block_flops(rows * tokens, frames, v.width,
                                                        video.mlp_dim)
-  width = v.width
-  if s.depth > 0:
-    out['shared_in'] = 2 * rows * tokens * v.width * s.width
-    out['shared_blocks'] = s.depth * block_flops(rows, tokens, s.width, s.mlp_dim)
-    width = s.width
-  out['head'] = 2 * rows * width * model_cfg.embed_dim
-  return out
+  return out | _shared_and_head(model_cfg, rows, tokens, v.width)
 
 
 def embed_text_flops(model_cfg, rows: int, text_len: int) -> dict[str, int]:
   """Forward FLOPs of `CookieModel.embed_text` on `rows` texts of `text_len` tokens
   (padding included: padded positions are computed, only masked in attention)."""
-  t, s = model_cfg.text, model_cfg.shared
+  t = model_cfg.text
   out = {'text_blocks': t.depth * block_flops(rows, text_len, t.width, t.mlp_dim)}
-  width = t.width
-  if s.depth > 0:
-    out['shared_in'] = 2 * rows * text_len * t.width * s.width
-    out['shared_blocks'] = s.depth * block_flops(rows, text_len, s.width, s.mlp_dim)
-    width = s.width
-  out['head'] = 2 * rows * width * model_cfg.embed_dim
-  return out
+  return out | _shared_and_head(model_cfg, rows, text_len, t.width)
 
 
 def info_nce_flops(batch: int, dim: int, extra: int = 0) -> int:
