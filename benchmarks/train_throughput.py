@@ -168,26 +168,22 @@ def gemm_rate(n: int = 2048, runs: int = 5) -> dict[str, float]:
   """Measured fp32 GEMM rate (FLOP/s) of an n x n x n matmul in JAX and PyTorch: the
   ceiling of a matmul-bound step on this machine, for CPUs, which have no listed peak."""
   x = np.random.default_rng(0).normal(size=(n, n)).astype(np.float32)
-  f = jax.jit(lambda a: a @ a)
-  xj = jax.device_put(x)
-  f(xj).block_until_ready()
-  out = {}
-  times = []
-  for _ in range(runs):
-    t0 = time.perf_counter()
-    f(xj).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  out['jax'] = 2 * n ** 3 / statistics.median(times)
-  if not ARGS.no_torch:
-    import torch  # pylint: disable=g-import-not-at-top
-    xt = torch.from_numpy(x)
-    xt @ xt
+
+  def rate(matmul) -> float:
+    matmul()  # warm-up (and compilation)
     times = []
     for _ in range(runs):
       t0 = time.perf_counter()
-      xt @ xt
+      matmul()
       times.append(time.perf_counter() - t0)
-    out['torch'] = 2 * n ** 3 / statistics.median(times)
+    return 2 * n ** 3 / statistics.median(times)
+
+  f, xj = jax.jit(lambda a: a @ a), jax.device_put(x)
+  out = {'jax': rate(lambda: f(xj).block_until_ready())}
+  if not ARGS.no_torch:
+    import torch  # pylint: disable=g-import-not-at-top
+    xt = torch.from_numpy(x)
+    out['torch'] = rate(lambda: xt @ xt)
   return out
 
 

@@ -120,14 +120,13 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
     return x
   bits = _uniform_u16(rng, x.shape)
   if bits is None:
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
-  # Dropped with probability threshold / 2**16, and the kept values scaled by the
-  # inverse of the exact keep probability, so that the expectation is x.
-  threshold = round(rate * 65536)
-  keep_prob = 1.0 - threshold / 65536
-  return jnp.where(bits >= threshold, x / jnp.asarray(keep_prob, x.dtype),
-                   jnp.zeros_like(x))
+    keep, keep_prob = jax.random.bernoulli(rng, 1.0 - rate, x.shape), 1.0 - rate
+  else:
+    # Dropped with probability threshold / 2**16, and the kept values scaled by the
+    # inverse of the exact keep probability, so that the expectation is x.
+    threshold = round(rate * 65536)
+    keep, keep_prob = bits >= threshold, 1.0 - threshold / 65536
+  return jnp.where(keep, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros_like(x))
 
 
 def gelu(x: jax.Array) -> jax.Array:
