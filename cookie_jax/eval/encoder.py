@@ -90,6 +90,17 @@ def _check_batch(config, batch_size: int) -> int:
   return batch_size
 
 
+def run_config(workdir: str, *, step: int | None = None,
+               config: ml_collections.ConfigDict | None = None
+               ) -> tuple[int, ml_collections.ConfigDict]:
+  """(step, config) of the checkpoint `from_run` would load, without loading it."""
+  from cookie_jax import evaluate_run  # pylint: disable=g-import-not-at-top
+  directory = evaluate_run.checkpoint_directory(workdir)
+  step, saved = evaluate_run.resolve_step(directory, step)
+  return step, validate_config(saved if config is None else config,
+                               num_devices=jax.device_count())
+
+
 def from_run(workdir: str, *, step: int | None = None,
              config: ml_collections.ConfigDict | None = None,
              batch_size: int | None = None) -> Encoder:
@@ -98,9 +109,7 @@ def from_run(workdir: str, *, step: int | None = None,
   from cookie_jax import evaluate_run  # pylint: disable=g-import-not-at-top
   from cookie_jax.data import pipeline  # pylint: disable=g-import-not-at-top  # TF here
   directory = evaluate_run.checkpoint_directory(workdir)
-  step, saved = evaluate_run.resolve_step(directory, step)
-  config = validate_config(saved if config is None else config,
-                           num_devices=jax.device_count())
+  step, config = run_config(workdir, step=step, config=config)
   mesh = sharding.make_mesh(config.mesh)
   graphdef, params = evaluate_run.restore_params(config, directory, step, mesh)
   size = _check_batch(config, batch_size or config.eval.batch_size)

@@ -68,7 +68,12 @@ def image_set(config, *, dataset: str = '', image_folder: str = '', split: str =
       return classification.ImageFolder(image_folder, **view), 'clip'
     if dataset:
       import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-      builder = tfds.builder(dataset, data_dir=data_dir or config.data.data_dir or None)
+      try:
+        builder = tfds.builder(dataset, data_dir=data_dir or config.data.data_dir or None)
+      except tfds.core.registered.DatasetNotFoundError:
+        raise ConfigError(f'--dataset={dataset!r}: tfds knows no such dataset. Give a '
+                          "prepared tfds dataset (e.g. 'imagenet2012', 'cifar10') or "
+                          '--image_folder=ROOT.') from None
       if not builder.is_prepared():
         raise FileNotFoundError(
             f'--dataset={dataset!r} is not prepared in {builder.data_dir}; nothing is '
@@ -147,16 +152,17 @@ def zeroshot_checkpoint(config, workdir: str, *, step: int | None = None, datase
   """Zero-shot top-1 / top-5 / mean per-class recall of step `step` (default: the latest)
   of the run in `workdir`; `config` None = the one saved with the checkpoint. Returns
   what the JSON holds, plus `files`."""
-  encoder = encoder_lib.from_run(workdir, step=step, config=config)
-  config = encoder.config
+  # The image set, names and templates first: a mistake there is reported before the
+  # checkpoint is read.
+  step, config = encoder_lib.run_config(workdir, step=step, config=config)
   data, default_templates = image_set(config, dataset=dataset, image_folder=image_folder,
                                       split=split, label_key=label_key, data_dir=data_dir,
-                                      batch_size=encoder.batch_size)
+                                      batch_size=config.eval.batch_size)
   names, names_source = class_names_of(data, class_names)
   template_list = zeroshot.load_templates(templates or default_templates)
+  encoder = encoder_lib.from_run(workdir, step=step, config=config)
   out = evaluate_classifier(encoder, data, names, template_list, progress=progress)
   m = out['metrics']
-  step = encoder.source['step']
   confusions = zeroshot.most_confused(m['confusion'], names, CONFUSIONS_SHOWN)
   result = {
       'task': 'zeroshot', 'step': step, 'dataset': data.name, 'split': data.split,

@@ -104,6 +104,10 @@ class CookieModel(CookiePreTrainedModel):
       out.logits_per_image = self.logit_scale() * out.image_embeds @ out.text_embeds.T
       out.logits_per_text = out.logits_per_image.T
       if return_loss:
+        if out.logits_per_image.shape[0] != out.logits_per_image.shape[1]:
+          raise ValueError(f'return_loss needs image-text pairs, but there are '
+                           f'{out.logits_per_image.shape[0]} images and '
+                           f'{out.logits_per_image.shape[1]} texts.')
         target = torch.arange(len(out.logits_per_image), device=out.logits_per_image.device)
         out.loss = 0.5 * (nn.functional.cross_entropy(out.logits_per_image, target) +
                           nn.functional.cross_entropy(out.logits_per_text, target))

@@ -83,6 +83,7 @@ class SyntheticZeroshot(tfds.core.GeneratorBasedBuilder):
             'colour': tfds.features.ClassLabel(names=list(COLOURS)),
         }),
         supervised_keys=('image', 'label'),
+        disable_shuffling=True,  # stored in index order: image i is example(seed, i)
         homepage='https://github.com/cookie-jax',
     )
 
