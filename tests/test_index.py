@@ -142,6 +142,27 @@ def test_a_tfds_split_as_the_source(setup, tmp_path):
                                 np.asarray(Image.open(setup['folder'] / setup['keys'][3])))
 
 
+def test_an_export_folder_indexes_and_queries_like_the_run(setup, tmp_path):
+  pytest.importorskip('torch')
+  from cookie_jax.interop import hf_export  # pylint: disable=g-import-not-at-top
+  hf_export.export_run(str(setup['run'].workdir), str(tmp_path / 'export'))
+  enc = encoder_lib.from_export(tmp_path / 'export', batch_size=16)
+  assert enc.source == {'export': str(tmp_path / 'export')} and enc.image_size == 16
+  manifest = index_lib.build_index(enc, index_lib.folder_source(setup['folder']),
+                                   tmp_path / 'idx', progress=False)
+  assert manifest['encoder'] == enc.source and manifest['num_indexed'] == 24
+  index = index_lib.Index.load(tmp_path / 'idx')
+  order = [setup['keys'].index(k) for k in index.keys]
+  np.testing.assert_allclose(index.embeddings, setup['images'][order], atol=1e-5)
+  captions = setup['captions'][:4]
+  np.testing.assert_allclose(enc.encode_texts(captions), setup['enc'].encode_texts(captions),
+                             atol=1e-5)
+  results = index_lib.query_index(tmp_path / 'idx', captions[:1], k=3)  # model from manifest
+  assert len(results[0]['results']) == 3
+  with pytest.raises(FileNotFoundError, match='has no config.json'):
+    encoder_lib.from_export(tmp_path)
+
+
 def _launch(*args):
   env = dict(os.environ)
   env.pop('XLA_FLAGS', None)  # one CPU device

@@ -281,6 +281,13 @@ def test_checkpoint_on_the_synthetic_set_equals_an_independent_computation(run):
   assert saved['most_confused'][0]['count'] == max(
       np.sum((labels == t) & (top[:, 0] == p)) for t in range(30) for p in range(30) if t != p)
 
+  # The same set named as any tfds dataset is (`--dataset`; 'clip' templates by default).
+  named = zeroshot_run.zeroshot_checkpoint(
+      None, str(run.workdir), dataset=f'synthetic_zeroshot/{builder.builder_config.name}',
+      templates='synthetic', progress=False, pictures=False)
+  assert (named['top1'], named['top5'], named['class_names_from']) == (
+      saved['top1'], saved['top5'], 'dataset')
+
   # Another label feature, and single-template prompts.
   shape = zeroshot_run.zeroshot_checkpoint(None, str(run.workdir), label_key='shape',
                                            templates='single', progress=False,
