@@ -204,6 +204,11 @@ def build_index(encoder, source: Source, index_dir, *, chunk_size: int = DEFAULT
   chunk_size = manifest['chunk_size']
   num_chunks = math.ceil(len(keys) / chunk_size)
   todo = [c for c in range(num_chunks) if not _chunk_path(index_dir, c).is_file()]
+  if not todo and manifest.get('complete'):
+    logging.info('%s is complete; nothing to do.', index_dir)
+    return manifest
+  manifest['complete'] = False  # until the consolidated files are written again
+  _write_json(index_dir / MANIFEST, manifest)
   done = len(keys) - sum(min(len(keys), (c + 1) * chunk_size) - c * chunk_size for c in todo)
   if done:
     logging.info('Resuming %s: %d of %d chunks are on disk.', index_dir,
@@ -241,7 +246,10 @@ def _consolidate(index_dir: pathlib.Path, keys, num_chunks: int) -> dict:
   rows = np.concatenate([p['rows'] for p in parts])
   skipped = [{'path': keys[int(r)], 'error': str(e)} for p in parts
              for r, e in zip(p['skipped'], p['errors'])]
-  np.save(index_dir / EMBEDDINGS, emb)
+  tmp = index_dir / (EMBEDDINGS + '.tmp')
+  with open(tmp, 'wb') as f:
+    np.save(f, emb)
+  os.replace(tmp, index_dir / EMBEDDINGS)
   _write_json(index_dir / INDEXED, [keys[int(r)] for r in rows])
   _write_json(index_dir / SKIPPED, skipped)
   faiss = faiss_module()
@@ -292,7 +300,8 @@ class Index:
                         'the index was built without it; rebuild, or use --search=jax.')
     q = retrieval.as_embeddings(queries, 'query embeddings')
     if faiss is not None and (self.directory / FAISS).is_file():
-      scores, rows = faiss.read_index(str(self.directory / FAISS)).search(q, k)
+      scores, rows = faiss.read_index(str(self.directory / FAISS)).search(
+          np.ascontiguousarray(q), k)
       return scores, rows
     return retrieval.sharded_topk(q, self.embeddings, k, mesh=mesh)
 
