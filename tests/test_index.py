@@ -8,6 +8,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import numpy as np
 from PIL import Image
@@ -189,3 +190,31 @@ def test_launcher_finishes_a_cut_build_and_queries(setup, tmp_path):
   assert (tmp_path / 'idx' / 'query.png').is_file()
   with pytest.raises(FileNotFoundError, match=r"--index=.*nowhere.* holds no manifest.json"):
     index_lib.query_index(tmp_path / 'nowhere', ['x'])
+
+
+@pytest.mark.slow  # two launcher runs
+def test_a_build_killed_after_its_first_chunk_resumes_to_the_same_paths(setup, tmp_path):
+  args = ('build', f'--workdir={setup["run"].workdir}', f'--images={setup["folder"]}',
+          f'--index={tmp_path / "idx"}', '--chunk_size=1', '--noprogress')
+  env = dict(os.environ)
+  env.pop('XLA_FLAGS', None)
+  proc = subprocess.Popen([sys.executable, str(ROOT / 'launch' / 'index.py'), *args],
+                          env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  first = tmp_path / 'idx' / index_lib.CHUNKS / '00000.npz'
+  deadline = time.time() + 240
+  while not first.is_file() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.01)
+  proc.kill()  # SIGKILL: no handler runs, nothing is flushed
+  proc.wait()
+  written = len(list((tmp_path / 'idx' / index_lib.CHUNKS).glob('*.npz')))
+  assert 1 <= written < 25, written
+  assert not json.loads((tmp_path / 'idx' / index_lib.MANIFEST).read_text())['complete']
+  out = _launch(*args)
+  assert out.returncode == 0, out.stderr[-3000:]
+  whole = _build(setup, tmp_path / 'whole', chunk_size=1)
+  resumed = json.loads((tmp_path / 'idx' / index_lib.MANIFEST).read_text())
+  assert resumed['last_build_images'] == 25 - written and whole['num_indexed'] == 24
+  a, b = index_lib.Index.load(tmp_path / 'idx'), index_lib.Index.load(tmp_path / 'whole')
+  assert a.keys == b.keys
+  np.testing.assert_allclose(a.embeddings, b.embeddings, atol=1e-5)

@@ -108,7 +108,9 @@ _READ = tfds.ReadConfig(shuffle_seed=None, try_autocache=False)
 
 def tfds_builder(name: str, data_dir: str = ''):
   """A prepared tfds dataset; cookie_jax's own builders are known by name."""
-  from cookie_jax.data.builders import synthetic, synthetic_video, zeroshot_shapes  # pylint: disable=g-import-not-at-top,unused-import  # registers them
+  # Imported to register them with tfds by name.
+  # pylint: disable-next=g-import-not-at-top,unused-import
+  from cookie_jax.data.builders import synthetic, synthetic_video, zeroshot_shapes
   builder = tfds.builder(name, data_dir=data_dir or None)
   if not builder.is_prepared():
     raise FileNotFoundError(f'--tfds={name!r} is not prepared in {builder.data_dir}; '
