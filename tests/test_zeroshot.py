@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 from flax import nnx
-import jax
 import numpy as np
 from PIL import Image
 import pytest
