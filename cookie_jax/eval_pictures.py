@@ -178,3 +178,75 @@ def draw_recall_curve(path: str, curve: dict, *, title: str,
   ax.legend(loc='lower right', fontsize=10.5)
   ax.set_title(title, fontsize=11)
   _save(fig, path)
+
+
+# Zero-shot classification and the image index (cookie_jax/eval/) -------------------------
+
+
+@dataclasses.dataclass
+class Confusion:
+  """A class often taken for another: images of `true_name` classified as
+  `predicted_name`, and one image the model rightly called `predicted_name`."""
+  true_name: str
+  predicted_name: str
+  count: int
+  share: float  # percent of the true class's images
+  examples: Sequence[np.ndarray]  # uint8 [H, W, 3]
+  reference: np.ndarray | None
+
+
+def draw_confusions(path: str, rows: Sequence[Confusion], *, title: str) -> None:
+  """One PNG: a row per confusion, its misclassified images framed in red and, last, a
+  correctly classified image of the class they were taken for, dashed green."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  columns = max([len(r.examples) for r in rows] or [1])
+  fig = Figure(figsize=(4.2 + 1.6 * (columns + 1), 0.9 + 1.9 * max(1, len(rows))), dpi=100,
+               layout='constrained')
+  fig.suptitle(f'{title}\nmost-confused classes: images of the true class taken for the '
+               'predicted one (red); right: an image rightly called the predicted class',
+               fontsize=11.5, weight='bold')
+  grid = fig.add_gridspec(max(1, len(rows)), columns + 2, width_ratios=[2.6] + [1] * (
+      columns + 1))
+  for r, row in enumerate(rows):
+    ax = fig.add_subplot(grid[r, 0])
+    ax.axis('off')
+    ax.text(0, 0.75, textwrap.fill(f'"{row.true_name}"', 24), fontsize=10.5, weight='bold',
+            va='top')
+    ax.text(0, 0.38, textwrap.fill(f'taken for "{row.predicted_name}"', 26), fontsize=10,
+            color=BAD, va='top')
+    ax.text(0, 0.02, f'{row.count} images ({row.share:.0f}% of the class)', fontsize=9,
+            color=MUTED, va='bottom')
+    for c, image in enumerate(row.examples):
+      _show(fig.add_subplot(grid[r, c + 1]), image, border=BAD)
+    if row.reference is not None:
+      ax = fig.add_subplot(grid[r, columns + 1])
+      _show(ax, row.reference, border=GOOD, dashed=True)
+      ax.set_title(textwrap.shorten(row.predicted_name, 18), fontsize=9, color=GOOD)
+  _save(fig, path)
+
+
+@dataclasses.dataclass
+class SearchResult:
+  """A text query and its top images from an index: (image, name, score)."""
+  query: str
+  results: Sequence[tuple[np.ndarray, str, float]]
+
+
+def draw_search(path: str, queries: Sequence[SearchResult], *, title: str) -> None:
+  """One PNG: a row per text query, its top-k images with their scores and paths."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  top_k = max([len(q.results) for q in queries] or [1])
+  fig = Figure(figsize=(3.4 + 1.9 * top_k, 0.8 + 2.2 * max(1, len(queries))), dpi=100,
+               layout='constrained')
+  fig.suptitle(f'{title}; scores are cosine similarities', fontsize=12, weight='bold')
+  grid = fig.add_gridspec(max(1, len(queries)), top_k + 1, width_ratios=[2.6] + [1] * top_k)
+  for r, q in enumerate(queries):
+    ax = fig.add_subplot(grid[r, 0])
+    ax.axis('off')
+    ax.text(0, 0.9, textwrap.fill(f'"{q.query}"', 28), fontsize=10.5, va='top')
+    for c, (image, name, score) in enumerate(q.results):
+      ax = fig.add_subplot(grid[r, c + 1])
+      _show(ax, image)
+      ax.set_title(f'#{c + 1}  {score:+.3f}', fontsize=10)
+      ax.set_xlabel(name if len(name) <= 26 else '...' + name[-23:], fontsize=8, color=MUTED)
+  _save(fig, path)

@@ -2,6 +2,8 @@
 transformers and PyTorch, all compared number for number against transformers itself."""
 
 import importlib.util
+import io
+import json
 import pathlib
 import shutil
 import subprocess
@@ -398,8 +400,10 @@ def trained_run(tmp_path_factory):
 def test_trained_model_exported_to_pytorch_gives_the_same_embeddings(trained_run):
   out = trained_run.out
   assert sorted(p.name for p in out.iterdir()) == [
-      'cookie.safetensors', 'cookie_config.json', 'image_encoder', 'text_encoder',
-      'torch_model.py']
+      'config.json', 'configuration_cookie.py', 'cookie.safetensors', 'cookie_config.json',
+      'image_encoder', 'image_processing_cookie.py', 'model.safetensors', 'modeling_cookie.py',
+      'preprocessor_config.json', 'special_tokens_map.json', 'text_encoder',
+      'tokenizer.json', 'tokenizer_config.json', 'torch_model.py', 'vocab.txt']
   _loads_cleanly(transformers.BertModel, out / 'text_encoder')
   _loads_cleanly(transformers.ViTModel, out / 'image_encoder')
   rng = np.random.default_rng(1)
@@ -457,6 +461,108 @@ def test_exported_torch_model_file_needs_no_jax(trained_run, monkeypatch):
   with torch.no_grad():
     got = exported.encode_text(torch.from_numpy(ids).long(), torch.from_numpy(mask).long())
   assert np.abs(got.numpy() - expected).max() <= TOL
+
+
+def _block_jax(monkeypatch):
+  """Any import of JAX, Flax or cookie_jax fails from here on (in this test)."""
+  for name in [n for n in sys.modules if n.split('.')[0] in ('jax', 'jaxlib', 'flax',
+                                                             'cookie_jax')]:
+    monkeypatch.delitem(sys.modules, name)
+  for name in ('jax', 'jaxlib', 'flax', 'cookie_jax'):
+    monkeypatch.setitem(sys.modules, name, None)
+
+
+def _auto_features(model, images, ids, mask):
+  with torch.no_grad():
+    image = model.get_image_features(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2))
+    text = model.get_text_features(input_ids=torch.from_numpy(ids).long(),
+                                   attention_mask=torch.from_numpy(mask).long())
+    out = model(input_ids=torch.from_numpy(ids).long(),
+                pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2),
+                attention_mask=torch.from_numpy(mask).long(), return_loss=True)
+  return image.numpy(), text.numpy(), out
+
+
+def test_automodel_from_pretrained_equals_jax_and_round_trips(trained_run, tmp_path,
+                                                              monkeypatch):
+  rng = np.random.default_rng(5)
+  images = rng.normal(size=(4, 16, 16, 3)).astype(np.float32)
+  ids, mask = _padded_text(rng, [12, 9, 5, 2], 12, len(WORDS) + 5)
+  ids[mask == 0] = 9  # ids under the padding must not matter
+  model = _model_with(trained_run.config.model, trained_run.params)
+  jax_image, jax_text, jax_scale = map(np.asarray, _jax_embeddings(model, images, ids, mask))
+  config = json.loads((trained_run.out / 'config.json').read_text())
+  assert config['auto_map'] == {'AutoConfig': 'configuration_cookie.CookieConfig',
+                                'AutoModel': 'modeling_cookie.CookieModel'}
+  assert config['architectures'] == ['CookieModel'] and config['cookie_jax']['step'] == 3
+
+  _block_jax(monkeypatch)  # the folder's own code, with no JAX and no cookie_jax
+  auto, info = transformers.AutoModel.from_pretrained(
+      trained_run.out, trust_remote_code=True, output_loading_info=True)
+  assert not any(info.values()), info
+  auto.eval()
+  image, text, out = _auto_features(auto, images, ids, mask)
+  diffs = np.abs(image - jax_image).max(), np.abs(text - jax_text).max()
+  print(f'AutoModel vs JAX max abs diff: image {diffs[0]:.2e}, text {diffs[1]:.2e}')
+  assert max(diffs) <= TOL
+  logits = jax_scale * jax_image @ jax_text.T
+  np.testing.assert_allclose(out.logits_per_image.numpy(), logits, rtol=1e-4, atol=1e-3)
+  np.testing.assert_array_equal(out.logits_per_text.numpy(), out.logits_per_image.numpy().T)
+  np.testing.assert_allclose(out.image_embeds.numpy(), image, atol=1e-6)
+  log_softmax = lambda x: x - np.log(np.exp(x - x.max(1, keepdims=True)).sum(
+      1, keepdims=True)) - x.max(1, keepdims=True)
+  infonce = -0.5 * (np.diag(log_softmax(logits)).mean() + np.diag(log_softmax(logits.T)).mean())
+  assert float(out.loss) == pytest.approx(infonce, rel=1e-4)
+
+  # save_pretrained round-trips, with the code files Hub needs.
+  auto.save_pretrained(tmp_path / 'again')
+  saved = sorted(p.name for p in (tmp_path / 'again').iterdir())
+  assert saved == ['config.json', 'configuration_cookie.py', 'model.safetensors',
+                   'modeling_cookie.py', 'torch_model.py']
+  again, info = transformers.AutoModel.from_pretrained(
+      tmp_path / 'again', trust_remote_code=True, output_loading_info=True)
+  assert not any(info.values()), info
+  image2, text2, _ = _auto_features(again.eval(), images, ids, mask)
+  np.testing.assert_array_equal(image2, image)
+  np.testing.assert_array_equal(text2, text)
+
+
+def test_autotokenizer_and_autoimageprocessor_reproduce_our_preprocessing(trained_run):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from cookie_jax.data import augment  # pylint: disable=g-import-not-at-top
+  from cookie_jax.data.tf_env import tf  # pylint: disable=g-import-not-at-top
+  config = trained_run.config
+  ours = tok_lib.finalize(tok_lib.tokenizer_from_path(config.data.tokenizer),
+                          config.data.max_len)
+  captions = ['a red circle left of the blue square', 'small green triangle',
+              'a large shape above a small shape next to the red square below it']
+  expected = tok_lib.encode(ours, captions)
+  for trust in (None, True):
+    hf = transformers.AutoTokenizer.from_pretrained(trained_run.out, trust_remote_code=trust)
+    got = hf(captions, padding='max_length', truncation=True,
+             max_length=config.data.max_len, return_tensors='np')
+    np.testing.assert_array_equal(got['input_ids'], expected['input_ids'])
+    np.testing.assert_array_equal(got['attention_mask'], expected['attention_mask'])
+
+  processor = transformers.AutoImageProcessor.from_pretrained(trained_run.out,
+                                                              trust_remote_code=True)
+  assert type(processor).__name__ == 'CookieImageProcessor'
+  rng = np.random.default_rng(6)
+  pictures = [rng.integers(0, 256, size=s + (3,), dtype=np.uint8)
+              for s in [(16, 16), (64, 64), (40, 23), (9, 31), (100, 57)]]
+  diffs = []
+  for pixels in pictures:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format='PNG')
+    ref = augment.normalize(augment.eval_view(tf.constant(buf.getvalue()), size=16),
+                            config.data.mean, config.data.std).numpy()
+    got = processor(Image.fromarray(pixels), return_tensors='np')['pixel_values'][0]
+    assert got.shape == (3, 16, 16) and got.dtype == np.float32
+    diffs.append(np.abs(got.transpose(1, 2, 0) - ref).max())
+  print(f'AutoImageProcessor vs the eval pipeline, max abs diff: {max(diffs):.2e}')
+  assert max(diffs) <= 1e-5
+  batch = processor([Image.fromarray(p) for p in pictures], return_tensors='pt')
+  assert tuple(batch['pixel_values'].shape) == (5, 3, 16, 16)
 
 
 def test_export_run_errors_and_missing_tokenizer(trained_run, tmp_path, monkeypatch):

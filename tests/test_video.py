@@ -428,6 +428,12 @@ def test_mean_video_model_exports_to_pytorch_encode_video(tmp_path):
     got = CookieTorchModel.from_pretrained(tmp_path / 'out').encode_video(
         torch.from_numpy(clips.transpose(0, 1, 4, 2, 3).copy())).numpy()
   np.testing.assert_allclose(got, np.asarray(model.encode_image(clips)), atol=1e-4)
+  transformers = pytest.importorskip('transformers')
+  auto = transformers.AutoModel.from_pretrained(tmp_path / 'out', trust_remote_code=True)
+  with torch.no_grad():
+    frames = torch.from_numpy(clips.transpose(0, 1, 4, 2, 3).copy())
+    np.testing.assert_allclose(auto.get_video_features(frames).numpy(), got, atol=1e-6)
+    np.testing.assert_allclose(auto(pixel_values=frames).image_embeds.numpy(), got, atol=1e-6)
 
 
 @pytest.mark.slow  # two short training runs: several minutes on 2 cores

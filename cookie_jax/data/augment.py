@@ -114,6 +114,13 @@ def eval_clip(frames_bytes, *, size):
 def eval_view(image_bytes, *, size):
   """float32 [size, size, 3] in [0, 255]: shorter side resized to `size`, centre crop."""
   image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+  return eval_resize_crop(image, size=size)
+
+
+def eval_resize_crop(image, *, size):
+  """`eval_view` of a decoded image [h, w, 3] (any numeric dtype, values in [0, 255]):
+  the shorter side resized to `size` (bilinear, half-pixel centres, no antialiasing; the
+  new longer side rounded half to even), then the centre `size` x `size` crop."""
   hw = tf.cast(tf.shape(image)[:2], tf.float32)
   scale = tf.cast(size, tf.float32) / tf.reduce_min(hw)
   new_hw = tf.maximum(tf.cast(tf.round(hw * scale), tf.int32), size)

@@ -10,6 +10,7 @@ from cookie_jax.data.tf_env import tf  # pylint: disable=g-bad-import-order  # G
 import tensorflow_datasets as tfds
 
 from cookie_jax.data.builders import karpathy, msrvtt, synthetic, synthetic_video
+from cookie_jax.data.builders import zeroshot_shapes
 from cookie_jax.data.builders.frames import segment_centres
 
 # Same order on every read: eval pairs image and caption passes by position, and exact
@@ -37,6 +38,14 @@ def get_builder(data_cfg) -> tfds.core.DatasetBuilder:
                                         config=data_cfg.karpathy_dataset)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=data_cfg.manual_dir))
+    return builder
+  if kind == 'synthetic_zeroshot':
+    # Zero-shot classification of a synthetic run (cookie_jax/eval/zeroshot_run.py); its
+    # images are drawn like the run's own (`synthetic.image_size`, `synthetic.seed`).
+    builder = zeroshot_shapes.SyntheticZeroshot(
+        data_dir=_data_dir(data_cfg), config=zeroshot_shapes.zeroshot_config(
+            image_size=data_cfg.synthetic.image_size, seed=data_cfg.synthetic.seed))
+    builder.download_and_prepare()
     return builder
   if kind == 'synthetic_video':
     builder = synthetic_video.SyntheticVideo(

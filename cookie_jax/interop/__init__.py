@@ -6,9 +6,13 @@
   hf_export    a run or a parameter dict -> transformers folders (`export_run`,
                `export_params`, `read_export`)
   torch_model  `CookieTorchModel`, the exported model in PyTorch (torch + transformers
-               only; never imported by the modules above)
+               only; imported only inside `hf_automodel.write_automodel`)
+  hf_automodel the export's AutoModel files (`hf_export` calls it; needs torch), with the
+               remote code it copies into the folder: configuration_cookie.py,
+               modeling_cookie.py (`CookieModel`, a PreTrainedModel around
+               `CookieTorchModel`) and image_processing_cookie.py (the eval view)
   keys         the one name table all of them share
 
 Nothing here imports torch at import time: only reading a pytorch_model.bin does, and
-`torch_model` itself, which the JAX side never imports.
+writing the AutoModel files of an export.
 """

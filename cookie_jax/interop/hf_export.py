@@ -4,7 +4,10 @@
   OUT/image_encoder/   a `transformers.ViTModel` folder (+ preprocessor_config.json),
   OUT/cookie.safetensors + OUT/cookie_config.json
                        the shared transformer, projection heads and temperature,
-  OUT/torch_model.py   `CookieTorchModel`, which loads all of it with torch alone.
+  OUT/torch_model.py   `CookieTorchModel`, which loads all of it with torch alone;
+  OUT/config.json, OUT/model.safetensors, ...  the whole model for
+                       `AutoModel.from_pretrained(OUT, trust_remote_code=True)`, with
+                       its tokenizer and image processor (`hf_automodel.py`).
 
 Tower weights use transformers' original (4.x) key layout, which both 4.x and 5.x load.
 Every tensor is written by the rules of `keys.py`, the same ones the importer reads.
@@ -21,7 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from cookie_jax.interop import keys
+from cookie_jax.interop import hf_automodel, keys
 
 FORMAT = 'cookie_jax.torch/1'
 COOKIE_CONFIG = 'cookie_config.json'
@@ -180,9 +183,11 @@ def export_params(params, model_cfg, output, *, tokenizer=None, data_cfg=None,
   _write_json(out / COOKIE_CONFIG, cookie_config(model_cfg, step=step, data_cfg=data_cfg))
   # The loader travels with the weights, so that a PyTorch-only machine needs no cookie_jax.
   shutil.copy(pathlib.Path(__file__).with_name('torch_model.py'), out / 'torch_model.py')
+  automodel = hf_automodel.write_automodel(out, model_cfg, tokenizer=tokenizer,
+                                           data_cfg=data_cfg, step=step)
   return {'output': str(out), 'text_encoder': str(out / 'text_encoder'),
           'image_encoder': str(out / 'image_encoder'), 'cookie': str(out / COOKIE_WEIGHTS),
-          'tokenizer': tokenizer is not None, 'step': step}
+          'tokenizer': tokenizer is not None, 'step': step, 'automodel': automodel}
 
 
 def read_export(output) -> dict:

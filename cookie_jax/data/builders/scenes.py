@@ -139,7 +139,7 @@ def _twin(scene: Scene, rng) -> Scene:
   return s
 
 
-def _place(scene: Scene, rng):
+def place(scene: Scene, rng):
   """Object centres that make the caption true with a margin, without overlaps."""
   objs = scene.objects
   if scene.kind == 'single':
@@ -177,7 +177,7 @@ def sample_scene(seed: int, split: str, index: int) -> Scene:
   scene = _sample_base(base_rng)
   if index % 2:
     scene = _twin(scene, np.random.default_rng([seed, SPLIT_CODES[split], index, 1]))
-  _place(scene, np.random.default_rng([seed, SPLIT_CODES[split], index, 2]))
+  place(scene, np.random.default_rng([seed, SPLIT_CODES[split], index, 2]))
   return scene
 
 

@@ -1,0 +1,28 @@
+"""The configuration of the COOKIE transformers model (`modeling_cookie.CookieModel`).
+
+Remote code: an export copies this file into its folder, where
+`transformers.AutoConfig.from_pretrained(OUT, trust_remote_code=True)` finds it through
+`auto_map` in config.json. It needs transformers (>= 5) only.
+"""
+
+from transformers import BertConfig, PreTrainedConfig, ViTConfig
+
+
+class CookieConfig(PreTrainedConfig):
+  """The two towers' configs plus what sits on top of them.
+
+  text_config / vision_config: the `BertModel` and `ViTModel` towers (the same configs as
+    the export's text_encoder/ and image_encoder/ folders).
+  cookie: the contents of cookie_config.json (pooling, the weight-sharing transformer,
+    projection heads, temperature, the video mode); see `torch_model.CookieTorchModel`.
+  cookie_jax: the JAX model config (`config.model`) and preprocessing (`data`) the export
+    was written from, so that cookie_jax can rebuild the JAX model from this folder.
+  """
+
+  model_type = 'cookie'
+  sub_configs_defaults = {'text_config': BertConfig, 'vision_config': ViTConfig}
+
+  text_config: dict | BertConfig | None = None
+  vision_config: dict | ViTConfig | None = None
+  cookie: dict | None = None
+  cookie_jax: dict | None = None
