@@ -2,6 +2,7 @@
 locally (and on Beam's DirectRunner where apache-beam is installed), exact skip counts,
 upright images within max_side, bad folders, and 5 training steps through the launcher."""
 
+import importlib.util
 import io
 import json
 import os
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import tensorflow_datasets as tfds
 
+from cookie_jax.config import ConfigError
 from cookie_jax.data import defaults, sources
 from cookie_jax.data.builders import img2dataset, webshards
 from cookie_jax.data import tokenizer as tok_lib
@@ -245,6 +247,16 @@ def test_a_tar_that_breaks_off_keeps_what_came_before(tmp_path):
   assert [k for k, _, _ in examples] == ['000000000', '000000001', '000000002',
                                          '000000003', '000000004'][:len(examples)]
   assert skips.counts['truncated_shard'] == 1 and len(examples) >= 3
+
+
+def test_beam_options_need_img2dataset_and_apache_beam(tmp_path):
+  cfg = _cfg(tmp_path, tmp_path)
+  cfg.builder = 'karpathy'
+  with pytest.raises(ConfigError, match=r"builder='karpathy': only img2dataset folders"):
+    sources.build(cfg, 'runner=DirectRunner')
+  if importlib.util.find_spec('apache_beam') is None:
+    with pytest.raises(ConfigError, match=r'needs apache-beam: pip install -e "\.\[beam\]"'):
+      sources.build(_cfg(tmp_path, tmp_path), 'runner=DirectRunner')
 
 
 @pytest.mark.slow

@@ -179,7 +179,7 @@ def _tar_samples(path: str):
         elif ext in ('txt', 'json') and ext not in parts:
           parts[ext] = tar.extractfile(member).read()
           captions += ext == 'txt'
-  except (tarfile.TarError, EOFError, OSError):
+  except (tarfile.ReadError, EOFError):  # a network error (OSError) is not hidden
     if key is not None:
       yield key, pos, parts
     yield None, pos + 1, 'truncated'
