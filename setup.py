@@ -32,6 +32,8 @@ setuptools.setup(
         'matplotlib>=3.8',
         # Frame sampling from video files (the MSRVTT builder); wheels bundle FFmpeg.
         'av>=14',
+        # img2dataset's parquet shards (the img2dataset builder).
+        'pyarrow>=14',
     ],
     extras_require={
         # torch 2.13.0 is pinned for tests: the CPU build this project's CI machine carries.
@@ -42,5 +44,10 @@ setuptools.setup(
         # benchmarks/retrieval_search.py compares our sharded search with faiss;
         # launch/index.py builds a faiss index when it is installed.
         'bench': ['faiss-cpu>=1.15'],
+        # Building img2dataset folders on Apache Beam (launch/build_data.py
+        # --beam_pipeline_options). Heavy, and apache-beam 2.77 needs pillow<13,
+        # pyarrow<26 and protobuf<7, below requirements.txt's pins: install it with
+        # `pip install -e .[beam]`, not together with requirements.txt.
+        'beam': ['apache-beam>=2.76'],
     },
 )

@@ -6,11 +6,12 @@ from absl import logging
 
 from cookie_jax.checkpoint import CheckpointMismatchError
 from cookie_jax.config import ConfigError
+from cookie_jax.data.builders.webshards import ShardLayoutError
 
 # Errors that describe a mistake in the command, the config or the files, with the fix in
 # the message; a traceback would only hide that line.
 USER_ERRORS = (ConfigError, CheckpointMismatchError, FileNotFoundError, NotADirectoryError,
-               PermissionError)
+               PermissionError, ShardLayoutError)
 
 
 def run_or_exit(fn):

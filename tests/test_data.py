@@ -214,6 +214,34 @@ def test_karpathy_missing_folder_and_json_name_the_expected_place(tmp_path):
   assert {s: splits[s].num_examples for s in splits} == {'train': 2, 'val': 1, 'test': 1}
 
 
+def test_karpathy_stores_exif_rotated_jpegs_upright(tmp_path):
+  """Stored 80 wide x 40 high (left red, right blue) with EXIF orientation 6: shown
+  rotated 90 degrees clockwise, so upright it is 40 wide x 80 high with red on top."""
+  (tmp_path / 'src' / 'flickr30k-images').mkdir(parents=True)
+  arr = np.zeros((40, 80, 3), np.uint8)
+  arr[:, :40], arr[:, 40:] = (255, 0, 0), (0, 0, 255)
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  buf = io.BytesIO()
+  Image.fromarray(arr).save(buf, format='JPEG', exif=exif, quality=95)
+  (tmp_path / 'src' / 'flickr30k-images' / 'rotated.jpg').write_bytes(buf.getvalue())
+  (tmp_path / 'src' / 'flickr30k-images' / 'plain.jpg').write_bytes(_jpeg(arr))
+  images = [{'filename': f'{name}.jpg', 'split': 'train', 'imgid': i,
+             'sentences': [{'raw': f'image {name}'}]} for i, name in enumerate(['rotated',
+                                                                                'plain'])]
+  (tmp_path / 'src' / 'dataset_flickr30k.json').write_text(json.dumps({'images': images}))
+  cfg = defaults.data_config()
+  cfg.update(dict(builder='karpathy', manual_dir=str(tmp_path / 'src'),
+                  data_dir=str(tmp_path / 'tfds'), karpathy_dataset='flickr30k'))
+  builder = sources.get_builder(cfg)
+  assert str(builder.version) == '1.1.0'
+  got = {ex['filename'].decode().split('/')[-1]: ex['image'].astype(int)
+         for ex in builder.as_dataset(split='train').as_numpy_iterator()}
+  assert got['rotated.jpg'].shape == (80, 40, 3) and got['plain.jpg'].shape == (40, 80, 3)
+  np.testing.assert_allclose(got['rotated.jpg'][10, 20], [255, 0, 0], atol=12)
+  np.testing.assert_allclose(got['rotated.jpg'][70, 20], [0, 0, 255], atol=12)
+
+
 def test_any_tfds_dataset_by_name_and_keys(coco):
   cfg = coco[0].copy_and_resolve_references()
   cfg.update(dict(builder='tfds', tfds_name='karpathy_captions/coco',

@@ -2,7 +2,7 @@
 
 import ml_collections
 
-BUILDERS = ('synthetic', 'karpathy', 'tfds', 'msrvtt', 'synthetic_video')
+BUILDERS = ('synthetic', 'karpathy', 'tfds', 'msrvtt', 'synthetic_video', 'img2dataset')
 # Builders whose examples are clips of frames ([T, H, W, 3]) rather than images.
 VIDEO_BUILDERS = ('msrvtt', 'synthetic_video')
 # Builders that train and ship their own WordPiece vocabulary.
@@ -14,7 +14,8 @@ SYNTHETIC_VOCAB = 'synthetic'
 def data_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       # 'synthetic' (embedded, generated), 'karpathy' (COCO/Flickr30K from local files),
-      # 'tfds' (any tfds dataset with an image and a text feature), and for video
+      # 'tfds' (any tfds dataset with an image and a text feature), 'img2dataset'
+      # (img2dataset's webdataset or parquet shards, built once into ArrayRecord), and for video
       # 'msrvtt' (MSR-VTT from local files) or 'synthetic_video' (embedded, generated).
       builder='synthetic',
       # Where tfds datasets are written and read; '' = tfds' default (~/tensorflow_datasets).
@@ -31,7 +32,9 @@ def data_config() -> ml_collections.ConfigDict:
       lowercase=True,
 
       # builder='karpathy': the folder with dataset_<name>.json and the images;
-      # builder='msrvtt': the MSRVTT folder (annotations and videos; see builders/msrvtt.py).
+      # builder='msrvtt': the MSRVTT folder (annotations and videos; see builders/msrvtt.py);
+      # builder='img2dataset': the folder img2dataset wrote (*.tar or *.parquet shards; a
+      # local path or anything tfds reads, e.g. gs://...).
       manual_dir='',
       # builder='karpathy': 'coco' or 'flickr30k'.
       karpathy_dataset='coco',
@@ -58,6 +61,24 @@ def data_config() -> ml_collections.ConfigDict:
           image_size=64,  # stored resolution; the pipeline resizes to the model's
           seed=0,  # the dataset's own seed, independent of the training seed
           vocab_size=1024,  # upper bound of the trained WordPiece vocabulary
+      ),
+
+      # builder='img2dataset': how the shards are built into a tfds dataset (see
+      # builders/img2dataset.py). name, max_side, quality and val_fraction name the built
+      # copy (data_dir/img2dataset/<name>_side<max_side>_q<quality>[_val<fraction>]/), so
+      # changing one builds a new copy and never overwrites.
+      img2dataset=dict(
+          # The corpus's name in that folder name, e.g. 'cc3m'. '' = the base name of
+          # manual_dir and a hash of its full path (so a moved folder builds anew).
+          name='',
+          max_side=384,  # longer side of stored images at most (pre-resized); 0 = keep
+          quality=95,  # JPEG quality of images that are re-encoded
+          # img2dataset output has no splits: everything is 'train', except this
+          # fraction of keys, chosen by a hash of the key, which goes to 'val'.
+          val_fraction=0.0,
+          # Processes of a local build, each taking whole shards; 0 = one per core.
+          # (A Beam build, launch/build_data.py --beam_pipeline_options, has its own.)
+          workers=0,
       ),
 
       # Video builders: frames per clip fed to the model, taken evenly spread from the
@@ -122,6 +143,24 @@ def _range_ok(r, lo, hi):
   return len(r) == 2 and lo < r[0] <= r[1] <= hi
 
 
+def validate_img2dataset(d) -> None:
+  """The checks of builder='img2dataset' alone (building needs no tokenizer)."""
+  w = d.img2dataset
+  _require(bool(d.manual_dir or w.name), 'manual_dir', d.manual_dir,
+           "builder=img2dataset needs the folder img2dataset wrote (or, for a copy "
+           "already built in data_dir, its config.data.img2dataset.name).")
+  _require(all(c.isalnum() or c == '_' for c in w.name), 'img2dataset.name', w.name,
+           "use letters, digits and '_' only, e.g. 'cc3m'.")
+  _require(w.max_side == 0 or w.max_side >= 16, 'img2dataset.max_side', w.max_side,
+           'use 0 (keep the size) or a longer side of at least 16, e.g. 384.')
+  _require(1 <= w.quality <= 100, 'img2dataset.quality', w.quality,
+           'JPEG quality is 1 to 100; use e.g. 95.')
+  _require(0.0 <= w.val_fraction < 1.0, 'img2dataset.val_fraction', w.val_fraction,
+           "use 0 ('train' only) or a fraction below 1, e.g. 0.001.")
+  _require(w.workers >= 0, 'img2dataset.workers', w.workers,
+           'use 0 (one per core) or a number of processes.')
+
+
 def validate_data_config(data_cfg) -> None:
   """Raises ValueError naming `config.data.<key>`, the value and the fix."""
   d = data_cfg
@@ -137,6 +176,8 @@ def validate_data_config(data_cfg) -> None:
     _require(bool(d.manual_dir), 'manual_dir', d.manual_dir,
              'builder=msrvtt needs the MSRVTT folder with MSRVTT_data.json, '
              'MSRVTT_JSFUSION_test.csv and the videos.')
+  if d.builder == 'img2dataset':
+    validate_img2dataset(d)
   if d.builder == 'tfds':
     _require(bool(d.tfds_name), 'tfds_name', d.tfds_name,
              "builder=tfds needs a prepared dataset's name, e.g. 'coco_captions'.")

@@ -9,7 +9,9 @@ its frames, each encoded ([T] strings).
 from cookie_jax.data.tf_env import tf  # pylint: disable=g-bad-import-order  # GPUs first
 import tensorflow_datasets as tfds
 
-from cookie_jax.data.builders import karpathy, msrvtt, synthetic, synthetic_video
+from cookie_jax.config import ConfigError
+from cookie_jax.data import defaults
+from cookie_jax.data.builders import img2dataset, karpathy, msrvtt, synthetic, synthetic_video
 from cookie_jax.data.builders import zeroshot_shapes
 from cookie_jax.data.builders.frames import segment_centres
 
@@ -61,6 +63,8 @@ def get_builder(data_cfg) -> tfds.core.DatasetBuilder:
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=data_cfg.manual_dir))
     return builder
+  if kind == 'img2dataset':
+    return img2dataset.prepare(data_cfg, _data_dir(data_cfg))
   if kind == 'tfds':
     if not data_cfg.tfds_name:
       raise ValueError("config.data.tfds_name='': builder='tfds' needs the name of a "
@@ -73,7 +77,33 @@ def get_builder(data_cfg) -> tfds.core.DatasetBuilder:
           f'e.g. `tfds build {data_cfg.tfds_name} --data_dir=<config.data.data_dir>`.')
     return builder
   raise ValueError(f"config.data.builder={kind!r}: use 'synthetic', 'karpathy', 'tfds', "
-                   "'msrvtt' or 'synthetic_video'.")
+                   "'msrvtt', 'synthetic_video' or 'img2dataset'.")
+
+
+def build(data_cfg, beam_pipeline_options: str = '') -> tfds.core.DatasetBuilder:
+  """Builds the dataset `config.data` names ahead of training, where not built yet.
+
+  `beam_pipeline_options` ('runner=DataflowRunner,project=...,...', as tfds' own
+  `--beam_pipeline_options`) builds an img2dataset folder on Apache Beam instead of in
+  local processes.
+  """
+  if not beam_pipeline_options:
+    return get_builder(data_cfg)
+  if data_cfg.builder != 'img2dataset':
+    raise ConfigError(f'config.data.builder={data_cfg.builder!r}: only img2dataset folders '
+                     'are built on Beam; drop --beam_pipeline_options to build it here.')
+  try:
+    defaults.validate_img2dataset(data_cfg)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  try:
+    from apache_beam.options import pipeline_options  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ConfigError('--beam_pipeline_options needs apache-beam: pip install -e ".[beam]" '
+                      '(see README, "Building at scale").') from None
+  options = pipeline_options.PipelineOptions(
+      [f'--{o}' for o in beam_pipeline_options.split(',') if o])
+  return img2dataset.prepare(data_cfg, _data_dir(data_cfg), options)
 
 
 def feature_keys(data_cfg) -> tuple[str, str]:
@@ -158,8 +188,12 @@ def read(builder, split: str, keys: tuple[str, str], *, with_image: bool = True,
   """{'image': encoded bytes, 'captions': [n] strings, + `extra` features present}."""
   image_key, text_key = keys
   check_keys(builder, keys)
-  ds = builder.as_dataset(split=split, shuffle_files=False, read_config=_READ,
-                          decoders=_nest(image_key, tfds.decode.SkipDecoding()))
+  decoders = _nest(image_key, tfds.decode.SkipDecoding())
+  if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
+    ds = _array_record_dataset(builder, split, decoders)
+  else:
+    ds = builder.as_dataset(split=split, shuffle_files=False, read_config=_READ,
+                            decoders=decoders)
   present = [k for k in extra if k in builder.info.features]
 
   def select(ex):
@@ -170,3 +204,14 @@ def read(builder, split: str, keys: tuple[str, str], *, with_image: bool = True,
     return out
 
   return ds.map(select, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _array_record_dataset(builder, split: str, decoders) -> tf.data.Dataset:
+  """Records of an ArrayRecord dataset in index order (the order `as_dataset` would
+  give), through tfds' random-access source: tfds has no tf.data reader for it."""
+  source = builder.as_data_source(
+      split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+  ds = tf.data.Dataset.from_generator(lambda: (source[i] for i in range(len(source))),
+                                      output_signature=tf.TensorSpec((), tf.string))
+  return ds.map(lambda record: builder.info.features.deserialize_example(
+      record, decoders=decoders), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -9,13 +9,13 @@ Every caption of an image is kept (COCO has 5-7). Real folders are never perfect
 and one bad file must not cost a day's build, so corrupt, unreadable or missing images,
 empty captions and captions that are not valid UTF-8 are skipped, counted in the
 dataset's metadata (`skipped`) and reported in one warning per kind with the first few
-paths. Grayscale, palette, CMYK, alpha and 16-bit images are converted to 8-bit RGB.
+paths. Grayscale, palette, CMYK, alpha and 16-bit images are converted to 8-bit RGB, and
+images with an EXIF orientation are stored upright (TF's JPEG decoder ignores EXIF).
 """
 
 import collections
 import concurrent.futures
 import dataclasses
-import io
 import json
 import logging
 import os
@@ -26,6 +26,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from cookie_jax.data import tf_env  # pylint: disable=unused-import  # hides GPUs before any TF op
+from cookie_jax.data.builders import images
 
 JSON_NAMES = {'coco': 'dataset_coco.json', 'flickr30k': 'dataset_flickr30k.json'}
 IMAGE_DIRS = {'coco': (), 'flickr30k': ('flickr30k-images', 'images')}
@@ -67,26 +68,14 @@ def annotations_path(manual_dir, dataset: str) -> pathlib.Path:
   return path
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-  """8-bit RGB; 16-bit scaled (not clipped) to 8 bits, transparency over white."""
-  if img.mode.startswith('I;16') or img.mode in ('I', 'F'):
-    arr = np.asarray(img).astype(np.float64)
-    if img.mode.startswith('I;16') or arr.max() > 255:
-      arr = arr / 257.0
-    img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), 'L')
-  if img.mode in ('RGBA', 'LA', 'PA') or (img.mode == 'P' and 'transparency' in img.info):
-    rgba = img.convert('RGBA')
-    img = Image.alpha_composite(Image.new('RGBA', rgba.size, (255, 255, 255, 255)), rgba)
-  return img if img.mode == 'RGB' else img.convert('RGB')
-
-
 def inspect_image(path: str) -> str:
-  """'jpeg' (usable as is), 'convert' (readable, not 8-bit RGB JPEG), 'missing', 'corrupt'."""
+  """'jpeg' (usable as is), 'convert' (readable; not an upright 8-bit RGB JPEG),
+  'missing', 'corrupt'."""
   if not os.path.isfile(path):
     return 'missing'
   try:
     with Image.open(path) as img:
-      fmt, mode = img.format, img.mode
+      fmt, mode, turn = img.format, img.mode, images.orientation(img)
       if fmt == 'JPEG':
         # DCT-domain downscaling: every byte is still entropy-decoded, so truncation and
         # corruption are still caught, at a fraction of the cost of a full decode.
@@ -94,16 +83,13 @@ def inspect_image(path: str) -> str:
       img.load()
   except Exception:  # pylint: disable=broad-except  # any unreadable file is skipped
     return 'corrupt'
-  return 'jpeg' if fmt == 'JPEG' and mode == 'RGB' else 'convert'
+  return 'jpeg' if fmt == 'JPEG' and mode == 'RGB' and turn == 1 else 'convert'
 
 
 def load_image(path: str, status: str) -> bytes:
-  if status == 'jpeg':
-    return pathlib.Path(path).read_bytes()
-  with Image.open(path) as img:
-    buf = io.BytesIO()
-    to_rgb(img).save(buf, format='JPEG', quality=95)
-    return buf.getvalue()
+  data = pathlib.Path(path).read_bytes()
+  # EXIF rotation applied (TF's decoder ignores it), RGB, full size, JPEG quality 95.
+  return data if status == 'jpeg' else images.upright_jpeg(data, 0, 95)[0]
 
 
 def clean_caption(sentence: dict) -> tuple[str | None, str | None]:
@@ -156,8 +142,12 @@ class KarpathyConfig(tfds.core.BuilderConfig):
 class KarpathyCaptions(tfds.core.GeneratorBasedBuilder):
   """COCO / Flickr30K image-caption pairs in Karpathy's train/val/test(/restval) split."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'First release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'First release.',
+      '1.1.0': 'Images with an EXIF orientation other than 1 are stored upright (were '
+               'stored as their pixels lie, e.g. sideways for orientation 6).',
+  }
   BUILDER_CONFIGS = [KarpathyConfig(name='coco', dataset='coco'),
                      KarpathyConfig(name='flickr30k', dataset='flickr30k')]
   MANUAL_DOWNLOAD_INSTRUCTIONS = INSTRUCTIONS
