@@ -18,6 +18,7 @@ import threading
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -140,9 +141,18 @@ class StopSignals:
       _say('Ctrl-C: saving a checkpoint at the current step, then stopping (Ctrl-C again '
            'stops at once, without saving).')
       return
-    _say(f'Ctrl-C again: stopped without saving; {self._directory} keeps its latest '
-         'complete checkpoint.')
+    _say(f'Ctrl-C again: stopped without saving. Latest complete checkpoint: '
+         f'{_latest_on_disk(self._directory)}.')
     os._exit(130)  # pylint: disable=protected-access
+
+
+def _latest_on_disk(directory: str) -> str:
+  """DIR/N of the newest finished step (orbax renames a save to its step when done)."""
+  try:
+    steps = [int(p.name) for p in epath.Path(directory).iterdir() if p.name.isdigit()]
+  except OSError:
+    steps = []
+  return f'{directory}/{max(steps)}' if steps else 'none'
 
 
 def _say(message: str) -> None:

@@ -252,12 +252,16 @@ def test_finetuning_from_a_run_with_another_tokenizer_is_refused(tmp_path, data_
   assert not (tmp_path / 'finetune' / 'tokenizer.json').exists()
 
 
-def test_second_ctrl_c_stops_at_once_while_the_main_thread_waits(monkeypatch, caplog):
+def test_second_ctrl_c_stops_at_once_while_the_main_thread_waits(tmp_path, monkeypatch,
+                                                                 caplog):
   exits, exited = [], threading.Event()
   monkeypatch.setattr(os, '_exit', lambda code: (exits.append(code), exited.set()))
   stop = ckpt_lib.StopSignals()
   before = signal.getsignal(signal.SIGINT)
-  stop.install('/runs/x/checkpoints')
+  directory = tmp_path / 'checkpoints'
+  for name in ('2', '4', '6.orbax-checkpoint-tmp-1'):  # 6 was being written
+    (directory / name).mkdir(parents=True)
+  stop.install(str(directory))
   try:
     os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt: a request to stop
     for _ in range(500):
@@ -274,8 +278,8 @@ def test_second_ctrl_c_stops_at_once_while_the_main_thread_waits(monkeypatch, ca
   assert signal.getsignal(signal.SIGINT) is before
   said = [r.getMessage() for r in caplog.records]
   assert any(m.startswith('Ctrl-C: saving a checkpoint') for m in said), said
-  assert any(m.startswith('Ctrl-C again: stopped without saving; /runs/x/checkpoints keeps')
-             for m in said), said
+  assert (f'Ctrl-C again: stopped without saving. Latest complete checkpoint: '
+          f'{directory}/4.') in said, said
 
 
 def _launch(*args, timeout=300):
