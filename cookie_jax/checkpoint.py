@@ -18,6 +18,7 @@ import threading
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -73,6 +74,92 @@ def abstract_with_shardings(tree, shardings):
                       tree, shardings)
 
 
+class StopSignals:
+  """SIGTERM and Ctrl-C (SIGINT) as requests to save at the current step and stop.
+
+  Python runs a signal handler in the main thread only between bytecodes, so not while
+  that thread compiles or waits for the devices. A watcher thread, woken by
+  `signal.set_wakeup_fd` on every delivery, answers at once instead: it says that the
+  request is heard, and a second Ctrl-C ends the process there and then (exit 130),
+  without saving. Checkpoints are written to a temporary folder and renamed when
+  complete, so the latest complete one stays the latest.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signal = None  # the first stop signal received
+    self._interrupts = 0
+    self._previous = None
+
+  def install(self, directory: str) -> None:
+    if threading.current_thread() is not threading.main_thread():
+      return  # signal handlers can only be set from the main thread
+    self._directory = directory
+    self._previous = {s: signal.getsignal(s) for s in self.SIGNALS}
+    for s in self.SIGNALS:
+      # The handler only keeps Python from raising KeyboardInterrupt mid-step; the
+      # watcher counts each delivery once.
+      signal.signal(s, self._handle)
+    read_fd, self._write_fd = os.pipe()
+    os.set_blocking(self._write_fd, False)
+    self._previous_wakeup = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+    threading.Thread(target=self._watch, args=(read_fd,), name='stop_signals',
+                     daemon=True).start()
+
+  def restore(self) -> None:
+    if self._previous is None:
+      return
+    signal.set_wakeup_fd(self._previous_wakeup)
+    os.close(self._write_fd)  # ends the watcher
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+    self._previous = None
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signal is None:
+      self.signal = signum
+
+  def _watch(self, read_fd: int) -> None:
+    with os.fdopen(read_fd, 'rb', buffering=0) as pipe:
+      while data := pipe.read(64):
+        for signum in data:
+          self._received(signum)
+
+  def _received(self, signum: int) -> None:
+    if signum not in self.SIGNALS:
+      return
+    if self.signal is None:
+      self.signal = signum
+    if signum != signal.SIGINT:
+      logging.warning('SIGTERM received: saving a checkpoint at the current step, then '
+                      'stopping.')
+      return
+    self._interrupts += 1
+    if self._interrupts == 1:
+      _say('Ctrl-C: saving a checkpoint at the current step, then stopping (Ctrl-C again '
+           'stops at once, without saving).')
+      return
+    _say(f'Ctrl-C again: stopped without saving. Latest complete checkpoint: '
+         f'{_latest_on_disk(self._directory)}.')
+    os._exit(130)  # pylint: disable=protected-access
+
+
+def _latest_on_disk(directory: str) -> str:
+  """DIR/N of the newest finished step (orbax renames a save to its step when done)."""
+  try:
+    steps = [int(p.name) for p in epath.Path(directory).iterdir() if p.name.isdigit()]
+  except OSError:
+    steps = []
+  return f'{directory}/{max(steps)}' if steps else 'none'
+
+
+def _say(message: str) -> None:
+  logging.warning('%s', message)
+  logging.flush()
+
+
 class Checkpointer:
   """Saving, retention, resume and preemption for one workdir."""
 
@@ -89,31 +176,24 @@ class Checkpointer:
         create=True)
     self.manager = ocp.CheckpointManager(self.directory, item_handlers=_handlers(),
                                          options=options)
-    self._preempted = threading.Event()
+    self._stop = StopSignals()
 
-  # Preemption ---------------------------------------------------------------------------
-  def install_sigterm_handler(self):
-    """SIGTERM (how TPU/GPU schedulers preempt) asks the loop to save and stop."""
-    if threading.current_thread() is not threading.main_thread():
-      return
-    previous = signal.getsignal(signal.SIGTERM)
+  # Preemption and Ctrl-C ----------------------------------------------------------------
+  def install_stop_handlers(self):
+    """SIGTERM (how schedulers preempt) and Ctrl-C ask the loop to save and stop."""
+    self._stop.install(self.directory)
 
-    def handler(signum, frame):
-      logging.warning('SIGTERM received: saving a checkpoint at the current step, then '
-                      'stopping.')
-      self._preempted.set()
-      del signum, frame
-    signal.signal(signal.SIGTERM, handler)
-    self._previous_handler = previous
+  def restore_stop_handlers(self):
+    self._stop.restore()
 
-  def restore_sigterm_handler(self):
-    if getattr(self, '_previous_handler', None) is not None:
-      signal.signal(signal.SIGTERM, self._previous_handler)
-      self._previous_handler = None
+  @property
+  def stop_signal(self) -> int | None:
+    """The signal that asked the run to stop (SIGTERM or SIGINT), if one did."""
+    return self._stop.signal
 
   def preempted(self, step: int) -> bool:
     # orbax's check covers multi-host preemption notices (all hosts agree on the step).
-    return self._preempted.is_set() or self.manager.reached_preemption(step)
+    return self._stop.signal is not None or self.manager.reached_preemption(step)
 
   # Save / restore -----------------------------------------------------------------------
   def should_save(self, step: int) -> bool:

@@ -150,12 +150,60 @@ def _presets():
   return PRESETS
 
 
+# Names other code bases give our keys, which string similarity alone would not find.
+KEY_SYNONYMS = {
+    'learning_rate': 'lr', 'total_steps': 'steps', 'num_steps': 'steps',
+    'max_steps': 'steps', 'train_steps': 'steps', 'global_batch_size': 'batch_size',
+    'batch': 'batch_size', 'wd': 'weight_decay', 'warmup': 'warmup_steps',
+    'grad_clip': 'clip_norm', 'max_grad_norm': 'clip_norm', 'eval_every': 'every',
+    'save_every': 'every', 'tokenizer_path': 'tokenizer', 'dataset': 'builder',
+}
+
+
+def _leaves(node, prefix=''):
+  for key, value in node.items():
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      yield from _leaves(value, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}'
+
+
+def nearest_key(path: str, schema=None) -> str | None:
+  """The valid key nearest to the dotted `path` that is not one, or None.
+
+  In order: a known synonym or the same name in the section the path names (for
+  'optim.learning_rate': 'optim.lr'), the same name in another section ('train.lr':
+  'optim.lr'), then the most similar name in the section, then anywhere.
+  """
+  schema = default_config() if schema is None else schema
+  parts, node = path.split('.'), schema
+  for i, part in enumerate(parts):
+    if not isinstance(node, (ml_collections.ConfigDict, dict)):
+      return '.'.join(parts[:i])  # the path goes on below a value
+    if part not in node:
+      break
+    node = node[part]
+  else:
+    return None  # a valid key
+  done, leaves, leaf = parts[:i], list(_leaves(schema)), KEY_SYNONYMS.get(part, part)
+  if leaf in node:
+    return '.'.join(done + [leaf] + parts[i + 1:])
+  elsewhere = [p for p in leaves if p.rsplit('.', 1)[-1] == leaf]
+  close = difflib.get_close_matches(part, list(node.keys()), n=1)
+  if not elsewhere and close:
+    guess = '.'.join(done + close + parts[i + 1:])
+    return guess if guess in leaves else '.'.join(done + close)
+  names = {p.rsplit('.', 1)[-1]: p for p in reversed(leaves)}  # each name's first path
+  close = elsewhere or [names[n] for n in difflib.get_close_matches(part, list(names), n=1)]
+  return close[0] if close else None
+
+
 def _check_keys(config, schema, prefix=''):
   for key in config.keys():
     path = f'{prefix}{key}'
     if key not in schema:
-      close = difflib.get_close_matches(key, list(schema.keys()), n=1)
-      hint = f" Did you mean '{prefix}{close[0]}'?" if close else ''
+      close = nearest_key(key, schema)
+      hint = f" Did you mean '{prefix}{close}'?" if close else ''
       raise ConfigError(
           f"Unknown config key '{path}'.{hint} Valid keys here: {sorted(schema.keys())}.")
     value, ref = config[key], schema[key]

@@ -1,10 +1,10 @@
 """Evaluates one checkpoint of a training run: `evaluate_checkpoint(config, workdir)`.
 
-It writes into WORKDIR/eval/ (process 0 only):
-  <split>-<step>.json           every retrieval metric, plus the Recall@K curve;
-  <split>-<step>-recall.png     R@K for K = 1..50, image->text and text->image;
-  <split>-<step>-examples.png   image queries with their top-5 captions and caption queries
-                                with their top-5 images, ground truth marked.
+It writes into WORKDIR/eval/ (process 0 only), as retrieval-<split>-<layout>-<step>...:
+  ....json           every retrieval metric, plus the Recall@K curve;
+  ...-recall.png     R@K for K = 1..50, image->text and text->image;
+  ...-examples.png   image queries with their top-5 captions and caption queries with
+                     their top-5 images, ground truth marked.
 
 Each side of the split is encoded once. The metrics come from `evaluate.metrics_from_embeddings`
 on those embeddings (so they equal `evaluate.evaluate_retrieval`, which would encode
@@ -25,6 +25,7 @@ import numpy as np
 from cookie_jax import checkpoint as ckpt_lib
 from cookie_jax import evaluate, retrieval, sharding
 from cookie_jax.config import ConfigError, config_from_dict, validate_config
+from cookie_jax.data import tokenizer as tok_lib
 from cookie_jax.metrics import write_json
 
 EXAMPLE_IMAGE_QUERIES = 6
@@ -33,11 +34,15 @@ EXAMPLE_TOP_K = 5
 CURVE_MAX_K = 50
 
 
-def output_paths(workdir: str, split: str, step: int) -> dict[str, str]:
-  """Where `evaluate_checkpoint` writes: {'json', 'recall', 'examples'}."""
+def output_paths(workdir: str, split: str, step: int, *, layout: str = 'full',
+                 task: str = 'retrieval') -> dict[str, str]:
+  """Where `evaluate_checkpoint` writes: {'json', 'recall', 'examples'}, named
+  WORKDIR/eval/<task>-<split>-<layout>-<step>..., so that no two evaluations of one
+  checkpoint overwrite each other (an empty part is left out)."""
   # A tfds split expression such as 'test[:100]' must not become a path.
   name = re.sub(r'[^A-Za-z0-9_.+-]+', '_', split).strip('_') or 'split'
-  base = os.path.join(os.fspath(workdir), 'eval', f'{name}-{step}')
+  stem = '-'.join(part for part in (task, name, layout, str(step)) if part)
+  base = os.path.join(os.fspath(workdir), 'eval', stem)
   return {'json': f'{base}.json', 'recall': f'{base}-recall.png',
           'examples': f'{base}-examples.png'}
 
@@ -171,6 +176,26 @@ def _spread(n: int, count: int, offset: float = 0.0) -> np.ndarray:
   return np.unique(np.minimum(((np.arange(count) + offset) * step).astype(np.int64), n - 1))
 
 
+def _topk_as_ranked(queries, labels, placed, gallery_labels, k: int):
+  """The top k in the order the (pessimistic) rank counts them: among equal scores,
+  negatives before ground truth, so that a truth listed at position p has rank p and one
+  of rank > k is not listed. Equal scores are common: identical captions embed alike.
+
+  Every item tied with the k-th is fetched first (the fetch doubles until the last score
+  fetched is below the k-th's), so that a tie cut by the fetch cannot change the order.
+  """
+  fetch = min(placed.size, 2 * k)
+  while True:
+    scores, top = retrieval.sharded_topk(queries, placed, fetch)
+    if fetch == placed.size or np.all(scores[:, -1] < scores[:, k - 1]):
+      break
+    fetch = min(placed.size, 2 * fetch)
+  truth = np.asarray(gallery_labels)[top] == np.asarray(labels)[:, None]
+  order = np.lexsort((truth, -scores), axis=-1)[:, :k]  # stable: by index within a tie
+  return (np.take_along_axis(scores, order, axis=-1),
+          np.take_along_axis(top, order, axis=-1))
+
+
 def example_results(images, texts, index, *, mesh, top_k: int = EXAMPLE_TOP_K,
                     num_image_queries: int = EXAMPLE_IMAGE_QUERIES,
                     num_text_queries: int = EXAMPLE_TEXT_QUERIES) -> dict[str, dict]:
@@ -178,7 +203,8 @@ def example_results(images, texts, index, *, mesh, top_k: int = EXAMPLE_TOP_K,
 
   Returns {'i2t': {...}, 't2i': {...}}, each with `queries`, top-k `indices` and `scores`,
   `ranks`, the exact 1-based rank of each query's best ground truth, and `truths`, the
-  gallery index of that ground truth.
+  gallery index of that ground truth. The top-k lists equal scores as the rank counts
+  them (negatives first), so a listed truth's position is its rank.
   """
   ids = np.arange(len(images), dtype=np.int32)
   out = {}
@@ -188,8 +214,8 @@ def example_results(images, texts, index, *, mesh, top_k: int = EXAMPLE_TOP_K,
       ('t2i', texts, index, images, ids, num_text_queries, 0.5)):
     chosen = _spread(len(queries), count, offset)
     placed = retrieval.prepare_gallery(gallery, mesh, labels=gallery_labels)
-    scores, top = retrieval.sharded_topk(queries[chosen], placed,
-                                         min(top_k, len(gallery)))
+    scores, top = _topk_as_ranked(queries[chosen], labels[chosen], placed, gallery_labels,
+                                  min(top_k, len(gallery)))
     ranks = retrieval.positive_ranks(queries[chosen], labels[chosen], placed)
     truths = []
     for q in chosen:
@@ -261,7 +287,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict | None, workdir: str, 
     layout: 'full', 'coco1k' or 'msrvtt1k' (see cookie_jax/evaluate.py).
     pictures: also draw the example and Recall@K PNGs.
   Returns:
-    What WORKDIR/eval/<split>-<step>.json holds: the metrics of `evaluate_retrieval`
+    What the JSON file (`output_paths`) holds: the metrics of `evaluate_retrieval`
     (i2t_r1, ..., rsum, t2t_*; v2t_* / t2v_* for video), `step`, `split`, `layout`, the
     split's sizes and `recall_curve` ({'k', 'i2t', 't2i'} or {'k', 'v2t', 't2v'}); and
     `files`, the paths written.
@@ -274,6 +300,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict | None, workdir: str, 
                            num_devices=jax.device_count())
   mesh = sharding.make_mesh(config.mesh)
   from cookie_jax.data import pipeline  # TensorFlow loads here, not at import time.
+  tok_lib.check_run_tokenizer(workdir, pipeline.load_tokenizer(config.data), 'evaluation')
   data = _eval_data(pipeline, config, split, layout)
   graphdef, params = restore_params(config, directory, step, mesh)
   logging.info('Evaluating %s/%d on %s (%d images, %d captions).', directory, step,
@@ -293,7 +320,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict | None, workdir: str, 
   result.update(step=step, split=split, layout=layout, num_images=data.num_images,
                 num_captions=data.num_captions, recall_curve=curve)
 
-  paths = output_paths(workdir, split, step)
+  paths = output_paths(workdir, split, step, layout=layout)
   write_json(paths['json'], result)
   result['files'] = paths if pictures else {'json': paths['json']}
   if pictures:

@@ -7,6 +7,7 @@ writer, which needs no TensorFlow.
 import json
 import math
 import os
+import sys
 import time
 from typing import Mapping
 
@@ -16,6 +17,29 @@ import numpy as np
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 import tqdm
+
+
+class _AboveTheBar:
+  """Log lines written above a tqdm progress bar (`tqdm.write`), not through it."""
+
+  def __init__(self, stream):
+    self.stream = stream
+
+  def write(self, text: str) -> None:
+    if text.strip():
+      tqdm.tqdm.write(text.rstrip('\n'), file=self.stream)
+
+  def flush(self) -> None:
+    self.stream.flush()
+
+
+def _logs_above_bar(enable: bool) -> None:
+  """While a bar is shown, absl's console lines (ours and the libraries') go above it."""
+  handler = logging.get_absl_handler().python_handler
+  if enable and handler.stream is sys.stderr:
+    handler.stream = _AboveTheBar(sys.stderr)
+  elif not enable and isinstance(handler.stream, _AboveTheBar):
+    handler.stream = handler.stream.stream
 
 
 def _scalar(v) -> float:
@@ -38,6 +62,7 @@ class MetricWriter:
     if progress:
       self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step',
                             dynamic_ncols=True, mininterval=1.0)
+      _logs_above_bar(True)
 
   def write(self, step: int, metrics: Mapping[str, float], prefix: str = '') -> None:
     if not self.enabled:
@@ -71,6 +96,7 @@ class MetricWriter:
       return
     if self._bar is not None:
       self._bar.close()
+      _logs_above_bar(False)
     self._jsonl.close()
     self._tb.close()
 

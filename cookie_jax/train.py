@@ -11,6 +11,7 @@ The loop keeps the host ahead of the devices, so that they never wait for it:
 """
 
 import os
+import signal
 import time
 
 from absl import logging
@@ -23,6 +24,7 @@ from cookie_jax import metrics as metrics_lib
 from cookie_jax import objectives
 from cookie_jax import sharding, step as step_lib
 from cookie_jax.config import ConfigError, validate_config
+from cookie_jax.data import tokenizer as tok_lib
 
 
 class NonFiniteError(RuntimeError):
@@ -30,7 +32,24 @@ class NonFiniteError(RuntimeError):
 
 
 class PreemptedError(RuntimeError):
-  """Not an error of the run: it was asked to stop (SIGTERM) and saved its state."""
+  """Not an error of the run: it was asked to stop (SIGTERM, Ctrl-C) and saved its state.
+
+  `exit_code` is what the launcher exits with: 0 for SIGTERM or a preemption notice (the
+  scheduler's request, done), 130 for Ctrl-C (the shell's code for an interrupt).
+  """
+
+  def __init__(self, message: str, exit_code: int = 0):
+    super().__init__(message)
+    self.exit_code = exit_code
+
+
+def _stopped(step: int, ckpt) -> PreemptedError:
+  where = f'{ckpt.directory}/{step}'
+  if ckpt.stop_signal == signal.SIGINT:
+    return PreemptedError(f'Interrupted (Ctrl-C) at step {step}; saved {where}. Re-run the '
+                          'same command to resume.', exit_code=130)
+  return PreemptedError(f'Preempted at step {step}; checkpoint saved in {ckpt.directory}. '
+                        'Re-run the same command to resume.')
 
 
 def _check_workdir(workdir: str) -> None:
@@ -66,6 +85,23 @@ def _input(config, mesh):
   return pipeline, train_iter
 
 
+def _announce_compile(train_step):
+  """The first call compiles the step (tens of seconds on a CPU): say so, and how long."""
+  first = True
+
+  def call(state, batch):
+    nonlocal first
+    if not first:
+      return train_step(state, batch)
+    first = False
+    logging.info('compiling the train step...')
+    start = time.perf_counter()
+    out = train_step(state, batch)  # returns once compiled and dispatched
+    logging.info('compiled the train step in %.1f s', time.perf_counter() - start)
+    return out
+  return call
+
+
 def _evaluate(pipeline, config, setup, params, split):
   from cookie_jax import evaluate  # pylint: disable=g-import-not-at-top
   data = pipeline.eval_data(config.data, split, image_size=config.model.vision.image_size,
@@ -79,9 +115,10 @@ def restore_or_initialise(config, ckpt, state, setup):
   abstract = ckpt_lib.abstract_with_shardings(state, setup.state_shardings)
   latest = ckpt.latest_step()
   if latest is not None:
-    logging.info('Resuming from %s/%d.', ckpt.directory, latest)
+    logging.info('resuming from %s/%d', ckpt.directory, latest)
     state, data_state, _ = ckpt.restore(latest, abstract)
     return state, data_state
+  logging.info('no checkpoint in %s: starting at step 0', ckpt.directory)
   if config.train.init_from:
     step = None if config.train.init_step < 0 else config.train.init_step
     # A video model's temporal transformer is new on an image-text checkpoint: it keeps
@@ -108,19 +145,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info('Mesh: %s', dict(mesh.shape))
   pipeline, train_iter = _input(config, mesh)
 
-  state, setup = step_lib.create_train_state(config, mesh)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), config.checkpoint)
+  tok_lib.keep_run_tokenizer(workdir, pipeline.load_tokenizer(config.data),
+                             resuming=ckpt.latest_step() is not None,
+                             init_from=config.train.init_from, write=jax.process_index() == 0)
+  state, setup = step_lib.create_train_state(config, mesh)
   state, data_state = restore_or_initialise(config, ckpt, state, setup)
   step = int(state.step)
   if data_state is not None:
     train_iter.set_state(data_state)
   logging.info('Objectives: %s', objectives.config_summary(config.loss))
-  train_step = step_lib.make_train_step(config, setup, objectives.mine_constants(config))
+  train_step = _announce_compile(
+      step_lib.make_train_step(config, setup, objectives.mine_constants(config)))
 
   total = config.train.steps
   writer = metrics_lib.MetricWriter(workdir, total, start_step=step,
                                     progress=config.train.progress_bar)
-  ckpt.install_sigterm_handler()
+  ckpt.install_stop_handlers()
   last_saved = ckpt.latest_step()
 
   # Model FLOPs per step, for train/tflops_per_device and train/mfu (flops.py).
@@ -194,10 +235,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if ckpt.preempted(step):
         save(step, force=True)
         ckpt.wait()
-        raise PreemptedError(f'Preempted at step {step}; checkpoint saved in '
-                             f'{ckpt.directory}. Re-run the same command to resume.')
+        raise _stopped(step, ckpt)
     save(step, force=True)
     ckpt.wait()
+    if ckpt.preempted(step):  # asked to stop in the last step: the test waits for a re-run
+      raise _stopped(step, ckpt)
     if config.eval.test_at_end:
       result = _evaluate(pipeline, config, setup, state.params, config.data.test_split)
       result['step'] = step
@@ -209,6 +251,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if hasattr(train_iter, 'close'):
       train_iter.close()
     writer.close()
-    ckpt.restore_sigterm_handler()
+    ckpt.restore_stop_handlers()
     ckpt.close()
   return {'step': step, 'train': logged, 'test': result}

@@ -1,7 +1,7 @@
 r"""Evaluates a checkpoint: `python launch/eval.py --workdir=DIR [--step=N] [--split=test]`.
 
-Writes DIR/eval/<split>-<step>.json (every retrieval metric and the Recall@K curve),
-DIR/eval/<split>-<step>-recall.png and DIR/eval/<split>-<step>-examples.png. The config
+Writes DIR/eval/retrieval-<split>-<layout>-<step>.json (every retrieval metric and the
+Recall@K curve), and beside it ...-recall.png and ...-examples.png. The config
 saved with the checkpoint is used unless --config is given (then `--config.*` overrides
 work too). See cookie_jax/evaluate_run.py.
 
@@ -87,5 +87,5 @@ def main(argv):
 
 if __name__ == '__main__':
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from cookie_jax.cli import parse_flags_or_exit  # pylint: disable=g-import-not-at-top
-  app.run(main, flags_parser=parse_flags_or_exit)
+  from cookie_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main)

@@ -34,5 +34,5 @@ def main(argv):
 
 if __name__ == '__main__':
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from cookie_jax.cli import parse_flags_or_exit  # pylint: disable=g-import-not-at-top
-  app.run(main, flags_parser=parse_flags_or_exit)
+  from cookie_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main)

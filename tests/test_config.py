@@ -96,3 +96,70 @@ def test_bad_choice_values():
   config.optim.schedule = 'cosin'
   with pytest.raises(ConfigError, match=r"optim\.schedule='cosin'.*'cosine'"):
     validate_config(config)
+
+
+def _flag_error(argv, with_config=True):
+  """What a launcher prints for `argv`: real absl + ml_collections parsing, fresh flags."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from cookie_jax import cli  # pylint: disable=g-import-not-at-top
+  values = flags.FlagValues()
+  if with_config:
+    config_flags.DEFINE_config_file('config', None, 'config', flag_values=values,
+                                    lock_config=True)
+  flags.DEFINE_string('workdir', None, 'workdir', flag_values=values)
+  flags.DEFINE_integer('step', -1, 'step', flag_values=values)
+  argv = ['launcher', *argv]
+  with pytest.raises(Exception) as error:  # whatever absl and ml_collections raise
+    values(argv)
+  return cli.flag_error(error.value, argv, has_config=with_config)
+
+
+TINY = f'--config={ROOT / "configs" / "base.py"}:tiny'
+
+
+@pytest.mark.parametrize('override, message', [
+    # The issue's three: each one line, with the full key and the nearest valid one.
+    ('--config.train.stepz=10', "Unknown config key 'train.stepz' "
+     "(--config.train.stepz=10). Did you mean 'train.steps'?"),
+    ('--config.optim.learning_rate=abc', "Unknown config key 'optim.learning_rate' "
+     "(--config.optim.learning_rate=abc). Did you mean 'optim.lr'?"),
+    ('--config.train.total_steps=50', "Unknown config key 'train.total_steps' "
+     "(--config.train.total_steps=50). Did you mean 'train.steps'?"),
+    ('--config.train.lr=0.1', "Unknown config key 'train.lr' (--config.train.lr=0.1). Did "
+     "you mean 'optim.lr'?"),
+    ('--noconfig.train.progress_barr', "Unknown config key 'train.progress_barr' "
+     "(--noconfig.train.progress_barr). Did you mean 'train.progress_bar'?"),
+    ('--config.train.zzz=1', "Unknown config key 'train.zzz' (--config.train.zzz=1). Keys "
+     "of train: ['accum_steps', 'batch_size', 'init_from', 'init_step', 'log_every', "
+     "'peak_flops', 'progress_bar', 'steps']."),
+])
+def test_bad_override_is_one_line_with_the_full_key_and_the_nearest(override, message):
+  assert _flag_error([TINY, override, '--workdir=/tmp/x']) == message
+
+
+def test_wrong_type_override_says_what_the_key_takes():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from cookie_jax import cli  # pylint: disable=g-import-not-at-top
+  # absl's own words for it (a private FlagValues does not register ml_collections'
+  # override flags, so this one is written out; tests/test_train.py runs the launcher).
+  error = flags.IllegalFlagValueError(
+      "flag --config.train.steps=1.5: invalid literal for int() with base 10: '1.5'")
+  assert cli.flag_error(error, ['train.py', TINY, '--config.train.steps=1.5']) == (
+      "--config.train.steps=1.5: invalid literal for int() with base 10: '1.5'; "
+      'config.train.steps takes an integer, e.g. --config.train.steps=100.')
+
+
+def test_bad_flags_of_launchers_without_a_config_are_one_line():
+  # launch/export_torch.py has no --config: the run's saved config is what it exports.
+  assert _flag_error(['--config.train.steps=5'], with_config=False) == (
+      "--config.train.steps=5: this launcher takes no --config, so there is nothing to "
+      "override; it uses the run's saved config.")
+  assert _flag_error(['--wokdir=/tmp'], with_config=False) == (
+      'Unknown flag --wokdir. Did you mean --workdir?')
+  assert _flag_error(['--step=abc'], with_config=False) == (
+      "--step=abc: invalid literal for int() with base 10: 'abc'")
+  # launch/eval.py without --config uses the run's config: an override has nothing to set.
+  assert _flag_error(['--config.train.steps=5']) == (
+      '--config.train.steps=5: --config.* overrides apply to a config file; add '
+      '--config=FILE (e.g. configs/base.py:demo).')

@@ -3,6 +3,10 @@
 import io
 import json
 import logging
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -14,6 +18,7 @@ from cookie_jax.data import defaults, pipeline, sources
 from cookie_jax.data import tokenizer as tok_lib
 from cookie_jax.data.builders import karpathy, scenes
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN, EVAL = 96, 20  # synthetic images; 3 train and 5 eval captions each
 
 
@@ -141,6 +146,48 @@ def test_synthetic_builder_sizes_captions_and_vocab(synth):
   assert pipeline.tokenizer_vocab_size(synth) == len(vocab)
   # Generation is a pure function of (seed, split, index).
   assert scenes.example(0, 'val', 7, 64, 5)[:2] == scenes.example(0, 'val', 7, 64, 5)[:2]
+
+
+def test_synthetic_vocabularies_are_the_same_bytes_on_every_build(tmp_path):
+  """Each set built twice, in two folders: the stored vocabularies are identical.
+
+  Hugging Face's trainer gave another vocabulary on every build (its ties went by
+  hash-map order); 1.1.0 of both builders uses `tok_lib.train_wordpiece`."""
+  stored = {'synthetic': [], 'synthetic_video': []}
+  for folder in ('first', 'second'):
+    cfg = _synthetic_cfg(tmp_path / folder)
+    cfg.synthetic_video.update(dict(train_clips=16, eval_clips=4))
+    for builder in stored:
+      cfg.builder = builder
+      info = sources.get_builder(cfg).info
+      assert str(info.version) == '1.1.0'
+      stored[builder].append((pathlib.Path(info.data_dir) / 'metadata.json').read_bytes())
+  for builder, (first, second) in stored.items():
+    assert first == second, builder
+    vocab = json.loads(first)['vocab']
+    assert vocab[:5] == list(tok_lib.SPECIAL_TOKENS) and len(vocab) == len(set(vocab))
+    assert {'red', 'blue', 'the'} <= set(vocab)  # whole words of both sets' captions
+
+
+def test_wordpiece_training_ignores_order_and_hash_seed_and_breaks_ties_by_token():
+  texts = ['ab cd', 'cd ab', 'abc']
+  # Pairs by count: a+##b 3 (ab twice, abc), c+##d 2, then ab+##c 1.
+  vocab = tok_lib.train_wordpiece(texts, 100)
+  assert vocab == [*tok_lib.SPECIAL_TOKENS, 'a', 'c', '##b', '##c', '##d', 'ab', 'cd',
+                   'abc']
+  assert tok_lib.train_wordpiece(reversed(texts), 100) == vocab
+  # A tie: 'xy' and 'pq' occur once each; the merge that sorts first is made first.
+  assert tok_lib.train_wordpiece(['xy pq'], 100)[-2:] == ['pq', 'xy']
+  assert tok_lib.train_wordpiece(texts, 11) == vocab[:11]  # stops at vocab_size
+  # Python's string hashing is seeded per process: other seeds, the same vocabulary.
+  code = ('import json, sys; from cookie_jax.data.builders import scenes; '
+          'from cookie_jax.data.tokenizer import train_wordpiece; '
+          "rows = scenes.examples(0, 'train', 16, 3, 0, 300); "
+          'print(json.dumps(train_wordpiece([c for r in rows for c in r[2]], 1024)))')
+  outs = [subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                         check=True, cwd=ROOT, env=dict(os.environ, PYTHONHASHSEED=seed)
+                         ).stdout for seed in ('1', '2')]
+  assert outs[0] == outs[1] and len(json.loads(outs[0])) > 100
 
 
 def test_synthetic_scenes_need_composition_and_captions_are_true():
@@ -437,3 +484,45 @@ def test_validate_data_config_names_key_value_and_fix():
     cfg.update(change)
     with pytest.raises(ValueError, match=message):
       defaults.validate_data_config(cfg)
+
+
+# -- the run's own tokenizer --
+
+
+def test_run_tokenizer_is_kept_checked_and_refused_when_it_differs(tmp_path, caplog):
+  words = ['red', 'blue', 'circle', 'square']
+  tok = tok_lib.finalize(tok_lib.wordpiece_tokenizer([*tok_lib.SPECIAL_TOKENS, *words]), 8)
+  run = tmp_path / 'run'
+  run.mkdir()
+  tok_lib.keep_run_tokenizer(str(run), tok, resuming=False)
+  saved = tok_lib.read_run_tokenizer(str(run / 'checkpoints' / '5'))  # any folder of it
+  assert saved.get_vocab() == tok.get_vocab() and saved.padding is None  # max_len-free
+  same = tok_lib.finalize(tok_lib.wordpiece_tokenizer([*tok_lib.SPECIAL_TOKENS, *words]), 16)
+  tok_lib.keep_run_tokenizer(str(run), same, resuming=True)  # resume: the same one
+  tok_lib.check_run_tokenizer(str(run), same, 'evaluation')
+
+  swapped = [*tok_lib.SPECIAL_TOKENS, 'red', 'blue', 'square', 'circle']
+  other = tok_lib.finalize(tok_lib.wordpiece_tokenizer(swapped), 8)
+  expected = (r"evaluation is not the one .*run was trained with \(9 tokens in the run, 9 "
+              r"in the dataset; first difference at id 7: 'circle' in the run, 'square' in "
+              r"the dataset\).*--config.data.tokenizer=.*run/tokenizer.json")
+  with pytest.raises(tok_lib.TokenizerMismatchError, match=expected):
+    tok_lib.check_run_tokenizer(str(run), other, 'evaluation')
+  with pytest.raises(tok_lib.TokenizerMismatchError, match='resuming this run'):
+    tok_lib.keep_run_tokenizer(str(run), other, resuming=True)
+  # Fine-tuning from the run checks against it; the new run then keeps its own copy.
+  new = tmp_path / 'finetune'
+  new.mkdir()
+  with pytest.raises(tok_lib.TokenizerMismatchError, match=f'fine-tuning from {run}'):
+    tok_lib.keep_run_tokenizer(str(new), other, resuming=False, init_from=str(run))
+  assert not (new / 'tokenizer.json').exists()
+  tok_lib.keep_run_tokenizer(str(new), same, resuming=False, init_from=str(run))
+  assert tok_lib.read_run_tokenizer(str(new)).get_vocab() == tok.get_vocab()
+
+  # A run from before tokenizer.json: one note, and the dataset's tokenizer as before.
+  old = tmp_path / 'old'
+  old.mkdir()
+  with caplog.at_level(logging.WARNING):
+    tok_lib.check_run_tokenizer(str(old), other, 'evaluation')
+  notes = [r.getMessage() for r in caplog.records if 'predates' in r.getMessage()]
+  assert len(notes) == 1 and str(old) in notes[0], caplog.records

@@ -82,7 +82,7 @@ def test_metrics_equal_evaluate_retrieval_and_pictures_are_written(run):
   result = evaluate_run.evaluate_checkpoint(None, workdir, progress=False)
   paths = evaluate_run.output_paths(workdir, 'test', 2)
   assert result['step'] == 2 and result['files'] == paths
-  assert paths['json'].endswith(os.path.join('eval', 'test-2.json'))
+  assert paths['json'].endswith(os.path.join('eval', 'retrieval-test-full-2.json'))
   with open(paths['json'], encoding='utf-8') as f:
     saved = json.load(f)
   reference = _reference_metrics(config, workdir, 2)
@@ -117,6 +117,14 @@ def test_step_selection_and_clear_errors(run):
   assert result['step'] == 1 and set(result['files']) == {'json'}
   with open(evaluate_run.output_paths(workdir, 'test', 1)['json'], encoding='utf-8') as f:
     assert json.load(f)['step'] == 1
+
+  # Another layout of the same checkpoint and split is another file: nothing is overwritten.
+  coco = evaluate_run.evaluate_checkpoint(None, workdir, step=1, layout='coco1k',
+                                          progress=False, pictures=False)
+  assert coco['files']['json'].endswith(os.path.join('eval', 'retrieval-test-coco1k-1.json'))
+  with open(evaluate_run.output_paths(workdir, 'test', 1)['json'], encoding='utf-8') as f:
+    full = json.load(f)
+  assert full['layout'] == 'full' and full['rsum'] == result['rsum'] != coco['rsum']
 
   with pytest.raises(FileNotFoundError, match=r'--step=7: .* steps \[1, 2\] only'):
     evaluate_run.evaluate_checkpoint(None, workdir, step=7)
@@ -158,3 +166,57 @@ def test_launcher_without_checkpoints_is_one_line(tmp_path):
   assert len(lines) == 1 and 'Traceback' not in out.stderr, out.stderr
   assert lines[0].startswith('error: ') and 'no checkpoints' in lines[0], lines
   assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_examples_list_ties_in_the_order_the_rank_counts_them():
+  """Identical captions score alike; the pictures' lists and ranks must agree on them."""
+  mesh = sharding.make_mesh(default_config('tiny').mesh)
+  e = np.eye(3, dtype=np.float32)
+  images = e  # image i = e_i
+  # Caption 0 (image 0's only one) equals the six captions of image 1; caption 7 is image 2's.
+  texts = np.stack([e[0]] * 7 + [e[2]])
+  index = np.asarray([0, 1, 1, 1, 1, 1, 1, 2], np.int32)
+  ex = evaluate_run.example_results(images, texts, index, mesh=mesh, top_k=5,
+                                    num_image_queries=3, num_text_queries=8)
+  i2t = ex['i2t']
+  assert i2t['queries'].tolist() == [0, 1, 2]
+  # Image 0: its caption ties with six negatives, so it is counted 7th and not listed.
+  assert i2t['ranks'].tolist() == [7, 3, 1]
+  assert i2t['indices'][0].tolist() == [1, 2, 3, 4, 5]
+  # Image 1 scores 0 with every caption: the two negatives first, then its own.
+  assert i2t['indices'][1].tolist() == [0, 7, 1, 2, 3]
+  assert i2t['indices'][2][0] == 7 and np.all(i2t['scores'][:, :-1] >= i2t['scores'][:, 1:])
+  for direction, labels_of_gallery, query_labels in (
+      ('i2t', index, np.arange(3)), ('t2i', np.arange(3), index)):
+    d = ex[direction]
+    for q, top, rank in zip(d['queries'], d['indices'], d['ranks']):
+      truth = np.flatnonzero(labels_of_gallery[top] == query_labels[q])
+      listed = int(truth[0]) + 1 if truth.size else None
+      assert listed == (rank if rank <= top.size else None), (direction, q, top, rank)
+
+
+def test_dataset_with_another_vocabulary_is_refused(run, tmp_path, caplog):
+  """A run evaluated on a dataset whose tokenizer is not the run's: one clear error."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from cookie_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  _, workdir = run
+  saved = json.loads((pathlib.Path(workdir) / 'tokenizer.json').read_text())
+  copy = tmp_path / 'run'
+  shutil.copytree(workdir, copy)
+  vocab = saved['model']['vocab']
+  first, second = sorted(vocab, key=vocab.get)[20:22]
+  vocab[first], vocab[second] = vocab[second], vocab[first]  # two ids trade places
+  (copy / 'tokenizer.json').write_text(json.dumps(saved))
+  with pytest.raises(tok_lib.TokenizerMismatchError,
+                     match=rf"first difference at id 20: '{second}' in the run, '{first}'"):
+    evaluate_run.evaluate_checkpoint(None, str(copy), progress=False, pictures=False)
+  out = _launch(f'--workdir={copy}', '--nopictures', '--noprogress')
+  assert out.returncode == 1 and 'Traceback' not in out.stderr, out.stderr[-2000:]
+  assert out.stderr.strip().splitlines()[-1].startswith(
+      'error: The tokenizer for evaluation is not the one'), out.stderr[-2000:]
+  # A run from before tokenizer.json is evaluated as before, with a note.
+  (copy / 'tokenizer.json').unlink()
+  with caplog.at_level('WARNING'):
+    result = evaluate_run.evaluate_checkpoint(None, str(copy), progress=False,
+                                              pictures=False)
+  assert result['step'] == 2 and any('predates' in r.getMessage() for r in caplog.records)

@@ -4,8 +4,10 @@ transformers and PyTorch, all compared number for number against transformers it
 import importlib.util
 import io
 import json
+import os
 import pathlib
 import shutil
+import stat
 import subprocess
 import sys
 import types
@@ -581,6 +583,29 @@ def test_export_run_errors_and_missing_tokenizer(trained_run, tmp_path, monkeypa
   assert result['step'] == 3 and not result['tokenizer']
   assert not (tmp_path / 'out' / 'text_encoder' / 'tokenizer.json').exists()
   _loads_cleanly(transformers.BertModel, tmp_path / 'out' / 'text_encoder')
+
+
+def test_export_takes_the_runs_own_tokenizer_and_every_file_is_mode_0644(
+    trained_run, tmp_path, monkeypatch):
+  workdir = tmp_path / 'work'
+  shutil.copytree(trained_run.workdir, workdir)
+  run_vocab = [*tok_lib.SPECIAL_TOKENS, *WORDS, 'zebra']  # not config.data.tokenizer's
+  tok_lib.save_run_tokenizer(str(workdir), tok_lib.wordpiece_tokenizer(run_vocab))
+
+  def unused(*args, **kwargs):
+    raise AssertionError('the export read config.data.tokenizer, not the run\'s own')
+  monkeypatch.setattr(tok_lib, 'tokenizer_from_path', unused)
+  out = tmp_path / 'out'
+  assert hf_export.export_run(str(workdir), str(out))['tokenizer']
+  assert (out / 'text_encoder' / 'vocab.txt').read_text().split('\n')[:-1] == run_vocab
+  umask = os.umask(0)
+  os.umask(umask)
+  for export in (out, trained_run.out):  # export_run here, launch/export_torch.py there
+    modes = {str(p.relative_to(export)): oct(stat.S_IMODE(p.stat().st_mode))
+             for p in export.rglob('*') if p.is_file()}
+    assert 'cookie.safetensors' in modes and 'text_encoder/model.safetensors' in modes
+    # What open() gives a new file (0o644 under the usual umask 022), safetensors too.
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
 
 
 @pytest.mark.parametrize('overrides', [

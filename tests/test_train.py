@@ -4,10 +4,13 @@ the non-finite guard, fine-tuning init, and the launcher's error lines."""
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import jax
 import numpy as np
@@ -84,11 +87,13 @@ def test_sigterm_then_resume_is_identical_to_an_uninterrupted_run(tmp_path, data
       return out
     return step_fn
   monkeypatch.setattr(step_lib, 'make_train_step', make_with_sigterm)
-  handler_before = signal.getsignal(signal.SIGTERM)
-  with pytest.raises(train.PreemptedError, match='Preempted at step 3'):
+  handlers_before = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
+  with pytest.raises(train.PreemptedError, match='Preempted at step 3') as stopped:
     train.train_and_evaluate(config, interrupted)
+  assert stopped.value.exit_code == 0  # a scheduler's request, done
   monkeypatch.setattr(step_lib, 'make_train_step', real_make)
-  assert signal.getsignal(signal.SIGTERM) == handler_before
+  assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)] == handlers_before
+  assert signal.set_wakeup_fd(-1) == -1  # and no wakeup fd left behind
   assert sorted(os.listdir(os.path.join(interrupted, 'checkpoints'))) == ['2', '3']
   result = train.train_and_evaluate(config, interrupted)   # resumes at 3
   assert result['step'] == 6
@@ -111,6 +116,9 @@ def test_sigterm_then_resume_is_identical_to_an_uninterrupted_run(tmp_path, data
   assert data_a == data_b and int(state_a.step) == int(state_b.step) == 6
   for p, q in zip(jax.tree.leaves(state_a.params), jax.tree.leaves(state_b.params)):
     np.testing.assert_allclose(p, q, rtol=0, atol=1e-6)
+  # Both runs kept the tokenizer they trained with, the same one (checked on resume).
+  assert (pathlib.Path(straight, 'tokenizer.json').read_bytes()
+          == pathlib.Path(interrupted, 'tokenizer.json').read_bytes())
   tb = os.listdir(os.path.join(straight, 'tensorboard'))
   assert any(f.startswith('events.out.tfevents') for f in tb)
 
@@ -230,6 +238,50 @@ def test_init_from_a_different_model_names_the_parameter(tmp_path):
     ckpt_lib.load_params(str(tmp_path / 'nowhere'), jax.eval_shape(lambda: other.params))
 
 
+def test_finetuning_from_a_run_with_another_tokenizer_is_refused(tmp_path, data_dir):
+  from cookie_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  pretrained = tmp_path / 'pretrained'
+  pretrained.mkdir()
+  tok_lib.save_run_tokenizer(
+      str(pretrained), tok_lib.wordpiece_tokenizer([*tok_lib.SPECIAL_TOKENS, 'zebra']))
+  config = _config(data_dir)
+  config.train.init_from = str(pretrained)
+  with pytest.raises(tok_lib.TokenizerMismatchError,
+                     match=f'fine-tuning from {pretrained} is not the one'):
+    train.train_and_evaluate(config, str(tmp_path / 'finetune'))
+  assert not (tmp_path / 'finetune' / 'tokenizer.json').exists()
+
+
+def test_second_ctrl_c_stops_at_once_while_the_main_thread_waits(tmp_path, monkeypatch,
+                                                                 caplog):
+  exits, exited = [], threading.Event()
+  monkeypatch.setattr(os, '_exit', lambda code: (exits.append(code), exited.set()))
+  stop = ckpt_lib.StopSignals()
+  before = signal.getsignal(signal.SIGINT)
+  directory = tmp_path / 'checkpoints'
+  for name in ('2', '4', '6.orbax-checkpoint-tmp-1'):  # 6 was being written
+    (directory / name).mkdir(parents=True)
+  stop.install(str(directory))
+  try:
+    os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt: a request to stop
+    for _ in range(500):
+      if stop.signal is not None:
+        break
+      time.sleep(0.01)
+    assert stop.signal == signal.SIGINT and not exits
+    os.kill(os.getpid(), signal.SIGINT)
+    # This thread is blocked in a wait, as it would be in a compile or a device wait:
+    # the watcher thread ends the process (here: records the exit) without it.
+    assert exited.wait(10) and exits == [130]
+  finally:
+    stop.restore()
+  assert signal.getsignal(signal.SIGINT) is before
+  said = [r.getMessage() for r in caplog.records]
+  assert any(m.startswith('Ctrl-C: saving a checkpoint') for m in said), said
+  assert (f'Ctrl-C again: stopped without saving. Latest complete checkpoint: '
+          f'{directory}/4.') in said, said
+
+
 def _launch(*args, timeout=300):
   env = dict(os.environ)
   env.pop('XLA_FLAGS', None)
@@ -237,13 +289,57 @@ def _launch(*args, timeout=300):
                         capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
-def test_launcher_unknown_override_is_one_line_and_nonzero(tmp_path):
-  out = _launch('--config=configs/base.py:tiny', '--config.model.vison.width=3',
-                f'--workdir={tmp_path}')
-  assert out.returncode != 0
-  lines = [l for l in out.stderr.splitlines() if l.strip()]
-  assert len(lines) <= 2 and 'Traceback' not in out.stderr, out.stderr
-  assert 'vison' in out.stderr
+def _tiny_run_flags(tmp_path, steps):
+  return ['--config=configs/base.py:tiny', f'--workdir={tmp_path / "run"}',
+          f'--config.data.data_dir={tmp_path / "tfds"}',
+          '--config.data.synthetic.train_images=64', '--config.data.synthetic.eval_images=16',
+          '--config.data.synthetic.image_size=16', '--config.model.vision.image_size=16',
+          '--config.model.vision.depth=1', '--config.model.text.depth=1',
+          f'--config.train.steps={steps}', '--config.train.log_every=1',
+          '--config.train.progress_bar=False', '--config.eval.test_at_end=False']
+
+
+def test_ctrl_c_saves_exits_130_in_one_line_and_the_rerun_says_it_resumes(tmp_path):
+  """A real SIGINT to launch/train.py, as a terminal's Ctrl-C sends it."""
+  env = dict(os.environ)
+  env.pop('XLA_FLAGS', None)
+  proc = subprocess.Popen([sys.executable, str(ROOT / 'launch' / 'train.py'),
+                           *_tiny_run_flags(tmp_path, 100_000)], stderr=subprocess.PIPE,
+                          stdout=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
+  metrics = tmp_path / 'run' / 'metrics.jsonl'
+  deadline = time.time() + 600
+  while proc.poll() is None and time.time() < deadline:
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+      break
+    time.sleep(0.2)
+  assert proc.poll() is None, proc.communicate()[1][-3000:]
+  proc.send_signal(signal.SIGINT)
+  _, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 130, stderr[-3000:]
+  assert 'Traceback' not in stderr and 'KeyboardInterrupt' not in stderr, stderr[-3000:]
+  directory = tmp_path / 'run' / 'checkpoints'
+  assert f'no checkpoint in {directory}: starting at step 0' in stderr
+  last = stderr.strip().splitlines()[-1]
+  saved = re.fullmatch(r'Interrupted \(Ctrl-C\) at step (\d+); saved (.+)/(\d+)\. Re-run the '
+                       r'same command to resume\.', last)
+  assert saved and saved[2] == str(directory) and saved[1] == saved[3], last
+  step = int(saved[1])
+  assert step >= 3 and str(step) in os.listdir(directory)
+  out = _launch(*_tiny_run_flags(tmp_path, step))  # nothing left to train: it resumes, ends
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f'resuming from {directory}/{step}' in out.stderr, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize('override, line', [
+    ('--config.train.stepz=10', "error: Unknown config key 'train.stepz' "
+     "(--config.train.stepz=10). Did you mean 'train.steps'?"),
+    ('--config.optim.lr=abc', "error: --config.optim.lr=abc: could not convert string to "
+     "float: 'abc'; config.optim.lr takes a number, e.g. --config.optim.lr=0.001."),
+])
+def test_launcher_bad_override_is_one_clean_line(tmp_path, override, line):
+  out = _launch('--config=configs/base.py:tiny', override, f'--workdir={tmp_path}')
+  assert out.returncode == 2
+  assert out.stderr.strip().splitlines() == [line], out.stderr
 
 
 def test_launcher_misspelt_key_in_config_file_is_one_line(tmp_path):

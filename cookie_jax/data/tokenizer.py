@@ -5,23 +5,82 @@ or either file itself. For the synthetic dataset a vocabulary is trained at buil
 shipped in the dataset's metadata, so the default config runs with no download at all.
 """
 
+import collections
+import json
+import os
 import pathlib
 from typing import Iterable, Sequence
 
+from absl import logging
+from etils import epath
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from tokenizers.implementations import BertWordPieceTokenizer
 
 SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
 
 
+def _word_counts(texts: Iterable[str]) -> collections.Counter:
+  """Words as BERT's normaliser and pre-tokeniser split them (the pipeline's own steps)."""
+  normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                          strip_accents=None, lowercase=True)
+  pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  words = collections.Counter()
+  for text, n in collections.Counter(texts).items():  # each distinct caption once
+    for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)):
+      words[word] += n
+  return words
+
+
+def _merge(symbols: list, pair: tuple, token: str) -> list:
+  out, i = [], 0
+  while i < len(symbols):
+    if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+      out.append(token)
+      i += 2
+    else:
+      out.append(symbols[i])
+      i += 1
+  return out
+
+
 def train_wordpiece(texts: Iterable[str], vocab_size: int) -> list[str]:
-  """A lowercase WordPiece vocabulary (tokens in id order, specials first) from `texts`."""
-  trainer = BertWordPieceTokenizer(lowercase=True)
-  trainer.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1,
-                              special_tokens=list(SPECIAL_TOKENS), show_progress=False)
-  vocab = trainer.get_vocab()
-  return sorted(vocab, key=vocab.get)
+  """A lowercase WordPiece vocabulary (tokens in id order, specials first) from `texts`.
+
+  The algorithm of Hugging Face's WordPiece trainer (BPE merges over words split into
+  characters, non-initial ones prefixed '##'), written out so that it is deterministic:
+  that trainer breaks ties between equally frequent pairs by hash-map order, which is
+  seeded anew in every process, so the same captions gave a different vocabulary on
+  every build. Here the input order does not matter (words are counted), and ties go to
+  the merged token that sorts first, then to the pair. The vocabulary is the specials,
+  the characters, the '##' characters (each sorted), then every merge in order, until
+  `vocab_size` tokens or until every word is one token.
+  """
+  words = _word_counts(texts)
+  pieces = {w: [w[0]] + ['##' + c for c in w[1:]] for w in sorted(words)}
+  vocab = list(SPECIAL_TOKENS)
+  vocab += sorted({p[0] for p in pieces.values()} - set(vocab))
+  vocab += sorted({s for p in pieces.values() for s in p[1:]} - set(vocab))
+  known = set(vocab)
+  while len(vocab) < vocab_size:
+    pairs = collections.Counter()
+    for word, symbols in pieces.items():
+      for pair in zip(symbols, symbols[1:]):
+        pairs[pair] += words[word]
+    if not pairs:
+      break  # every word is a single token
+    (a, b), _ = min(pairs.items(), key=lambda kv: (-kv[1], _joined(*kv[0]), kv[0]))
+    token = _joined(a, b)
+    if token not in known:
+      vocab.append(token)
+      known.add(token)
+    for word, symbols in pieces.items():
+      if len(symbols) > 1:
+        pieces[word] = _merge(symbols, (a, b), token)
+  return vocab
+
+
+def _joined(a: str, b: str) -> str:
+  return a + b[2:] if b.startswith('##') else a + b
 
 
 def wordpiece_tokenizer(vocab: Sequence[str] | dict, lowercase: bool = True) -> Tokenizer:
@@ -86,3 +145,95 @@ def encode(tok: Tokenizer, texts: Sequence[str]) -> dict[str, np.ndarray]:
   return {'input_ids': np.asarray([e.ids for e in encs], np.int32).reshape(-1, length),
           'attention_mask': np.asarray([e.attention_mask for e in encs],
                                        np.int32).reshape(-1, length)}
+
+
+# The run's own tokenizer ------------------------------------------------------------------
+# Training writes the tokenizer it trains with into the workdir; evaluation, fine-tuning
+# and export compare the dataset's against it, because token ids that mean other words
+# give wrong numbers without any error.
+
+RUN_TOKENIZER = 'tokenizer.json'
+
+
+class TokenizerMismatchError(ValueError):
+  """The dataset's tokenizer is not the one a run was trained with."""
+
+
+def run_root(path: str) -> str:
+  """The workdir of a run, from it, its checkpoints/ folder or one step's folder."""
+  p = os.fspath(path).rstrip('/')
+  base, leaf = os.path.split(p)
+  if leaf.isdigit():
+    p, leaf = base, os.path.basename(base)
+  if leaf == 'checkpoints':
+    p = os.path.dirname(p)
+  return p
+
+
+def read_run_tokenizer(workdir: str) -> Tokenizer | None:
+  """The tokenizer saved in `workdir` (see `keep_run_tokenizer`), or None."""
+  path = epath.Path(run_root(workdir)) / RUN_TOKENIZER
+  return Tokenizer.from_str(path.read_text()) if path.exists() else None
+
+
+def save_run_tokenizer(workdir: str, tok: Tokenizer) -> None:
+  """WORKDIR/tokenizer.json, written atomically, without our padding and truncation."""
+  tok = Tokenizer.from_str(tok.to_str())
+  tok.no_padding()
+  tok.no_truncation()
+  path = epath.Path(workdir) / RUN_TOKENIZER
+  tmp = path.parent / f'{RUN_TOKENIZER}.tmp'
+  tmp.write_text(tok.to_str(pretty=True))
+  tmp.rename(path)
+
+
+def _essentials(tok: Tokenizer) -> dict:
+  """What decides the ids of a text: normaliser, pre-tokeniser and model (its vocab)."""
+  spec = json.loads(tok.to_str())
+  return {k: spec.get(k) for k in ('normalizer', 'pre_tokenizer', 'model')}
+
+
+def _difference(run: Tokenizer, data: Tokenizer) -> str:
+  run_vocab, data_vocab = run.get_vocab(), data.get_vocab()
+  if run_vocab == data_vocab:
+    return 'the same vocabulary, but another normaliser, pre-tokeniser or WordPiece setting'
+  a, b = sorted(run_vocab, key=run_vocab.get), sorted(data_vocab, key=data_vocab.get)
+  first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+  shown = lambda tokens: repr(tokens[first]) if first < len(tokens) else '(none)'
+  return (f'{len(a)} tokens in the run, {len(b)} in the dataset; first difference at id '
+          f'{first}: {shown(a)} in the run, {shown(b)} in the dataset')
+
+
+def check_run_tokenizer(workdir: str, tok: Tokenizer, what: str) -> None:
+  """Refuses when the run in `workdir` was trained with another tokenizer than `tok`.
+
+  A run that predates WORKDIR/tokenizer.json cannot be checked: one logged note, and
+  `tok` is used as before.
+  """
+  run = read_run_tokenizer(workdir)
+  root = run_root(workdir)
+  if run is None:
+    logging.warning('%s has no %s (the run predates it), so the tokenizer of %s cannot '
+                    "be checked against the run's; using the dataset's.", root,
+                    RUN_TOKENIZER, what)
+    return
+  if _essentials(run) != _essentials(tok):
+    raise TokenizerMismatchError(
+        f"The tokenizer for {what} is not the one {root} was trained with "
+        f'({_difference(run, tok)}), so its token ids would mean other words. Rebuild the '
+        'dataset as the run had it, or set '
+        f'--config.data.tokenizer={epath.Path(root) / RUN_TOKENIZER} to use the run\'s own.')
+
+
+def keep_run_tokenizer(workdir: str, tok: Tokenizer, *, resuming: bool, init_from: str = '',
+                       write: bool = True) -> None:
+  """For training, before the first step: checks `tok` against this run's own when
+  resuming, else against the run it is fine-tuned from (`init_from`), then writes it into
+  `workdir` if it is not there yet (`write`: on the one process that writes)."""
+  own = (epath.Path(workdir) / RUN_TOKENIZER).exists()
+  if own or resuming:
+    check_run_tokenizer(workdir, tok, 'resuming this run')
+  elif init_from:
+    check_run_tokenizer(init_from, tok, f'fine-tuning from {init_from}')
+  if not own and write:
+    save_run_tokenizer(workdir, tok)

@@ -74,10 +74,20 @@ def _write_json(path: pathlib.Path, obj) -> None:
   path.write_text(json.dumps(obj, indent=2, sort_keys=True) + '\n', encoding='utf-8')
 
 
+def _default_file_mode() -> int:
+  """The mode `open()` gives a new file here: 0o666 less the umask (0o644 with 022)."""
+  umask = os.umask(0)
+  os.umask(umask)
+  return 0o666 & ~umask
+
+
 def _save_safetensors(tensors: dict, path: pathlib.Path) -> None:
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   # transformers refuses a safetensors file without format metadata.
   save_file(tensors, str(path), metadata={'format': 'pt'})
+  # safetensors writes through a private temporary file (mode 0o600); give the export
+  # the permissions of every other file in it.
+  os.chmod(path, _default_file_mode())
 
 
 def write_tower(params, tower: str, tower_cfg, out_dir, *, pad_token_id: int = 0) -> None:
@@ -253,6 +263,19 @@ def _load_tokenizer(data_cfg):
     return None
 
 
+def _run_tokenizer(workdir: str, data_cfg):
+  """The tokenizer the run saved (WORKDIR/tokenizer.json); for a run that predates it,
+  the one `config.data` gives today, with a note."""
+  from cookie_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  saved = tok_lib.read_run_tokenizer(workdir)
+  if saved is not None:
+    return tok_lib.finalize(saved, data_cfg.max_len)
+  logging.warning("%s has no %s (the run predates it): exporting the tokenizer that "
+                  "config.data gives today, which cannot be checked against the run's.",
+                  tok_lib.run_root(workdir), tok_lib.RUN_TOKENIZER)
+  return _load_tokenizer(data_cfg)
+
+
 def export_run(workdir: str, output: str, step: int | None = None) -> dict:
   """Exports step `step` (default: the latest) of a training run's workdir to `output`."""
   from cookie_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
@@ -277,7 +300,7 @@ def export_run(workdir: str, output: str, step: int | None = None) -> dict:
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           abstract)
   params, step = ckpt_lib.load_params(directory, abstract, step)
-  tokenizer = _load_tokenizer(config.data)
+  tokenizer = _run_tokenizer(workdir, config.data)
   result = export_params(params, config.model, output, tokenizer=tokenizer,
                          data_cfg=config.data, step=step)
   logging.info('Exported %s step %d to %s.', directory, step, output)

@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from cookie_jax.data import tf_env  # pylint: disable=unused-import  # hides GPUs before any TF op
-from cookie_jax.data.builders import scenes
+from cookie_jax.data.builders import generated, scenes
 from cookie_jax.data.tokenizer import train_wordpiece
 
 
@@ -37,11 +37,15 @@ def generate(cfg: SyntheticConfig, split: str, count: int) -> list:
   return scenes.examples(cfg.seed, split, cfg.image_size, k, 0, count)
 
 
-class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
+class SyntheticShapes(generated.Generated, tfds.core.GeneratorBasedBuilder):
   """Coloured shapes in spatial relations, counts and positions, with varied captions."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'First release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'First release.',
+      '1.1.0': 'A deterministic WordPiece vocabulary (the same on every build); the '
+               'examples are unchanged.',
+  }
   BUILDER_CONFIGS = [DEFAULT]
   # tfds looks for a checksums file beside the code via `importlib_resources`, a package it
   # does not declare on Python >= 3.9; this builder downloads nothing, so skip the lookup.

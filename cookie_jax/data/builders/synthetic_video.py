@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from cookie_jax.data import tf_env  # pylint: disable=unused-import  # hides GPUs before any TF op
-from cookie_jax.data.builders import motion
+from cookie_jax.data.builders import generated, motion
 from cookie_jax.data.tokenizer import train_wordpiece
 
 
@@ -42,11 +42,15 @@ def generate(cfg: SyntheticVideoConfig, split: str, count: int) -> list:
   return motion.examples(cfg.seed, split, cfg.frames, cfg.image_size, k, 0, count)
 
 
-class SyntheticVideo(tfds.core.GeneratorBasedBuilder):
+class SyntheticVideo(generated.Generated, tfds.core.GeneratorBasedBuilder):
   """Shapes that move, appear, disappear or change colour, with captions that say so."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'First release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'First release.',
+      '1.1.0': 'A deterministic WordPiece vocabulary (the same on every build); the '
+               'examples are unchanged.',
+  }
   BUILDER_CONFIGS = [DEFAULT]
   code_path = None  # see SyntheticShapes: no checksums lookup, nothing is downloaded
 
