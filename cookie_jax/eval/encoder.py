@@ -113,7 +113,9 @@ def from_run(workdir: str, *, step: int | None = None,
   mesh = sharding.make_mesh(config.mesh)
   graphdef, params = evaluate_run.restore_params(config, directory, step, mesh)
   size = _check_batch(config, batch_size or config.eval.batch_size)
-  return Encoder(graphdef, params, mesh, pipeline.load_tokenizer(config.data), config, size,
+  tokenizer = pipeline.load_tokenizer(config.data)
+  tok_lib.check_run_tokenizer(workdir, tokenizer, 'encoding with this run')
+  return Encoder(graphdef, params, mesh, tokenizer, config, size,
                  {'workdir': os.path.abspath(os.fspath(workdir)), 'step': int(step)})
 
 
