@@ -301,12 +301,12 @@ def markdown(result: dict) -> str:
     peak = t['peak_memory_gib']
     peak = f'{peak:.1f}' if peak is not None else f"{t['compiled_memory_gib']:.1f} (compiled)"
     lines.append(f"| JAX, {t['preset']} {t['dtype']} | {t['batch_per_device']} | "
-                 f"{t['jax_pairs_per_sec']:.1f} | {t['jax_model_tflops']:.2f} | "
+                 f"{t['jax_pairs_per_sec']:.1f} | {t['jax_model_tflops']:.3g} | "
                  f"{mfu(t['jax_mfu'])} | {peak} |")
     if 'torch_pairs_per_sec' in t:
       lines.append(f"| PyTorch{' + torch.compile' if t['torch_compile'] else ''} | "
                    f"{t['batch_per_device']} | {t['torch_pairs_per_sec']:.1f} | "
-                   f"{t['torch_model_tflops']:.2f} | {mfu(t['torch_mfu'])} | |")
+                   f"{t['torch_model_tflops']:.3g} | {mfu(t['torch_mfu'])} | |")
       lines.append(f"| JAX / PyTorch | | **{t['jax_over_torch']:.2f}** | | | |")
   p = result.get('pipeline')
   if p:

@@ -26,6 +26,11 @@ def parse_args(argv=None):
   p.add_argument('--batch', type=int, default=0, help='global batch (0: the recipe\'s)')
   p.add_argument('--hlo_dir', default='')
   p.add_argument('--from_hlo', action='store_true')
+  p.add_argument('--no_constraints', action='store_true',
+                 help='without the activation sharding constraints (models.layers.constrain)')
+  p.add_argument('--visual', type=float, default=-1.0, help='loss.visual.weight (-1: as set)')
+  p.add_argument('--textual', type=float, default=-1.0,
+                 help='loss.textual.weight (-1: as set)')
   p.add_argument('--json', default='')
   return p.parse_args(argv)
 
@@ -56,6 +61,9 @@ def recipe(name: str, batch: int, data: int, fsdp: int):
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = data, fsdp, 1
   if batch:
     config.train.batch_size = batch
+  for term in ('visual', 'textual'):
+    if getattr(ARGS, term, -1.0) >= 0:
+      config.loss[term].weight = getattr(ARGS, term)
   return config
 
 
@@ -80,11 +88,16 @@ def table(results) -> str:
 
 
 def main(args):
+  if args.no_constraints:
+    from cookie_jax.models import layers  # pylint: disable=g-import-not-at-top
+    layers.constrain = lambda x, logical_axes: x
   results = []
   for data, fsdp in _meshes(args.meshes):
     config = recipe(args.config, args.batch, data, fsdp)
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:data * fsdp])
-    path = os.path.join(args.hlo_dir, f'{args.config}_{data}x{fsdp}.hlo') if args.hlo_dir else ''
+    tag = '_unconstrained' if args.no_constraints else ''
+    path = (os.path.join(args.hlo_dir, f'{args.config}{tag}_{data}x{fsdp}.hlo')
+            if args.hlo_dir else '')
     t0 = time.perf_counter()
     if args.from_hlo:
       with open(path, encoding='utf-8') as f:
@@ -98,6 +111,7 @@ def main(args):
           f.write(hlo)
     r = comm_audit.audit(config, mesh, hlo)
     r.update(config=args.config, batch=config.train.batch_size,
+             constraints=not args.no_constraints,
              compile_s=time.perf_counter() - t0, remat=bool(config.model.remat),
              dtype=config.model.dtype, loadavg=os.getloadavg())
     results.append(r)
