@@ -68,7 +68,7 @@ def recipe(name: str, batch: int, data: int, fsdp: int):
 
 
 def mib(x: float) -> str:
-  return f'{x / 2**20:,.1f}'
+  return f'{x / 2**20:,.1f}' if x >= 2**24 else f'{x / 2**20:.3g}'
 
 
 def table(results) -> str:

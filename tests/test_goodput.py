@@ -100,7 +100,7 @@ def test_profile_steps_are_checked():
 
 def test_slow_input_dominates_and_the_split_sums_to_the_wall_time(tmp_path, data_dir,
                                                                   monkeypatch):
-  _slow_input(monkeypatch, 0.5)
+  _slow_input(monkeypatch, 0.8)
   workdir = str(tmp_path / 'run')
   config = _config(data_dir, steps=6)
   config.checkpoint.every = 0  # one save, at the end
@@ -111,13 +111,14 @@ def test_slow_input_dominates_and_the_split_sums_to_the_wall_time(tmp_path, data
   s = g['seconds']
   assert sum(s.values()) == pytest.approx(g['wall'], rel=1e-9)
   assert abs(g['wall'] - wall) <= 0.05 * wall, (g['wall'], wall)
-  assert s['input_wait'] >= 5 * 0.5  # the first batch's wait is start-up
-  # Of the loop's own time, waiting for input dominates the device step. (The first
-  # save's one-off orbax start-up can take longer on a loaded machine.)
-  assert s['input_wait'] > 0.8 * (s['input_wait'] + s['step']), s
+  assert s['input_wait'] >= 5 * 0.8  # the first batch's wait is start-up
+  # Of the loop's own time, waiting for input dominates the device step (5 tiny steps:
+  # a fraction of a second idle, up to 2 s at a load of 40 on 2 cores). The first save's
+  # one-off orbax start-up can take longer on a loaded machine, so it is not compared.
+  assert s['input_wait'] > s['step'], s
   assert s['compile'] > 0 and s['startup'] > 0 and len(g['segments']) == 1
   last = [r for r in _records(workdir) if 'train/loss' in r][-1]
-  assert last['step'] == 6 and last['time/input_wait'] >= 5 * 0.5
+  assert last['step'] == 6 and last['time/input_wait'] >= 5 * 0.8
   assert 0 < last['time/goodput'] < 1
 
 
