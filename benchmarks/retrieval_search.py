@@ -65,17 +65,21 @@ def unit_vectors(rng, n: int, dim: int, chunk: int = 100_000) -> np.ndarray:
   return out
 
 
-def timed_interleaved(fns: dict, runs: int):
+def timed_interleaved(fns: dict, runs: int, cpu_times: dict | None = None):
   """{name: (result of the last call, [seconds per call])} after one untimed warm-up call
-  of each. The methods take turns within each run, so that a change in the load of a
-  shared machine hits all of them alike."""
+  of each. The methods take turns within each run, and the order turns round from run
+  to run, so that a change in the load of a shared machine hits all of them alike.
+  `cpu_times`, if given, receives each call's process CPU seconds (all threads)."""
   results = {name: fn() for name, fn in fns.items()}
   times = {name: [] for name in fns}
-  for _ in range(runs):
-    for name, fn in fns.items():
-      t0 = time.perf_counter()
-      results[name] = fn()
+  names = list(fns)
+  for run in range(runs):
+    for name in names[run % len(names):] + names[:run % len(names)]:
+      t0, c0 = time.perf_counter(), time.process_time()
+      results[name] = fns[name]()
       times[name].append(time.perf_counter() - t0)
+      if cpu_times is not None:
+        cpu_times.setdefault(name, []).append(time.process_time() - c0)
   return {name: (results[name], times[name]) for name in fns}
 
 
@@ -99,13 +103,18 @@ def bench_size(size: int, args, rng) -> dict:
       recall_target=args.recall_target)
   index = faiss.IndexFlatIP(args.dim)
   index.add(gallery)
+  cpu = {}
   out = timed_interleaved({
       'jax_exact': lambda: search(False), 'jax_approx': lambda: search(True),
-      'faiss_flat_ip': lambda: index.search(queries, args.k)}, args.runs)
+      'faiss_flat_ip': lambda: index.search(queries, args.k)}, args.runs, cpu)
   (exact_s, exact_i), (_, approx_i), (faiss_s, faiss_i) = (
       out[m][0] for m in ('jax_exact', 'jax_approx', 'faiss_flat_ip'))
   row = {'gallery': size, 'queries': args.queries, 'dim': args.dim, 'k': args.k}
   row.update({m: summary(t) for m, (_, t) in out.items()})
+  # CPU seconds per call (all threads; faiss's OpenMP threads also count while they spin).
+  row.update({f'{m}_cpu': summary(t) for m, t in cpu.items()})
+  row['exact_sets_equal_faiss'] = bool(all(
+      set(a) == set(b) for a, b in zip(exact_i.tolist(), faiss_i.tolist())))
   row.update({
       'approx_recall_vs_exact': recall(approx_i, exact_i),
       'faiss_recall_vs_exact': recall(faiss_i, exact_i),
@@ -139,13 +148,15 @@ def main(args):
     print(json.dumps(rows[-1]), flush=True)
   env['loadavg_end'] = os.getloadavg()
   print(f"\n{'gallery':>9} | {'jax exact (s)':>22} | {'jax approx (s)':>22} | "
-        f"{'faiss FlatIP (s)':>22} | exact/faiss | approx R@{args.k} | faiss R@{args.k}")
+        f"{'faiss FlatIP (s)':>22} | exact/faiss | approx R@{args.k} | faiss R@{args.k} | "
+        f"same top-{args.k} sets | CPU s exact, faiss")
   for r in rows:
     cells = [f"{r[m]['median_s']:.3f} ({r[m]['min_s']:.3f}-{r[m]['max_s']:.3f})"
              for m in ('jax_exact', 'jax_approx', 'faiss_flat_ip')]
     print(f"{r['gallery']:>9} | " + ' | '.join(f'{c:>22}' for c in cells) +
           f" | {r['exact_over_faiss']:>11.2f} | {r['approx_recall_vs_exact']:>11.4f} | "
-          f"{r['faiss_recall_vs_exact']:.4f}")
+          f"{r['faiss_recall_vs_exact']:.4f} | {r['exact_sets_equal_faiss']} | "
+          f"{r['jax_exact_cpu']['median_s']:.3f}, {r['faiss_flat_ip_cpu']['median_s']:.3f}")
   if args.json:
     with open(args.json, 'w') as f:
       json.dump({'environment': env, 'results': rows}, f, indent=1)

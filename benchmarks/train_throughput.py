@@ -67,7 +67,8 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-ARGS = parse_args()
+# Imported (benchmarks/accelerator_check.py): the defaults, not this process's argv.
+ARGS = parse_args(None if __name__ == '__main__' else [])
 if ARGS.one_core:  # before JAX and PyTorch start their thread pools
   os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
   ARGS.torch_threads = 1

@@ -99,6 +99,14 @@ def default_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       # Peak matmul FLOP/s of one device, for train/mfu; 0 = from the table in
       # cookie_jax/flops.py by device kind (GPUs, TPUs; none for CPUs: no MFU logged).
       peak_flops=0.0,
+      # A jax.profiler trace of steps (start, stop), both counted like logged steps and
+      # included, into WORKDIR/profile/ (cookie_jax/profiler.py); (0, 0) = none.
+      profile_steps=(0, 0),
+      # Weights & Biases: mirror metrics.jsonl to this project ('' = off; needs the
+      # `[wandb]` extra). A resumed run continues the same W&B run (WORKDIR/wandb_run.json).
+      wandb_project='',
+      wandb_entity='',  # '' = your default entity
+      wandb_run='',  # the run's display name; '' = W&B's choice
   ))
 
   c.eval = ml_collections.ConfigDict(dict(
@@ -306,6 +314,17 @@ def _check_video(config):
                f'data.num_frames={v.num_frames}.')
 
 
+def _check_profile_steps(steps):
+  ok = (isinstance(steps, (tuple, list)) and len(steps) == 2
+        and all(isinstance(s, int) for s in steps))
+  _require(ok, 'train.profile_steps', steps, 'must be two step numbers (start, stop), '
+           'e.g. (10, 15); (0, 0) = no profile.')
+  start, stop = steps
+  _require(tuple(steps) == (0, 0) or 1 <= start <= stop, 'train.profile_steps', steps,
+           'needs 1 <= start <= stop (steps count from 1, the first update), e.g. '
+           '(10, 15); (0, 0) = no profile.')
+
+
 def validate_config(config: ml_collections.ConfigDict,
                     num_devices: int | None = None) -> ml_collections.ConfigDict:
   """Checks keys against the schema and values against each other. Returns `config`."""
@@ -372,6 +391,7 @@ def validate_config(config: ml_collections.ConfigDict,
            'must be positive.')
   _require(config.train.peak_flops >= 0, 'train.peak_flops', config.train.peak_flops,
            'must be >= 0 (0 = look the device up).')
+  _check_profile_steps(config.train.profile_steps)
   _require(config.train.accum_steps >= 1, 'train.accum_steps', config.train.accum_steps,
            'must be >= 1 (1 = no accumulation).')
   _require(config.checkpoint.keep >= 1, 'checkpoint.keep', config.checkpoint.keep,

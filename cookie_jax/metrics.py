@@ -1,7 +1,14 @@
-"""Where training metrics go: a console progress line, `metrics.jsonl` and TensorBoard.
+"""Where training metrics go: a console progress line, `metrics.jsonl` and TensorBoard
+(and W&B through a mirror, see cookie_jax/wandb_log.py).
 
 Only process 0 writes. TensorBoard event files are written with tensorboard's own event
 writer, which needs no TensorFlow.
+
+Each step is recorded once, also across a crash: a run that starts at step R (the
+checkpoint it restored, 0 for a fresh start) first drops what metrics.jsonl holds past R,
+the records of steps it is about to redo, and marks a restart at R + 1 in TensorBoard
+(a `SessionLog.START` event, after which TensorBoard discards older events from step
+R + 1 on).
 """
 
 import json
@@ -50,15 +57,21 @@ class MetricWriter:
   """Appends one JSON object per logged step and mirrors scalars to TensorBoard."""
 
   def __init__(self, workdir: str, total_steps: int, start_step: int = 0,
-               progress: bool = True):
+               progress: bool = True, mirror=None):
     self.enabled = jax.process_index() == 0
     self.total_steps = total_steps
     self._bar = None
+    self._mirror = mirror
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+    path = os.path.join(workdir, 'metrics.jsonl')
+    drop_records_after(path, start_step)
+    self._jsonl = open(path, 'a', encoding='utf-8')
     self._tb = EventFileWriter(os.path.join(workdir, 'tensorboard'))
+    self._tb.add_event(event_pb2.Event(
+        wall_time=time.time(), step=int(start_step) + 1,
+        session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
     if progress:
       self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step',
                             dynamic_ncols=True, mininterval=1.0)
@@ -77,6 +90,8 @@ class MetricWriter:
     self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
                                        summary=summary))
     self._tb.flush()
+    if self._mirror is not None:
+      self._mirror.log(step, values)
     if not self._bar:
       logging.info('step %d: %s', step, ', '.join(f'{k}={v:.4g}' for k, v in values.items()))
 
@@ -99,6 +114,40 @@ class MetricWriter:
       _logs_above_bar(False)
     self._jsonl.close()
     self._tb.close()
+    if self._mirror is not None:
+      self._mirror.close()
+
+
+def drop_records_after(path: str, step: int) -> int:
+  """Rewrites the metrics.jsonl at `path` without the records a run starting at `step`
+  will write again: those past `step`, and at `step` the test results and the closing
+  `time/*` record (a run writes them after its last save, so a restart writes them
+  again). A line cut short by a crash is dropped too.
+  Returns the number of records dropped."""
+  if not os.path.exists(path):
+    return 0
+  kept, dropped = [], 0
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+        redo = record['step'] > step or (
+            record['step'] == step and all(k.startswith(('test/', 'time/'))
+                                           for k in record if k not in ('step', 'time')))
+      except (ValueError, KeyError, TypeError):
+        redo = True
+      if redo:
+        dropped += 1
+      else:
+        kept.append(line if line.endswith('\n') else line + '\n')
+  if dropped:
+    tmp = path + '.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
+    logging.info('%s: dropped %d records past step %d, which this run redoes.', path,
+                 dropped, step)
+  return dropped
 
 
 def write_json(path: str, payload: Mapping) -> None:

@@ -148,24 +148,66 @@ def _local_blocks(layout: Layout, g, g_lab):
           index.reshape(nb, block))
 
 
+def group_size(block: int, k: int) -> int:
+  """Rows per group of the two-stage block top-k: a divisor of `block` near
+  sqrt(block / k), which balances its two selections (block / g group maxima, then
+  k * g candidates)."""
+  target = max(1, int(math.sqrt(block / k)))
+  return next(g for g in range(min(target, block), 0, -1) if block % g == 0)
+
+
+def block_topk(s, idx, k: int, group: int):
+  """The k best of each row of scores `s` [N, B] with their `idx` [B], exactly, ties by
+  ascending index; for `idx` ascending along the block.
+
+  Two stages instead of a top-k over all B columns: the maximum of each group of `group`
+  consecutive columns, then the k best groups by maximum, then the k best of those
+  groups' k * group scores. Exact: a group whose maximum is below the k-th best group
+  maximum holds nothing above that value, and each of the k best groups holds at least
+  one element at or above it. Ties stay exact because groups are contiguous ranges of
+  ascending index and equal maxima are taken lower group first, and the chosen groups
+  are put back in index order before the last selection.
+  """
+  n, b = s.shape
+  if group == 1 or b // group < k:
+    top_s, pos = jax.lax.top_k(s, min(k, b))
+    return top_s, jnp.take_along_axis(jnp.broadcast_to(idx[None], s.shape), pos, axis=1)
+  grouped = s.reshape(n, b // group, group)
+  _, best = jax.lax.top_k(jnp.max(grouped, axis=2), k)
+  best = jnp.sort(best, axis=1)  # index order, for the tie rule
+  cand_s = jnp.take_along_axis(grouped, best[:, :, None], axis=1).reshape(n, k * group)
+  cand_i = (idx.reshape(b // group, group)[best]).reshape(n, k * group)
+  top_s, pos = jax.lax.top_k(cand_s, k)
+  return top_s, jnp.take_along_axis(cand_i, pos, axis=1)
+
+
 @functools.lru_cache(maxsize=64)
 def _topk_program(layout: Layout, k: int, approx: bool, recall_target: float):
   axes = layout.mesh.axis_names
+  group = group_size(layout.block_size, k)
 
   def local(q, g, g_lab):
     blocks = _local_blocks(layout, g, g_lab)
     n = q.shape[0]
 
+    def best_of_block(s, idx):
+      if approx:
+        top_s, pos = jax.lax.approx_max_k(
+            s, min(k, s.shape[1]), recall_target=recall_target,
+            reduction_input_size_override=layout.padded_size)
+        return top_s, jnp.take_along_axis(jnp.broadcast_to(idx[None], s.shape), pos, axis=1)
+      return block_topk(s, idx, k, group)
+
+    def best_of_padded_block(s, idx):
+      return best_of_block(jnp.where(idx[None] < layout.size, s, -jnp.inf), idx)
+
     def step(carry, xs):
       top_s, top_i = carry
       blk, _, idx = xs
-      s = jnp.where(idx[None] < layout.size, _block_scores(q, blk), -jnp.inf)
-      idx = jnp.broadcast_to(idx[None], s.shape)
-      if approx:
-        s, pos = jax.lax.approx_max_k(
-            s, min(k, s.shape[1]), recall_target=recall_target,
-            reduction_input_size_override=layout.padded_size)
-        idx = jnp.take_along_axis(idx, pos, axis=1)
+      # Only the last blocks hold padding rows; masking every block's scores would cost
+      # another pass over them.
+      s, idx = jax.lax.cond(idx[-1] < layout.size, best_of_block, best_of_padded_block,
+                            _block_scores(q, blk), idx)
       # Earlier (lower-index) candidates come first, so lax.top_k's lower-position-first
       # rule keeps ties in gallery-index order.
       s = jnp.concatenate([top_s, s], axis=1)

@@ -12,6 +12,7 @@ them onto the mesh axes `data`, `fsdp` and `tensor`:
 A dimension that the mesh axes do not divide evenly stays replicated rather than failing.
 """
 
+import contextlib
 import math
 import re
 from typing import Any, Mapping, Sequence
@@ -34,6 +35,15 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ('kv', None),
     ('patch', None),
     ('length', None),
+)
+
+
+# Activations: the batch over data x fsdp and the model width never over fsdp (an FSDP
+# parameter's `embed` is sharded only to be gathered), heads and MLP over tensor.
+ACTIVATION_RULES: tuple[tuple[str, Any], ...] = (
+    ('batch', BATCH_AXES),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
 )
 
 
@@ -137,3 +147,19 @@ def param_shardings(abstract_state, mesh: Mesh):
       node = node.setdefault(key, {})
     node[path[-1]] = NamedSharding(mesh, logical_to_spec(axes, var.shape, mesh))
   return out
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh):
+  """While tracing a step: `models.layers.constrain` pins activations by ACTIVATION_RULES
+  on `mesh`. Constraints only fix layouts; values are unchanged."""
+  from cookie_jax.models import layers  # pylint: disable=g-import-not-at-top
+
+  def constrain(x, logical_axes):
+    spec = logical_to_spec(logical_axes, x.shape, mesh, ACTIVATION_RULES)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+  token = layers.ACTIVATION_SHARDING.set(constrain)
+  try:
+    yield
+  finally:
+    layers.ACTIVATION_SHARDING.reset(token)

@@ -51,6 +51,14 @@ def init_model(model_cfg: ml_collections.ConfigDict, seed: int) -> CookieModel:
 def create_train_state(config: ml_collections.ConfigDict, mesh: Mesh
                        ) -> tuple[TrainState, Setup]:
   """Initialises the parameters and optimiser state directly in their shardings."""
+  init_fn, _, setup = train_state_setup(config, mesh)
+  state = jax.jit(init_fn, out_shardings=setup.state_shardings)()
+  return state, setup
+
+
+def train_state_setup(config: ml_collections.ConfigDict, mesh: Mesh):
+  """(init_fn, the abstract TrainState, Setup), allocating nothing: what
+  `create_train_state` runs, and what compiling a step for a large model needs."""
   abstract_model = nnx.eval_shape(lambda: init_model(config.model, config.seed))
   graphdef, abstract_state = nnx.split(abstract_model)
   param_shardings = sharding.param_shardings(abstract_state, mesh)
@@ -69,9 +77,8 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: Mesh
       opt_state=sharding.opt_state_shardings(tx, abstract.opt_state, param_shardings, mesh),
       nonfinite_step=sharding.replicated(mesh),
       extras=_extras_shardings(abstract.extras, param_shardings, mesh))
-  state = jax.jit(init_fn, out_shardings=state_shardings)()
-  return state, Setup(graphdef=graphdef, tx=tx, schedule=schedule, mesh=mesh,
-                      state_shardings=state_shardings)
+  return init_fn, abstract, Setup(graphdef=graphdef, tx=tx, schedule=schedule, mesh=mesh,
+                                  state_shardings=state_shardings)
 
 
 def _extras_shardings(extras, param_shardings, mesh):
@@ -226,6 +233,10 @@ def make_train_step(config: ml_collections.ConfigDict, setup: Setup, constants=N
   momentum = config.loss.momentum
 
   def train_step(state: TrainState, batch):
+    with sharding.activation_sharding(setup.mesh):
+      return _train_step(state, batch)
+
+  def _train_step(state: TrainState, batch):
     rng = step_rng(config.seed, state.step)
     queues = {}
     if momentum.queue_size:

@@ -8,6 +8,10 @@ The loop keeps the host ahead of the devices, so that they never wait for it:
 * a background thread builds the next global batches and puts them on the devices
   (`data.device_prefetch`);
 * only a save reads the state itself.
+
+Where the wall time goes (start-up, restore, compile, input wait, device step, checkpoint,
+evaluation) is kept by a `goodput.Clock` that only reads the host's clock, logged as
+`time/*` and written to WORKDIR/goodput.json (cookie_jax/goodput.py).
 """
 
 import os
@@ -20,8 +24,10 @@ import ml_collections
 
 from cookie_jax import checkpoint as ckpt_lib
 from cookie_jax import flops as flops_lib
+from cookie_jax import goodput as goodput_lib
 from cookie_jax import metrics as metrics_lib
 from cookie_jax import objectives
+from cookie_jax import profiler as profiler_lib
 from cookie_jax import sharding, step as step_lib
 from cookie_jax.config import ConfigError, validate_config
 from cookie_jax.data import tokenizer as tok_lib
@@ -134,13 +140,22 @@ def restore_or_initialise(config, ckpt, state, setup):
   return state, None
 
 
+def _wandb_mirror(config, workdir):
+  if not config.train.wandb_project:
+    return None
+  from cookie_jax import wandb_log  # pylint: disable=g-import-not-at-top
+  return wandb_log.WandbMirror(workdir, config)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains, evaluates and checkpoints in `workdir`; returns the final metrics."""
+  clock = goodput_lib.Clock('startup')
   if config.model.text_init or config.model.image_init:
     from cookie_jax.interop import hf_import  # pylint: disable=g-import-not-at-top
     hf_import.configure_pretrained_towers(config)  # tower sizes from the HF checkpoints
   validate_config(config, num_devices=jax.device_count())
   _check_workdir(workdir)
+  mirror = _wandb_mirror(config, workdir)  # first, so that a missing package fails fast
   mesh = sharding.make_mesh(config.mesh)
   logging.info('Mesh: %s', dict(mesh.shape))
   pipeline, train_iter = _input(config, mesh)
@@ -150,7 +165,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                              resuming=ckpt.latest_step() is not None,
                              init_from=config.train.init_from, write=jax.process_index() == 0)
   state, setup = step_lib.create_train_state(config, mesh)
-  state, data_state = restore_or_initialise(config, ckpt, state, setup)
+  state, data_state = clock.call('restore', restore_or_initialise, config, ckpt, state,
+                                 setup)
   step = int(state.step)
   if data_state is not None:
     train_iter.set_state(data_state)
@@ -159,8 +175,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       step_lib.make_train_step(config, setup, objectives.mine_constants(config)))
 
   total = config.train.steps
+  record = goodput_lib.GoodputRecord(workdir, clock, start_step=step)
   writer = metrics_lib.MetricWriter(workdir, total, start_step=step,
-                                    progress=config.train.progress_bar)
+                                    progress=config.train.progress_bar,
+                                    mirror=mirror)
+  profiler = profiler_lib.StepProfiler(config.train.profile_steps, workdir)
   ckpt.install_stop_handlers()
   last_saved = ckpt.latest_step()
 
@@ -186,7 +205,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     nonlocal last_saved
     flush()
     guard()
-    if ckpt.save(step, state, train_iter.get_state(), config, metrics=metrics, force=force):
+    if clock.call('checkpoint', ckpt.save, step, state, train_iter.get_state(), config,
+                  metrics=metrics, force=force):
       last_saved = step
 
   result, logged = {}, {}
@@ -210,14 +230,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     metrics['pairs_per_sec'] = steps_per_sec * config.train.batch_size
     metrics.update(flops_lib.utilisation(flops_per_step, steps_per_sec, jax.device_count(),
                                          peak))
-    writer.write(log_step, metrics, prefix='train/')
+    record.advance(log_step)
+    writer.write(log_step, {**{f'train/{k}': v for k, v in metrics.items()},
+                            **record.metrics()})
+    record.write()
     writer.progress(log_step, metrics)
     logged = {k: float(v) for k, v in metrics.items()}
 
+  # The first batch waits for the pipeline to start (start-up); the first call of the
+  # step traces and compiles it.
+  input_bucket, step_bucket = 'startup', 'compile'
+  clock.switch('step')
   try:
     while step < total:
-      state, metrics = train_step(state, next(train_iter))
+      profiler.before(step + 1)
+      batch = clock.call(input_bucket, next, train_iter)
+      state, metrics = clock.call(step_bucket, train_step, state, batch)
+      input_bucket, step_bucket = 'input_wait', 'step'
       step += 1
+      profiler.after(step, state)
       flush()
       if step % config.train.log_every == 0 or step == total:
         for value in metrics.values():
@@ -226,7 +257,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       val = None
       if config.eval.every and step % config.eval.every == 0:
         flush()
-        val = _evaluate(pipeline, config, setup, state.params, config.data.val_split)
+        val = clock.call('eval', _evaluate, pipeline, config, setup, state.params,
+                         config.data.val_split)
         writer.write(step, val, prefix='val/')
         logging.info('Validation at step %d: RSUM %.2f', step, val['rsum'])
         tick = time.perf_counter()  # evaluation time is not training throughput
@@ -234,23 +266,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         save(step, metrics={'rsum': val['rsum']} if val is not None else None)
       if ckpt.preempted(step):
         save(step, force=True)
-        ckpt.wait()
+        clock.call('checkpoint', ckpt.wait)
         raise _stopped(step, ckpt)
     save(step, force=True)
-    ckpt.wait()
+    clock.call('checkpoint', ckpt.wait)
     if ckpt.preempted(step):  # asked to stop in the last step: the test waits for a re-run
       raise _stopped(step, ckpt)
     if config.eval.test_at_end:
-      result = _evaluate(pipeline, config, setup, state.params, config.data.test_split)
+      result = clock.call('eval', _evaluate, pipeline, config, setup, state.params,
+                          config.data.test_split)
       result['step'] = step
       writer.write(step, result, prefix='test/')
       metrics_lib.write_json(os.path.join(workdir, 'test_retrieval.json'), result)
       logging.info('Test retrieval at step %d: %s', step,
                    ', '.join(f'{k}={v:.2f}' for k, v in result.items()))
   finally:
+    profiler.close()
     if hasattr(train_iter, 'close'):
       train_iter.close()
-    writer.close()
     ckpt.restore_stop_handlers()
-    ckpt.close()
+    clock.call('checkpoint', ckpt.close)
+    record.advance(step)
+    summary = record.write()
+    writer.write(step, record.metrics())
+    writer.close()
+    logging.info('%s', goodput_lib.GoodputRecord.line(summary))
   return {'step': step, 'train': logged, 'test': result}

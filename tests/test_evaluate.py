@@ -283,3 +283,18 @@ def test_evaluate_retrieval_equals_metrics_of_direct_embeddings(mesh, tiny_model
   want.update({f't2t_{k}': v for k, v in matching.items()})
   assert got == pytest.approx(want)
   assert matching['num_queries'] == 26 - 3  # the three single-caption images' captions
+
+
+@pytest.mark.parametrize('group', [1, 4, 8, 16])
+def test_block_topk_two_stage_is_exact_with_many_ties(group):
+  # Scores from 6 values: most of the top 10 of each row are ties, spread over groups
+  # whose maxima tie too; the result must be a stable sort's first 10.
+  rng = np.random.default_rng(group)
+  s = rng.integers(0, 6, size=(64, 256)).astype(np.float32)
+  s[:, 200:] = -np.inf  # padding at the end of a block, as in the last one
+  idx = np.arange(1000, 1256, dtype=np.int32)
+  top_s, top_i = jax.jit(retrieval.block_topk, static_argnums=(2, 3))(s, idx, 10, group)
+  ref = np.argsort(-s, axis=1, kind='stable')[:, :10]
+  np.testing.assert_array_equal(top_i, idx[ref])
+  np.testing.assert_array_equal(top_s, np.take_along_axis(s, ref, 1))
+  assert retrieval.group_size(4096, 10) == 16 and retrieval.group_size(100, 10) == 2

@@ -7,6 +7,7 @@ Sub-module names follow transformers' BERT/ViT layout (query/key/value, output d
 intermediate, ...) so that checkpoint conversion is a renaming and a transpose.
 """
 
+import contextvars
 import functools
 import math
 from typing import Sequence
@@ -19,6 +20,20 @@ import jax.numpy as jnp
 # transformers' BERT and ViT both default to layer_norm_eps=1e-12.
 LAYER_NORM_EPS = 1e-12
 INIT_STD = 0.02
+
+
+# How activations are pinned to the mesh: set by the step that traces the model
+# (`sharding.activation_sharding`), unset (no constraint) everywhere else, so that the
+# modules stay free of meshes. Called as fn(x, logical_axes).
+ACTIVATION_SHARDING = contextvars.ContextVar('activation_sharding', default=None)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+  """Pins an activation's layout by logical axis names (e.g. ('batch', 'length',
+  'embed')), as MaxText's logical constraints do: without it XLA may follow an FSDP
+  parameter's sharded `embed` axis into the activations and gather them instead."""
+  fn = ACTIVATION_SHARDING.get()
+  return x if fn is None else fn(x, logical_axes)
 
 
 def normal_init(std: float = INIT_STD):
@@ -221,9 +236,12 @@ class PostNormBlock(nnx.Module):
 def run_blocks(blocks, x, mask, rng, *, remat: bool):
   """Applies a list of blocks in order, each with its own dropout key."""
   keys = split_rng(rng, len(blocks))
+  residual = ('batch', 'length', 'embed')
+  x = constrain(x, residual)
   for block, key in zip(blocks, keys):
     if remat:
       x = nnx.remat(lambda blk, y, m, r: blk(y, m, rng=r))(block, x, mask, key)
     else:
       x = block(x, mask, rng=key)
+    x = constrain(x, residual)
   return x

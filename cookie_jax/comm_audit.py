@@ -1,0 +1,174 @@
+"""Bytes moved by the collectives of a compiled train step, against the FSDP ideal.
+
+Nothing runs and nothing is allocated: the step is lowered for abstract arrays (shapes,
+dtypes and shardings) and compiled, and the optimised HLO is read. A collective inside a
+loop counts once per iteration (XLA's `known_trip_count`).
+
+Bytes are per device and count the whole array a collective produces or consumes: an
+all-gather's result, a reduce-scatter's operand (its result times the group), an
+all-reduce's, all-to-all's or collective-permute's operand. The ideal, in the same units:
+
+* every parameter sharded over `fsdp` is gathered once for the forward pass, twice with
+  `model.remat` (the backward pass recomputes the forward), in the compute dtype;
+* every gradient of such a parameter is reduce-scattered once, in fp32, and over the
+  `data` axis its 1/fsdp shard is all-reduced;
+* gradients of replicated parameters are all-reduced once, in fp32, over all batch shards;
+* each contrastive term all-gathers its two [B_local, D] embeddings to [B, D] (fp32),
+  and its backward reduce-scatters their gradients: 2 * terms * B * D * 4 bytes each way;
+* a few scalars (loss sums, the gradient norm) are all-reduced: counted as measured.
+"""
+
+import collections
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from cookie_jax import sharding, step as step_lib
+
+COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all',
+               'collective-permute')
+_BYTES = {'f64': 8, 'f32': 4, 'bf16': 2, 'f16': 2, 's64': 8, 'u64': 8, 's32': 4, 'u32': 4,
+          's16': 2, 'u16': 2, 's8': 1, 'u8': 1, 'pred': 1}
+_OP = re.compile(r'^\s*(?:ROOT\s+)?%\S+\s*=\s*(.+?)\s+(' + '|'.join(COLLECTIVES) +
+                 r')(-start)?\(')
+_SHAPE = re.compile(r'\b(' + '|'.join(_BYTES) + r')\[([\d,]*)\]')
+_COMPUTATION = re.compile(r'^(ENTRY\s+)?%(\S+)\s.*\{\s*$')
+_WHILE = re.compile(r'\bwhile\(.*?body=%([\w.\-]+)')
+_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+SMALL = 1024  # all-reduces of at most this many bytes are the scalars
+
+
+def _shape_bytes(text: str) -> list[int]:
+  return [_BYTES[d] * math.prod(int(x) for x in dims.split(',') if x)
+          for d, dims in _SHAPE.findall(text)]
+
+
+def _group_size(line: str, num_devices: int) -> int:
+  m = re.search(r'replica_groups=\[(\d+),(\d+)\]<=', line)
+  if m:
+    return int(m.group(2))
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+  if m:
+    sizes = dict(re.findall(r"'(\w+)'=(\d+)", m.group(1)))
+    return math.prod(int(sizes[a]) for a in re.findall(r"'(\w+)'", m.group(2)))
+  m = re.search(r'replica_groups=\{\{([\d,]*)\}', line)
+  if m:
+    return len(m.group(1).split(','))
+  return num_devices
+
+
+def _multipliers(lines) -> dict[str, int]:
+  """How many times each computation runs per step: ENTRY once, while bodies per trip."""
+  calls = []  # (caller, body, trips)
+  current = None
+  for line in lines:
+    m = _COMPUTATION.match(line)
+    if m:
+      current = m.group(2)
+      continue
+    w = _WHILE.search(line)
+    if w and current:
+      trips = _TRIPS.search(line)
+      calls.append((current, w.group(1), int(trips.group(1)) if trips else 1))
+  times = collections.defaultdict(lambda: 1)
+  for _ in range(len(calls) + 1):  # propagate through nesting
+    for caller, body, trips in calls:
+      times[body] = times[caller] * trips
+  return times
+
+
+def collective_bytes(hlo_text: str, num_devices: int) -> dict[str, dict]:
+  """{kind: {'count', 'bytes', 'small_bytes'}} per device per step, from optimised HLO."""
+  lines = hlo_text.splitlines()
+  times = _multipliers(lines)
+  out = {k: {'count': 0, 'bytes': 0, 'small_bytes': 0} for k in COLLECTIVES}
+  current = None
+  for line in lines:
+    m = _COMPUTATION.match(line)
+    if m:
+      current = m.group(2)
+      continue
+    op = _OP.match(line)
+    if not op:
+      continue
+    kind, shapes = op.group(2), _shape_bytes(op.group(1))
+    size = shapes[-1] if op.group(3) else sum(shapes)  # -start: (operand, result)
+    if kind == 'reduce-scatter':
+      size *= _group_size(line, num_devices)
+    n = times[current] if current else 1
+    out[kind]['count'] += n
+    out[kind]['bytes'] += n * size
+    if size <= SMALL:
+      out[kind]['small_bytes'] += n * size
+  return out
+
+
+def abstract_inputs(config: ml_collections.ConfigDict, mesh):
+  """(abstract TrainState with shardings, abstract batch, Setup) of `config`."""
+  _, abstract, setup = step_lib.train_state_setup(config, mesh)
+  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                       abstract, setup.state_shardings)
+  b, size, t = (config.train.batch_size, config.model.vision.image_size,
+                config.data.max_len)
+  spec = sharding.batch_sharding(mesh)
+  image = jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32, sharding=spec)
+  tokens = jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=spec)
+  batch = {'image': image, 'input_ids': tokens, 'attention_mask': tokens}
+  if config.loss.visual.weight > 0 and config.loss.visual.partner == 'augmented':
+    batch['image_view2'] = image
+  return state, batch, setup
+
+
+def compiled_hlo(config: ml_collections.ConfigDict, mesh) -> str:
+  state, batch, setup = abstract_inputs(config, mesh)
+  step = step_lib.make_train_step(config, setup)
+  return step.lower(state, batch).compile().as_text()
+
+
+def contrastive_terms(config: ml_collections.ConfigDict) -> int:
+  return sum(config.loss[n].weight > 0 for n in ('cross_modal', 'visual', 'textual'))
+
+
+def fsdp_ideal(config: ml_collections.ConfigDict, mesh, setup=None) -> dict[str, int]:
+  """The ideal bytes per device per step of each collective (see the module doc)."""
+  if setup is None:
+    _, _, setup = step_lib.train_state_setup(config, mesh)
+  _, abstract, _ = step_lib.train_state_setup(config, mesh)
+  fsdp, data = mesh.shape['fsdp'], mesh.shape['data']
+  compute = jnp.dtype(config.model.dtype).itemsize
+  sharded = replicated = 0  # parameter counts
+  for x, s in zip(jax.tree.leaves(abstract.params), jax.tree.leaves(
+      setup.state_shardings.params)):
+    if fsdp > 1 and any('fsdp' in (a if isinstance(a, tuple) else (a,))
+                        for a in s.spec if a):
+      sharded += x.size
+    else:
+      replicated += x.size
+  passes = 2 if config.model.remat else 1
+  emb = 2 * contrastive_terms(config) * config.train.batch_size * config.model.embed_dim * 4
+  batch_shards = data * fsdp
+  return {
+      'all-gather': passes * sharded * compute + (emb if batch_shards > 1 else 0),
+      'reduce-scatter': (sharded * 4 + emb) if fsdp > 1 else 0,
+      'all-reduce': ((replicated * 4 if batch_shards > 1 else 0)
+                     + (sharded * 4 // fsdp if data > 1 and fsdp > 1 else 0)
+                     + (sharded * 4 if data > 1 and fsdp == 1 else 0)),
+      'all-to-all': 0,
+      'collective-permute': 0,
+  }
+
+
+def audit(config: ml_collections.ConfigDict, mesh, hlo_text: str | None = None) -> dict:
+  """Measured against ideal bytes per collective; `ratio` is measured / ideal overall,
+  the all-reduced scalars left out of both."""
+  hlo_text = compiled_hlo(config, mesh) if hlo_text is None else hlo_text
+  measured = collective_bytes(hlo_text, mesh.devices.size)
+  ideal = fsdp_ideal(config, mesh)
+  rows = {k: dict(measured[k], ideal=ideal[k]) for k in COLLECTIVES}
+  total = sum(r['bytes'] - r['small_bytes'] for r in rows.values())
+  total_ideal = sum(ideal.values())
+  return {'mesh': dict(mesh.shape), 'rows': rows, 'bytes': total, 'ideal': total_ideal,
+          'ratio': total / total_ideal if total_ideal else float('nan')}
