@@ -195,6 +195,9 @@ def export_params(params, model_cfg, output, *, tokenizer=None, data_cfg=None,
   shutil.copy(pathlib.Path(__file__).with_name('torch_model.py'), out / 'torch_model.py')
   automodel = hf_automodel.write_automodel(out, model_cfg, tokenizer=tokenizer,
                                            data_cfg=data_cfg, step=step)
+  # transformers' save_pretrained writes its model.safetensors through safetensors too.
+  for path in out.rglob('*.safetensors'):
+    os.chmod(path, _default_file_mode())
   return {'output': str(out), 'text_encoder': str(out / 'text_encoder'),
           'image_encoder': str(out / 'image_encoder'), 'cookie': str(out / COOKIE_WEIGHTS),
           'tokenizer': tokenizer is not None, 'step': step, 'automodel': automodel}
