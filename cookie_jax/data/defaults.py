@@ -86,12 +86,17 @@ def data_config() -> ml_collections.ConfigDict:
           vocab_size=512,  # upper bound of the trained WordPiece vocabulary
       ),
 
+      # A weighted mixture of training datasets: entries (overrides, weight), each
+      # overrides a dict of the builder keys above (builder, manual_dir, train_split,
+      # tfds_name, synthetic, ...) applied on top of this section; ({}, w) is this
+      # section's own dataset. Rows are drawn in the weights' proportions, exactly per
+      # block of 4096 positions, as a function of (seed, step). () = this dataset alone.
+      # Tokenizer, augmentation and the rest are shared: they cannot be overridden.
+      mixture=(),
       # Equal-sized images (the synthetic set) are kept decoded in memory, with their
-      # captions tokenised, when the process's part needs at most this many MB; 0 = never.
+      # captions tokenised, when the whole training split needs at most this many MB
+      # (every process holds all of it: any process may read any record); 0 = never.
       cache_mb=1024,
-      # Training examples held for shuffling (per process); an epoch is reshuffled with a
-      # seed derived from (config.seed, epoch).
-      shuffle_buffer=10_000,
       # Random resized crop: fraction of the image area and aspect-ratio range. The
       # defaults keep every object of a synthetic scene in view; for photos CLIP-style
       # training uses about (0.5, 1.0) or (0.08, 1.0).
@@ -122,9 +127,56 @@ def _range_ok(r, lo, hi):
   return len(r) == 2 and lo < r[0] <= r[1] <= hi
 
 
+# Keys of `config.data` that a mixture entry cannot override: the whole batch shares them.
+SHARED_KEYS = ('mixture', 'tokenizer', 'lowercase', 'max_len', 'val_split', 'test_split',
+               'num_frames', 'cache_mb', 'crop_scale', 'crop_ratio', 'flip', 'mean', 'std',
+               'num_parallel_calls', 'prefetch', 'device_prefetch')
+
+
+def _override(node, overrides, where):
+  for key, value in overrides.items():
+    if key not in node or key in SHARED_KEYS:
+      allowed = sorted(k for k in node.keys() if k not in SHARED_KEYS)
+      raise ValueError(f'{where}: {key!r} is not a key a mixture entry can set; use the '
+                       f'builder keys {allowed} (the rest of config.data is shared).')
+    if isinstance(node[key], ml_collections.ConfigDict):
+      if not isinstance(value, dict):
+        raise ValueError(f'{where}: {key!r} must be a dict of its keys, got {value!r}.')
+      _override(node[key], value, f'{where}.{key}')
+    else:
+      node[key] = value
+
+
+def mixture_components(data_cfg) -> list:
+  """[(data config, weight)] of each training dataset: `data_cfg` alone, weight 1, or
+  each entry of `data_cfg.mixture` applied on top of it."""
+  if not data_cfg.mixture:
+    return [(data_cfg, 1.0)]
+  out = []
+  for i, entry in enumerate(data_cfg.mixture):
+    where = f'config.data.mixture[{i}]'
+    if not (isinstance(entry, (tuple, list)) and len(entry) == 2
+            and isinstance(entry[0], dict)):
+      raise ValueError(f'{where}={entry!r}: each entry is (overrides, weight), e.g. '
+                       "({'builder': 'karpathy', 'manual_dir': '/data/coco'}, 0.3).")
+    cfg = data_cfg.copy_and_resolve_references()
+    cfg.mixture = ()
+    _override(cfg, entry[0], where)
+    out.append((cfg, entry[1]))
+  from cookie_jax.data.order import check_weights  # pylint: disable=g-import-not-at-top
+  weights = check_weights([w for _, w in out])
+  return [(cfg, float(w)) for (cfg, _), w in zip(out, weights)]
+
+
 def validate_data_config(data_cfg) -> None:
   """Raises ValueError naming `config.data.<key>`, the value and the fix."""
   d = data_cfg
+  if d.mixture:
+    for i, (cfg, _) in enumerate(mixture_components(d)):
+      try:
+        validate_data_config(cfg)
+      except ValueError as e:
+        raise ValueError(f'config.data.mixture[{i}]: {e}') from None
   _require(d.builder in BUILDERS, 'builder', d.builder, f'use one of {list(BUILDERS)}.')
   _require(d.max_len >= 2, 'max_len', d.max_len,
            'needs room for [CLS] and [SEP]; use e.g. 32.')
@@ -183,8 +235,6 @@ def validate_data_config(data_cfg) -> None:
              "the synthetic captions say 'left of' / 'right of', which a flip makes "
              'false; set flip=False.')
   _require(d.cache_mb >= 0, 'cache_mb', d.cache_mb, 'must be >= 0 (0 = no cache).')
-  _require(d.shuffle_buffer >= 1, 'shuffle_buffer', d.shuffle_buffer,
-           'must be >= 1 (1 = no shuffling).')
   _require(_range_ok(d.crop_scale, 0.0, 1.0), 'crop_scale', d.crop_scale,
            'must be (min, max) with 0 < min <= max <= 1, e.g. (0.8, 1.0).')
   _require(_range_ok(d.crop_ratio, 0.0, float('inf')), 'crop_ratio', d.crop_ratio,

@@ -156,8 +156,9 @@ class KarpathyConfig(tfds.core.BuilderConfig):
 class KarpathyCaptions(tfds.core.GeneratorBasedBuilder):
   """COCO / Flickr30K image-caption pairs in Karpathy's train/val/test(/restval) split."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'First release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'First release.',
+                   '1.1.0': 'Written as ArrayRecord, for random access by the training input.'}
   BUILDER_CONFIGS = [KarpathyConfig(name='coco', dataset='coco'),
                      KarpathyConfig(name='flickr30k', dataset='flickr30k')]
   MANUAL_DOWNLOAD_INSTRUCTIONS = INSTRUCTIONS

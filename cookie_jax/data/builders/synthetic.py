@@ -40,8 +40,9 @@ def generate(cfg: SyntheticConfig, split: str, count: int) -> list:
 class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
   """Coloured shapes in spatial relations, counts and positions, with varied captions."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'First release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'First release.',
+                   '1.1.0': 'Written as ArrayRecord, for random access by the training input.'}
   BUILDER_CONFIGS = [DEFAULT]
   # tfds looks for a checksums file beside the code via `importlib_resources`, a package it
   # does not declare on Python >= 3.9; this builder downloads nothing, so skip the lookup.

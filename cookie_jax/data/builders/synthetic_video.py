@@ -45,8 +45,9 @@ def generate(cfg: SyntheticVideoConfig, split: str, count: int) -> list:
 class SyntheticVideo(tfds.core.GeneratorBasedBuilder):
   """Shapes that move, appear, disappear or change colour, with captions that say so."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'First release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'First release.',
+                   '1.1.0': 'Written as ArrayRecord, for random access by the training input.'}
   BUILDER_CONFIGS = [DEFAULT]
   code_path = None  # see SyntheticShapes: no checksums lookup, nothing is downloaded
 
