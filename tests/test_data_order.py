@@ -91,8 +91,8 @@ def test_bad_weights_name_the_key(weights, message):
 def test_mixture_entries_are_checked_against_the_data_keys():
   cfg = defaults.data_config()
   cfg.mixture = (({'max_len': 8}, 1.0),)
-  with pytest.raises(ValueError, match=r"mixture\[0\]: 'max_len' is not a key a mixture "
-                                       r"entry can set.*'manual_dir'"):
+  with pytest.raises(ValueError, match=r"mixture\[0\]: 'max_len' is not a key it can set; "
+                                       r"use one of .*'manual_dir'"):
     defaults.validate_data_config(cfg)
   cfg.mixture = (({'synthetic': {'sede': 1}}, 1.0),)
   with pytest.raises(ValueError, match=r"mixture\[0\]\.synthetic: 'sede'"):

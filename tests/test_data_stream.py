@@ -2,6 +2,7 @@
 specified and resumed exactly, resume free of the position."""
 
 import io
+import json
 
 import numpy as np
 from PIL import Image
@@ -86,6 +87,12 @@ def _cfg(data_dir, name, **kw):
   return cfg
 
 
+def _bad_indices(builder):
+  """Where the bad examples sit in the files: tfds shuffles examples when writing."""
+  stored = [c[0] for c in _captions(builder)]
+  return [stored.index(f'record {i}') for i in (GARBAGE, TRUNCATED)]
+
+
 def _expected(seed, positions, bad):
   """(records read, stand-ins used) per position, from the order's definition."""
   attempts = np.zeros(len(positions), np.int64)
@@ -105,11 +112,8 @@ def test_a_record_that_fails_to_decode_is_replaced_and_counted(data_dir, name, c
   assert it._cache == bool(cache_mb)  # pylint: disable=protected-access
   steps = 9  # three epochs of 12 records
   batches = [next(it) for _ in range(steps)]
-  # tfds shuffles examples when writing: record r of the files is not example r.
-  stored = [ex['captions'][0].decode() for ex in sources.read(
-      it.parts[0].builder, 'train', ('image', 'captions'), with_image=False)
-            .as_numpy_iterator()]
-  bad = [stored.index(f'record {i}') for i in (GARBAGE, TRUNCATED)]
+  stored = [c[0] for c in _captions(it.parts[0].builder)]
+  bad = _bad_indices(it.parts[0].builder)
   records, attempts = _expected(0, np.arange(4 * steps), bad)
   assert all(b['image'].shape == (4, 8, 8, 3) for b in batches)  # never a smaller batch
   np.testing.assert_array_equal(np.concatenate([b['bad_records'] for b in batches]),
@@ -137,3 +141,84 @@ def test_a_tfrecord_dataset_names_the_conversion(tmp_path):
   with pytest.raises(ValueError, match=r'stored as .*tfrecord.*tfds convert_format '
                                        r'--dataset_version_dir=.*array_record'):
     sources.data_source(builder, 'train')
+
+
+# -- mixtures --
+
+
+def _synthetic(data_dir, **sizes):
+  cfg = defaults.data_config()
+  cfg.update(dict(data_dir=str(data_dir / 'tfds'), num_parallel_calls=2))
+  cfg.synthetic.update(dict(train_images=96, eval_images=8, **sizes))
+  return cfg
+
+
+def _captions(builder):
+  return [[c.decode() for c in ex['captions']] for ex in sources.read(
+      builder, 'train', ('image', 'captions'), with_image=False).as_numpy_iterator()]
+
+
+@pytest.mark.parametrize('cache_mb', [1024, 0])
+def test_a_mixture_reads_the_rows_its_order_names_and_resumes_exactly(data_dir, cache_mb):
+  cfg = _synthetic(data_dir)
+  cfg.cache_mb = cache_mb
+  # The base dataset (96 images) at weight 3, one of 40 other images at weight 1.
+  cfg.mixture = (({}, 3.0), ({'synthetic': {'seed': 1, 'train_images': 40}}, 1.0))
+  kw = dict(image_size=16, global_batch_size=16, seed=2, mesh=None)
+  it = pipeline.TrainIterator(cfg, **kw)
+  batches = [next(it) for _ in range(8)]
+  # What order.py says each row reads: dataset, record, caption.
+  g = np.arange(8 * 16)
+  parts, visits = order.Mixture([3, 1], 2).locate(g)
+  assert 0.6 < (parts == 0).mean() < 0.9 and (parts == 1).any()
+  stored = [_captions(p.builder) for p in it.parts]
+  sizes = [96, 40]
+  u = order.uniforms(2, g, 0, 1)[:, 0]
+  texts = []
+  for j, k, x in zip(parts, visits, u):
+    caps = stored[j][int(order.record(2, j, k, sizes[j]))]
+    texts.append(caps[min(int(np.floor(x * len(caps))), len(caps) - 1)])
+  want = tok_lib.encode(it.tokenizer, texts)['input_ids']
+  np.testing.assert_array_equal(np.concatenate([b['input_ids'] for b in batches]), want)
+  resumed = pipeline.TrainIterator(cfg, start_step=5, **kw)
+  for full in batches[5:]:
+    got = next(resumed)
+    assert all(np.array_equal(got[k], full[k]) for k in full)
+
+
+# -- evaluation on another dataset, and the training loop's count of bad records --
+
+
+def test_train_counts_bad_records_and_validates_on_eval_data(data_dir, tmp_path, caplog):
+  from cookie_jax import train  # pylint: disable=g-import-not-at-top
+  from cookie_jax.config import ConfigError, default_config  # pylint: disable=g-import-not-at-top
+  config = default_config('tiny')
+  config.model.vision.image_size = 16
+  config.data = _cfg(data_dir, 'corrupt_photos')
+  config.model.text.vocab_size = 64
+  config.train.batch_size = 8
+  config.train.steps = 3
+  config.train.log_every = 3
+  config.train.progress_bar = False
+  config.eval.batch_size = 8
+  config.eval.every = 3
+  # corrupt_photos has only 'train': validation and the test are off, said once each.
+  with caplog.at_level('WARNING'):
+    assert train._eval_splits(pipeline, config) == (False, False)  # pylint: disable=protected-access
+  said = [r.getMessage() for r in caplog.records if ' is off: ' in r.getMessage()]
+  assert len(said) == 2 and "has no split 'val'" in said[0], said
+  # With another dataset to validate on, validation and the test read it.
+  config.eval.data = {'builder': 'synthetic', 'synthetic': {'train_images': 96,
+                                                             'eval_images': 8}}
+  assert train._eval_splits(pipeline, config) == (True, True)  # pylint: disable=protected-access
+  workdir = str(tmp_path / 'run')
+  result = train.train_and_evaluate(config, workdir)
+  rows = [json.loads(l) for l in open(f'{workdir}/metrics.jsonl')]
+  (row,) = [r for r in rows if 'train/loss' in r]
+  _, attempts = _expected(config.seed, np.arange(24),
+                          _bad_indices(CorruptPhotos(data_dir=str(data_dir / 'tfds'))))
+  assert row['train/bad_records'] == attempts.sum() > 0
+  assert any('val/rsum' in r for r in rows) and result['test']['rsum'] >= 0
+  config.eval.data = {'builder': 'synthetic', 'val_split': 'nope'}
+  with pytest.raises(ConfigError, match=r"config.eval.data: synthetic has no split 'nope'"):
+    train._eval_splits(pipeline, config)  # pylint: disable=protected-access

@@ -2,7 +2,7 @@
 
 import ml_collections
 
-BUILDERS = ('synthetic', 'karpathy', 'tfds', 'msrvtt', 'synthetic_video')
+BUILDERS = ('synthetic', 'karpathy', 'tfds', 'msrvtt', 'synthetic_video', 'img2dataset')
 # Builders whose examples are clips of frames ([T, H, W, 3]) rather than images.
 VIDEO_BUILDERS = ('msrvtt', 'synthetic_video')
 # Builders that train and ship their own WordPiece vocabulary.
@@ -133,16 +133,16 @@ SHARED_KEYS = ('mixture', 'tokenizer', 'lowercase', 'max_len', 'val_split', 'tes
                'num_parallel_calls', 'prefetch', 'device_prefetch')
 
 
-def _override(node, overrides, where):
+def _override(node, overrides, where, shared=SHARED_KEYS):
   for key, value in overrides.items():
-    if key not in node or key in SHARED_KEYS:
-      allowed = sorted(k for k in node.keys() if k not in SHARED_KEYS)
-      raise ValueError(f'{where}: {key!r} is not a key a mixture entry can set; use the '
-                       f'builder keys {allowed} (the rest of config.data is shared).')
+    if key not in node or key in shared:
+      allowed = sorted(k for k in node.keys() if k not in shared)
+      raise ValueError(f'{where}: {key!r} is not a key it can set; use one of {allowed} '
+                       '(the rest of config.data is shared).')
     if isinstance(node[key], ml_collections.ConfigDict):
       if not isinstance(value, dict):
         raise ValueError(f'{where}: {key!r} must be a dict of its keys, got {value!r}.')
-      _override(node[key], value, f'{where}.{key}')
+      _override(node[key], value, f'{where}.{key}', shared=())
     else:
       node[key] = value
 
@@ -168,6 +168,19 @@ def mixture_components(data_cfg) -> list:
   return [(cfg, float(w)) for (cfg, _), w in zip(out, weights)]
 
 
+def eval_data_config(data_cfg, overrides) -> ml_collections.ConfigDict:
+  """What evaluation reads: `data_cfg` with `overrides` (config.eval.data) on top, no
+  mixture. Tokenizer, max_len and normalisation follow config.data unless overridden."""
+  cfg = data_cfg.copy_and_resolve_references()
+  cfg.mixture = ()
+  overrides = overrides.to_dict() if hasattr(overrides, 'to_dict') else dict(overrides or {})
+  if 'mixture' in overrides:
+    raise ValueError("config.eval.data: 'mixture' is not a key evaluation reads; give one "
+                     'dataset (builder, manual_dir, ...).')
+  _override(cfg, overrides, 'config.eval.data', shared=('mixture',))
+  return cfg
+
+
 def validate_data_config(data_cfg) -> None:
   """Raises ValueError naming `config.data.<key>`, the value and the fix."""
   d = data_cfg
@@ -185,6 +198,9 @@ def validate_data_config(data_cfg) -> None:
              'builder=karpathy needs the folder with dataset_<name>.json and the images.')
     _require(d.karpathy_dataset in ('coco', 'flickr30k'), 'karpathy_dataset',
              d.karpathy_dataset, "use 'coco' or 'flickr30k'.")
+  if d.builder == 'img2dataset':
+    _require(bool(d.manual_dir), 'manual_dir', d.manual_dir,
+             'builder=img2dataset needs the folder of img2dataset shards (.tar or .parquet).')
   if d.builder == 'msrvtt':
     _require(bool(d.manual_dir), 'manual_dir', d.manual_dir,
              'builder=msrvtt needs the MSRVTT folder with MSRVTT_data.json, '

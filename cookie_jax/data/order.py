@@ -65,17 +65,18 @@ def permute(index, n: int, key) -> np.ndarray:
   """int64: position `index` (in [0, n)) of the permutation of [0, n) keyed by `key`
   (uint64, one per index or one for all)."""
   index = np.asarray(index, np.int64)
+  shape, index = index.shape, index.reshape(-1)
   if n <= 1:
-    return np.zeros_like(index)
+    return np.zeros(shape, np.int64)
   half_bits = max(1, math.ceil(int(n - 1).bit_length() / 2))
-  key = np.broadcast_to(np.asarray(key, np.uint64), index.shape)
+  key = np.broadcast_to(np.asarray(key, np.uint64), shape).reshape(-1)
   keys = [hash64(key.view(np.int64), r) for r in range(_ROUNDS)]
   out = _feistel(index.astype(np.uint64), keys, half_bits)
   todo = out >= np.uint64(n)
   while todo.any():  # cycle-walking: a bijection of [0, 4^h) restricted to [0, n)
     out[todo] = _feistel(out[todo], [k[todo] for k in keys], half_bits)
     todo = out >= np.uint64(n)
-  return out.astype(np.int64)
+  return out.astype(np.int64).reshape(shape)
 
 
 def uniforms(seed: int, positions, stream: int, count: int) -> np.ndarray:

@@ -54,12 +54,18 @@ from cookie_jax.data.batching import load_tokenizer, local_batch, processes
 from cookie_jax.data.tf_env import tf
 from cookie_jax.data.train_input import TrainIterator
 
-__all__ = ['EvalData', 'TrainIterator', 'eval_data', 'load_tokenizer',
+__all__ = ['EvalData', 'TrainIterator', 'eval_data', 'has_split', 'load_tokenizer',
            'tokenizer_vocab_size']
 
 
 def tokenizer_vocab_size(data_cfg) -> int:
   return load_tokenizer(data_cfg).get_vocab_size()
+
+
+def has_split(data_cfg, split: str) -> bool:
+  """Whether the dataset of `data_cfg` has `split` ('val', 'test' or a tfds split)."""
+  builder = sources.get_builder(data_cfg)
+  return sources.has_split(builder, sources.resolve_split(data_cfg, split))
 
 
 class EvalData:
