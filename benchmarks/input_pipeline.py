@@ -1,6 +1,8 @@
 """Pairs per second of the input pipeline alone (no model), as the training loop sees it:
-the random-access pipeline (`new`: cookie_jax/data) against the TFRecord + shuffle-buffer
-pipeline it replaced (`old`: benchmarks/tfrecord_pipeline.py), side by side in one run.
+the random-access pipeline (`new`: cookie_jax/data, tf.data threads) against the TFRecord +
+shuffle-buffer pipeline it replaced (`old`: benchmarks/tfrecord_pipeline.py), and for
+photos the same order and records decoded in 2 Grain worker processes with PIL (`grain`:
+benchmarks/grain_pipeline.py), side by side in one run.
 
 Two settings:
 
@@ -12,10 +14,11 @@ Two settings:
 
 Each run builds a fresh iterator, times its first batch (start-up: opening the dataset;
 old: filling the shuffle buffer, new: for the demo, decoding the in-memory cache),
-discards `--warmup*` more batches and times the next `--steps*`; the two pipelines
-alternate run by run, and figures are medians over `--runs`. "CPU ms / pair" is the
-process's CPU time (all threads) per pair while timed; "pairs / CPU-s" is its inverse,
-pairs per second per core busy: what the pipeline costs the host at any training rate.
+discards `--warmup*` more batches and times the next `--steps*`; the pipelines alternate
+run by run, and figures are medians over `--runs`. "CPU ms / pair" is the CPU time of the
+process (all threads) and of Grain's worker processes per pair while timed; "pairs /
+CPU-s" is its inverse, pairs per second per core busy: what the pipeline costs the host
+at any training rate.
 Usage:
 
     python benchmarks/input_pipeline.py [--runs 5] [--workdir /tmp/cookie_jax_bench]
@@ -31,6 +34,7 @@ import time
 
 import numpy as np
 from PIL import Image
+import psutil
 
 # Before TF and JAX load: quiet TF, and keep JAX off any accelerator (this measures the host).
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -39,6 +43,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 from cookie_jax.data import defaults, pipeline, sources
 from cookie_jax.data import tokenizer as tok_lib
 from cookie_jax.data.builders import scenes
+import grain_pipeline
 import tfrecord_pipeline
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -78,15 +83,30 @@ def make_photo_folder(root: pathlib.Path, num_images: int) -> float:
   return sum(sizes) / len(sizes) / 1024
 
 
-PIPELINES = {'new': pipeline.TrainIterator, 'old': tfrecord_pipeline.TrainIterator}
+PIPELINES = {'new': pipeline.TrainIterator, 'old': tfrecord_pipeline.TrainIterator,
+             'grain': grain_pipeline.GrainIterator}
 
 
-def measure(data_cfg, *, image_size, batch, steps, warmup, runs, second_view=False):
+def _cpu_seconds() -> float:
+  """CPU time of this process and its children (Grain's workers), all threads."""
+  proc = psutil.Process()
+  total = sum(proc.cpu_times()[:2])
+  for child in proc.children(recursive=True):
+    try:
+      total += sum(child.cpu_times()[:2])
+    except psutil.Error:
+      pass
+  return total
+
+
+def measure(data_cfg, *, image_size, batch, steps, warmup, runs, second_view=False,
+            pipelines=('new', 'old')):
   """{pipeline: (median pairs/s, all runs' pairs/s, s to the first batch, CPU ms / pair)},
   the pipelines alternating run by run."""
-  out = {name: ([], [], []) for name in PIPELINES}
+  out = {name: ([], [], []) for name in pipelines}
   for run in range(runs):
-    for name, cls in PIPELINES.items():
+    for name in pipelines:
+      cls = PIPELINES[name]
       rate, start, cpu = _run(cls, data_cfg, image_size=image_size, batch=batch,
                               steps=steps, warmup=warmup, seed=run, second_view=second_view)
       for values, value in zip(out[name], (rate, start, cpu)):
@@ -104,11 +124,12 @@ def _run(cls, data_cfg, *, image_size, batch, steps, warmup, seed, second_view):
   start = time.perf_counter() - begin
   for _ in range(warmup):
     next(it)
-  begin, cpu_begin = time.perf_counter(), time.process_time()  # all threads' CPU time
+  begin, cpu_begin = time.perf_counter(), _cpu_seconds()
   for _ in range(steps):
     next(it)
   rate = steps * batch / (time.perf_counter() - begin)
-  cpu = (time.process_time() - cpu_begin) * 1e3 / (steps * batch)
+  cpu = (_cpu_seconds() - cpu_begin) * 1e3 / (steps * batch)
+  del it  # stops Grain's workers before the next run
   return rate, start, cpu
 
 
@@ -140,22 +161,22 @@ def main():
 
   rows = [('photo224', f'640x480 JPEG (~{kb:.0f} KB) -> 224 px, crop (0.08, 1) + flip, '
            'max_len 64', photo_cfg, 224, args.batch224, args.warmup224, args.steps224,
-           False),
+           False, ('new', 'old', 'grain')),
           ('demo32', 'synthetic 64 px PNG -> 32 px, crop (0.8, 1), max_len 32',
-           demo_cfg, 32, args.batch32, args.warmup32, args.steps32, False),
+           demo_cfg, 32, args.batch32, args.warmup32, args.steps32, False, ('new', 'old')),
           ('demo32+view2', 'as demo32, plus the second augmented view',
-           demo_cfg, 32, args.batch32, args.warmup32, args.steps32, True)]
+           demo_cfg, 32, args.batch32, args.warmup32, args.steps32, True, ('new', 'old'))]
   print(f'cpu cores: {os.cpu_count()}, runs: {args.runs}, '
         f'load average before: {os.getloadavg()[0]:.2f}')
   print('| setting | input | batch | pipeline | pairs/s (median) | runs | first batch (s) '
-        '| CPU ms / pair | pairs / CPU-s | new / old (pairs / CPU-s) |')
+        '| CPU ms / pair | pairs / CPU-s | / old (pairs / CPU-s) |')
   print('|---|---|---|---|---|---|---|---|---|---|')
-  for name, what, cfg, size, batch, warmup, steps, view2 in rows:
+  for name, what, cfg, size, batch, warmup, steps, view2, pipelines in rows:
     result = measure(cfg, image_size=size, batch=batch, steps=steps, warmup=warmup,
-                     runs=args.runs, second_view=view2)
+                     runs=args.runs, second_view=view2, pipelines=pipelines)
     per_cpu = {p: 1e3 / r[3] for p, r in result.items()}
     for p, (median, rates, start, cpu) in result.items():
-      ratio = f'{per_cpu["new"] / per_cpu["old"]:.2f}' if p == 'new' else ''
+      ratio = f'{per_cpu[p] / per_cpu["old"]:.2f}' if p != 'old' else ''
       print(f'| {name} | {what} | {batch} | {p} | {median:,.0f} | '
             f'{", ".join(f"{r:,.0f}" for r in rates)} | {start:.1f} | {cpu:.2f} | '
             f'{per_cpu[p]:,.0f} | {ratio} |', flush=True)

@@ -48,13 +48,14 @@ def legacy_builder(data_cfg):
 
 
 def _read(builder, split, keys, extra=()):
+  # pylint: disable=protected-access
   image_key, text_key = keys
   ds = builder.as_dataset(split=split, shuffle_files=False, read_config=_READ,
-                          decoders=sources._nest(image_key, tfds.decode.SkipDecoding()))  # pylint: disable=protected-access
+                          decoders=sources._nest(image_key, tfds.decode.SkipDecoding()))
 
   def select(ex):
-    return {'captions': tf.reshape(sources._get(ex, text_key), [-1]),  # pylint: disable=protected-access
-            'image': sources._get(ex, image_key)}  # pylint: disable=protected-access
+    return {'captions': tf.reshape(sources._get(ex, text_key), [-1]),
+            'image': sources._get(ex, image_key)}
 
   del extra
   return ds.map(select, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

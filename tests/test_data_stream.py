@@ -203,14 +203,15 @@ def test_train_counts_bad_records_and_validates_on_eval_data(data_dir, tmp_path,
   config.eval.batch_size = 8
   config.eval.every = 3
   # corrupt_photos has only 'train': validation and the test are off, said once each.
+  eval_splits = train._eval_splits  # pylint: disable=protected-access
   with caplog.at_level('WARNING'):
-    assert train._eval_splits(pipeline, config) == (False, False)  # pylint: disable=protected-access
+    assert eval_splits(pipeline, config) == (False, False)
   said = [r.getMessage() for r in caplog.records if ' is off: ' in r.getMessage()]
   assert len(said) == 2 and "has no split 'val'" in said[0], said
   # With another dataset to validate on, validation and the test read it.
   config.eval.data = {'builder': 'synthetic', 'synthetic': {'train_images': 96,
                                                              'eval_images': 8}}
-  assert train._eval_splits(pipeline, config) == (True, True)  # pylint: disable=protected-access
+  assert eval_splits(pipeline, config) == (True, True)
   workdir = str(tmp_path / 'run')
   result = train.train_and_evaluate(config, workdir)
   rows = [json.loads(l) for l in open(f'{workdir}/metrics.jsonl')]
@@ -221,4 +222,4 @@ def test_train_counts_bad_records_and_validates_on_eval_data(data_dir, tmp_path,
   assert any('val/rsum' in r for r in rows) and result['test']['rsum'] >= 0
   config.eval.data = {'builder': 'synthetic', 'val_split': 'nope'}
   with pytest.raises(ConfigError, match=r"config.eval.data: synthetic has no split 'nope'"):
-    train._eval_splits(pipeline, config)  # pylint: disable=protected-access
+    eval_splits(pipeline, config)

@@ -282,11 +282,13 @@ class TrainIterator:
                                                      [i], tf.string)).unbatch()
       ds = tf.data.Dataset.zip(tf.data.Dataset.range(p.size), serialized)
       ds = ds.map(decode, num_parallel_calls=batching.autotune(self.cfg.num_parallel_calls),
-                  deterministic=True).ignore_errors(log_warning=False)
+                  deterministic=True).ignore_errors(log_warning=False).ragged_batch(512)
       for i, image, caps in ds.as_numpy_iterator():
         images[offset + i], good[offset + i] = image, True
-        texts[offset + i] = [c.decode('utf-8', 'replace') for c in caps]
-        counts[offset + i] = len(caps)
+        caps = caps.to_list() if hasattr(caps, 'to_list') else list(caps)
+        for row, row_caps in zip(offset + i, caps):
+          texts[row] = [c.decode('utf-8', 'replace') for c in row_caps]
+          counts[row] = len(row_caps)
       bad = p.size - int(good[offset:offset + p.size].sum())
       if bad:
         log.warning('%d records of %s failed to decode; the rows that draw them read the '
