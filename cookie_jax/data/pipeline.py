@@ -23,12 +23,13 @@ at step 10 or at step 10^6, and a run saved on P hosts resumes on P' hosts with 
 global batches. The checkpoint stores only the step. We chose this over checkpointing an
 iterator's state (tf.data's, or Grain's), which is tied to one process layout.
 
-The work per row runs in tf.data's thread pool (parallel, in C++, off the GIL): fetch
-the record's bytes, parse the tf.Example, decode and augment; a batch's captions are
-tokenised in one Rust call. Equal-sized images (the synthetic sets) are decoded, and
-their captions tokenised, once at the start when they fit in `cache_mb`, and augmented
-a whole batch at a time (also when streamed), with per-row random numbers, so every
-path gives the same batches. Device prefetch (prefetch.py) runs on top.
+Per step, one call fetches the step's records by index; parsing the tf.Example,
+decoding and augmenting each row run in tf.data's thread pool (in C++, off the GIL; on 2
+cores this beat Grain worker processes, see docs/BENCHMARKS.md), and a batch's captions
+are tokenised in one Rust call. Equal-sized images (the synthetic sets) are decoded, and
+their captions tokenised, once at the start when they fit in `cache_mb`, and augmented a
+whole batch at a time (also when streamed) with per-row random numbers, so every path
+gives the same batches. Device prefetch (prefetch.py) runs on top.
 
 Video datasets take the same path: a clip is `image` [T, H, W, 3] (batches [B, T, H, W, 3]),
 with `config.data.num_frames` frames taken evenly from those stored, and one crop per
