@@ -21,6 +21,7 @@ setuptools.setup(
         'numpy>=2.0',
         'tensorflow-cpu>=2.20',
         'tensorflow-datasets>=4.9.9',
+        'array-record>=0.8',
         'transformers>=5.0',
         'tokenizers>=0.22',
         'safetensors>=0.6',
@@ -45,7 +46,8 @@ setuptools.setup(
         'torch': ['torch>=2.4'],
         # benchmarks/retrieval_search.py compares our sharded search with faiss;
         # launch/index.py builds a faiss index when it is installed.
-        'bench': ['faiss-cpu>=1.15'],
+        # benchmarks/input_pipeline.py compares our tf.data threads with Grain worker processes.
+        'bench': ['faiss-cpu>=1.15', 'grain==0.2.18'],
         # Building img2dataset folders on Apache Beam (launch/build_data.py
         # --beam_pipeline_options). Heavy, and apache-beam 2.77 needs pillow<13,
         # pyarrow<26 and protobuf<7, below requirements.txt's pins: install it with

@@ -289,7 +289,9 @@ def measure_loop(config, preset: str, steps: int) -> dict:
   it = pipeline.TrainIterator(cfg.data, image_size=cfg.model.vision.image_size,
                               global_batch_size=cfg.train.batch_size, seed=cfg.seed,
                               mesh=mesh, second_view=cfg.loss.visual.weight > 0)
-  batches = [next(it) for _ in range(log_every)]
+  # The train step takes the model's inputs; the loop logs bad_records itself.
+  batches = [{k: v for k, v in next(it).items() if k != 'bad_records'}
+             for _ in range(log_every)]
   del it  # its tf.data threads would compete with the timed steps
   state, setup = step_lib.create_train_state(cfg, mesh)
   fn = step_lib.make_train_step(cfg, setup)

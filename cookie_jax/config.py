@@ -9,7 +9,8 @@ import difflib
 
 import ml_collections
 
-from cookie_jax.data.defaults import VIDEO_BUILDERS, data_config, validate_data_config
+from cookie_jax.data.defaults import (VIDEO_BUILDERS, data_config, eval_data_config,
+                                     validate_data_config)
 from cookie_jax.models.presets import model_config
 
 
@@ -115,6 +116,11 @@ def default_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       every=0,
       # Evaluate the test split after training and write WORKDIR/test_retrieval.json.
       test_at_end=True,
+      # The dataset validation and test read, as keys of config.data set on top of it,
+      # e.g. {'builder': 'karpathy', 'manual_dir': '/data/coco'} to validate a CC3M run
+      # on COCO. {} = config.data itself; a builder without the split (img2dataset has
+      # only 'train') then skips validation / test, and the log says so once.
+      data={},
   ))
 
   # Device mesh sizes; -1 takes the devices left over. data * fsdp shards the batch,
@@ -145,7 +151,9 @@ def config_from_dict(saved: dict) -> ml_collections.ConfigDict:
 
   def merge(node, values):
     for key, value in values.items():
-      if isinstance(node[key], ml_collections.ConfigDict):
+      if node is config.eval and key == 'data':
+        node[key] = value  # keys of config.data, not of the schema's empty {}
+      elif isinstance(node[key], ml_collections.ConfigDict):
         merge(node[key], value)
       else:
         node[key] = tuple(value) if isinstance(node[key], tuple) else value
@@ -209,6 +217,8 @@ def nearest_key(path: str, schema=None) -> str | None:
 def _check_keys(config, schema, prefix=''):
   for key in config.keys():
     path = f'{prefix}{key}'
+    if path == 'eval.data':
+      continue  # keys of config.data, checked by `_check_eval_data`
     if key not in schema:
       close = nearest_key(key, schema)
       hint = f" Did you mean '{prefix}{close}'?" if close else ''
@@ -325,6 +335,16 @@ def _check_profile_steps(steps):
            '(10, 15); (0, 0) = no profile.')
 
 
+def _check_eval_data(config):
+  if config.eval.data:
+    try:
+      validate_data_config(eval_data_config(config.data, config.eval.data))
+    except ValueError as e:
+      message = str(e)
+      raise ValueError(message if message.startswith('config.eval.data')
+                       else f'config.eval.data: {message}') from None
+
+
 def validate_config(config: ml_collections.ConfigDict,
                     num_devices: int | None = None) -> ml_collections.ConfigDict:
   """Checks keys against the schema and values against each other. Returns `config`."""
@@ -398,6 +418,7 @@ def validate_config(config: ml_collections.ConfigDict,
            'must be >= 1.')
   try:
     validate_data_config(config.data)
+    _check_eval_data(config)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   for axis in ('data', 'fsdp', 'tensor'):

@@ -119,8 +119,10 @@ def restore_params(config: ml_collections.ConfigDict, directory: str, step: int,
 
 def _eval_data(pipeline, config, split: str, layout: str):
   from cookie_jax.data import sources  # pylint: disable=g-import-not-at-top
-  builder = sources.get_builder(config.data)
-  resolved = sources.resolve_split(config.data, split)
+  from cookie_jax.data.defaults import eval_data_config  # pylint: disable=g-import-not-at-top
+  data_cfg = eval_data_config(config.data, config.eval.data)  # what validation read
+  builder = sources.get_builder(data_cfg)
+  resolved = sources.resolve_split(data_cfg, split)
   try:
     sources.num_examples(builder, resolved)
   except (KeyError, ValueError) as e:
@@ -130,7 +132,7 @@ def _eval_data(pipeline, config, split: str, layout: str):
                       'config.data.val_split / test_split.') from None
   # Numpy batches (mesh=None): the encoders place them on the mesh, and the example
   # pictures can read the pixels back without a gather.
-  data = pipeline.eval_data(config.data, split, image_size=config.model.vision.image_size,
+  data = pipeline.eval_data(data_cfg, split, image_size=config.model.vision.image_size,
                             batch_size=config.eval.batch_size)
   if layout == 'coco1k' and data.num_images % evaluate.COCO1K_FOLDS:
     raise ConfigError(f'--layout=coco1k splits the images into {evaluate.COCO1K_FOLDS} '
@@ -250,7 +252,7 @@ def _draw(data, config, examples, curve, paths, title) -> None:
   if data.process_count > 1:
     # This process's batches hold only its rows; read the whole split here.
     from cookie_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-    data = pipeline.eval_data(config.data, data.split, image_size=data.image_size,
+    data = pipeline.eval_data(data.cfg, data.split, image_size=data.image_size,
                               batch_size=data.batch_size, process_index=0, process_count=1)
   i2t, t2i = examples['i2t'], examples['t2i']
   index = np.asarray(data.caption_image_index)

@@ -128,6 +128,18 @@ def describe(shardings) -> dict[str, str]:
   return out
 
 
+def process_rows(mesh: Mesh, global_batch: int) -> tuple[int, int]:
+  """[start, stop): the rows of a global batch that this process's devices hold, which
+  `to_global` expects its local batch to be (one contiguous block per process)."""
+  index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
+  rows = sorted({r for idx in index_map.values()
+                 for r in range(*idx[0].indices(global_batch))})
+  if not rows or rows != list(range(rows[0], rows[-1] + 1)):
+    raise ValueError(f'This process holds rows {rows[:4]}... of the global batch, not one '
+                     'contiguous block; order the mesh devices by process.')
+  return rows[0], rows[-1] + 1
+
+
 def to_global(mesh: Mesh, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
   """Per-process numpy batch -> global jax.Arrays sharded over the batch axes."""
   sharding = batch_sharding(mesh)

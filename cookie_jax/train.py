@@ -20,6 +20,7 @@ import time
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from cookie_jax import checkpoint as ckpt_lib
@@ -31,6 +32,7 @@ from cookie_jax import profiler as profiler_lib
 from cookie_jax import sharding, step as step_lib
 from cookie_jax.config import ConfigError, validate_config
 from cookie_jax.data import tokenizer as tok_lib
+from cookie_jax.data.defaults import eval_data_config
 
 
 class NonFiniteError(RuntimeError):
@@ -110,10 +112,53 @@ def _announce_compile(train_step):
 
 def _evaluate(pipeline, config, setup, params, split):
   from cookie_jax import evaluate  # pylint: disable=g-import-not-at-top
-  data = pipeline.eval_data(config.data, split, image_size=config.model.vision.image_size,
+  data = pipeline.eval_data(eval_data_config(config.data, config.eval.data), split,
+                            image_size=config.model.vision.image_size,
                             batch_size=config.eval.batch_size, mesh=setup.mesh)
   return evaluate.evaluate_retrieval(setup.graphdef, params, data, mesh=setup.mesh,
                                      progress=False)
+
+
+def _eval_splits(pipeline, config) -> tuple[bool, bool]:
+  """(validate, test): off, said once in the log, when the evaluation dataset lacks the
+  split; with config.eval.data given, a missing split is an error."""
+  wanted = [(config.eval.every > 0, 'val'), (config.eval.test_at_end, 'test')]
+  if not any(on for on, _ in wanted):
+    return False, False
+  data_cfg = eval_data_config(config.data, config.eval.data)
+  out = []
+  for on, split in wanted:
+    if on and not pipeline.has_split(data_cfg, split):
+      name = data_cfg[f'{split}_split']
+      if config.eval.data:
+        raise ConfigError(f'config.eval.data: {data_cfg.builder} has no split {name!r} '
+                          f'(config.data.{split}_split); name one it has, or set '
+                          f'eval.{"every=0" if split == "val" else "test_at_end=False"}.')
+      logging.warning('%s is off: builder %r has no split %r and config.eval.data is {}; '
+                      "set config.eval.data to a dataset that has one (e.g. {'builder': "
+                      "'karpathy', 'manual_dir': COCO_FOLDER}).",
+                      'Validation' if split == 'val' else 'The test at the end',
+                      data_cfg.builder, name)
+      on = False
+    out.append(on)
+  return tuple(out)
+
+
+class _BadRecords:
+  """Records replaced since the last log row (train/bad_records), summed on the devices
+  so that counting them never waits for the step."""
+
+  def __init__(self):
+    self._add = jax.jit(lambda total, rows: total + jnp.sum(rows))
+    self._total = None
+
+  def add(self, rows):
+    if rows is not None:
+      self._total = jnp.sum(rows) if self._total is None else self._add(self._total, rows)
+
+  def take(self):
+    total, self._total = self._total, None
+    return {} if total is None else {'bad_records': total}
 
 
 def restore_or_initialise(config, ckpt, state, setup):
@@ -159,6 +204,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   logging.info('Mesh: %s', dict(mesh.shape))
   pipeline, train_iter = _input(config, mesh)
+  validate, test = _eval_splits(pipeline, config)
 
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), config.checkpoint)
   tok_lib.keep_run_tokenizer(workdir, pipeline.load_tokenizer(config.data),
@@ -210,6 +256,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       last_saved = step
 
   result, logged = {}, {}
+  bad = _BadRecords()
   # The device metrics of the last logging step, fetched by `flush` once the step after
   # it is queued on the devices, so that fetching them never leaves the devices idle.
   pending = None
@@ -245,17 +292,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     while step < total:
       profiler.before(step + 1)
       batch = clock.call(input_bucket, next, train_iter)
+      bad.add(batch.pop('bad_records', None))
       state, metrics = clock.call(step_bucket, train_step, state, batch)
       input_bucket, step_bucket = 'input_wait', 'step'
       step += 1
       profiler.after(step, state)
       flush()
       if step % config.train.log_every == 0 or step == total:
+        metrics = {**metrics, **bad.take()}
         for value in metrics.values():
           value.copy_to_host_async()
         pending = (step, metrics)
       val = None
-      if config.eval.every and step % config.eval.every == 0:
+      if validate and step % config.eval.every == 0:
         flush()
         val = clock.call('eval', _evaluate, pipeline, config, setup, state.params,
                          config.data.val_split)
@@ -272,7 +321,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     clock.call('checkpoint', ckpt.wait)
     if ckpt.preempted(step):  # asked to stop in the last step: the test waits for a re-run
       raise _stopped(step, ckpt)
-    if config.eval.test_at_end:
+    if test:
       result = clock.call('eval', _evaluate, pipeline, config, setup, state.params,
                           config.data.test_split)
       result['step'] = step

@@ -20,12 +20,16 @@ def _load(name):
 @pytest.mark.parametrize('variant', _load('base').VARIANTS)
 def test_every_variant_validates(variant):
   config = _load('base').get_config(variant)
-  if config.data.builder in ('karpathy', 'msrvtt'):
+  if config.data.builder in ('karpathy', 'msrvtt', 'img2dataset'):
     # The recipe leaves the user's local folders to the command line.
     with pytest.raises(ConfigError, match=r'config\.data\.manual_dir'):
       validate_config(config)
     config.data.manual_dir = '/data/coco'
     config.data.tokenizer = '/data/bert-base-uncased'
+  if config.eval.data:
+    with pytest.raises(ConfigError, match=r'config\.eval\.data: config\.data\.manual_dir'):
+      validate_config(config)
+    config.eval.data.manual_dir = '/data/coco'
   small = variant in ('tiny', 'demo', 'vldeformer', 'coder', 'video_demo')
   validate_config(config, num_devices=8 if small else 256)
 
@@ -37,6 +41,15 @@ def test_base_variant_is_the_pretraining_recipe():
           config.model.vision.patch_size) == (768, 12, 16)
   assert (config.model.text.width, config.model.text.depth) == (768, 12)
   assert config.model.shared.depth > 0
+
+
+def test_web_pretraining_recipes_validate_on_coco():
+  for variant, steps in (('cc3m', 19_775), ('cc12m', 63_720)):
+    config = _load('base').get_config(variant)
+    assert (config.data.builder, config.train.batch_size) == ('img2dataset', 4096)
+    assert config.train.steps == steps and config.model.vision.width == 768
+    assert config.eval.data.to_dict() == {'builder': 'karpathy', 'karpathy_dataset': 'coco',
+                                      'manual_dir': ''}
 
 
 def test_unknown_variant():

@@ -27,7 +27,6 @@ def _synthetic_cfg(data_dir):
   cfg.data_dir = str(data_dir)
   cfg.synthetic.train_images = TRAIN
   cfg.synthetic.eval_images = EVAL
-  cfg.shuffle_buffer = 64
   cfg.num_parallel_calls = 2
   return cfg
 
@@ -118,7 +117,7 @@ def coco(tmp_path_factory, synth):
   vocab.write_text('\n'.join(list(tok_lib.SPECIAL_TOKENS) + words + list('0123456789')))
   cfg = defaults.data_config()
   cfg.update(dict(builder='karpathy', manual_dir=str(root), data_dir=synth.data_dir,
-                  tokenizer=str(vocab), crop_scale=(0.5, 1.0), flip=True, shuffle_buffer=8,
+                  tokenizer=str(vocab), crop_scale=(0.5, 1.0), flip=True,
                   train_split='train+restval'))
   records = _Records()
   logger = logging.getLogger(karpathy.__name__)
@@ -225,8 +224,7 @@ def test_karpathy_builder_splits_conversions_and_skips(coco):
   for needle in ('missing.jpg', 'truncated.jpg', 'garbage.jpg', 'skipped 2 corrupt',
                  'skipped 1 captions that are not valid UTF-8', 'skipped 3 empty'):
     assert needle in text, needle
-  images = {ex['filename'].decode(): ex for ex in builder.as_dataset(split='train')
-            .as_numpy_iterator()}
+  images = {ex['filename'].decode(): ex for ex in builder.as_data_source('train')}
   assert len(images['train2014/rgb0.jpg']['captions']) == 7  # COCO's 5-7 all kept
   assert len(images['train2014/rgb1.jpg']['captions']) == 5
   assert b'rgb 2 caption number 0' in images['train2014/rgb2.jpg']['captions']
@@ -346,7 +344,9 @@ def test_train_batches_shapes_dtypes_and_content(synth):
   b = next(it)
   assert {k: (v.shape, v.dtype.name) for k, v in b.items()} == {
       'image': ((16, 32, 32, 3), 'float32'), 'image_view2': ((16, 32, 32, 3), 'float32'),
-      'input_ids': ((16, 32), 'int32'), 'attention_mask': ((16, 32), 'int32')}
+      'input_ids': ((16, 32), 'int32'), 'attention_mask': ((16, 32), 'int32'),
+      'bad_records': ((16,), 'int32')}
+  assert not b['bad_records'].any()
   vocab = it.tokenizer.get_vocab()
   assert (b['input_ids'][:, 0] == vocab['[CLS]']).all()
   np.testing.assert_array_equal(b['attention_mask'], b['input_ids'] != vocab['[PAD]'])
@@ -418,21 +418,16 @@ def test_global_arrays_on_the_mesh(synth):
   assert t['input_ids'].sharding == sharding.batch_sharding(mesh)
 
 
-def test_two_processes_read_disjoint_parts_that_cover_the_split(synth):
-  builder = sources.get_builder(synth)
-  ids = []
-  for p in range(2):
-    split = sources.process_split('train', p, 2)
-    ids.append([int(ex['image_id']) for ex in sources.read(
-        builder, split, ('image', 'captions')).as_numpy_iterator()])
-  assert len(ids[0]) == len(ids[1]) == TRAIN // 2
-  assert not set(ids[0]) & set(ids[1]) and set(ids[0]) | set(ids[1]) == set(range(TRAIN))
-  its = [pipeline.TrainIterator(synth, image_size=16, global_batch_size=16, seed=0,
-                                mesh=None, process_index=p, process_count=2)
-         for p in range(2)]
-  assert [it.num_local_examples for it in its] == [TRAIN // 2] * 2
-  b0, b1 = next(its[0]), next(its[1])
-  assert b0['image'].shape[0] == 8 and not np.array_equal(b0['image'], b1['image'])
+@pytest.mark.parametrize('path', ['cached', 'photos'])
+def test_two_processes_rows_side_by_side_are_the_one_process_batch(synth, coco, path):
+  cfg, batch = (synth, 16) if path == 'cached' else (coco[0], 4)
+  kw = dict(image_size=16, global_batch_size=batch, seed=0, mesh=None, second_view=True)
+  whole = _take(pipeline.TrainIterator(cfg, **kw), 5)
+  halves = [_take(pipeline.TrainIterator(cfg, process_index=p, process_count=2, **kw), 5)
+            for p in range(2)]
+  for k, full in enumerate(whole):
+    joined = {key: np.concatenate([halves[0][k][key], halves[1][k][key]]) for key in full}
+    assert _same(joined, full), k
   with pytest.raises(ValueError, match='divisible by the 3 processes'):
     pipeline.TrainIterator(synth, image_size=16, global_batch_size=16, seed=0, mesh=None,
                            process_count=3, process_index=0)

@@ -169,7 +169,7 @@ def test_msrvtt_builder_reports_missing_and_unreadable_videos(msrvtt_build, tmp_
 def video_data(tmp_path_factory):
   cfg = defaults.data_config()
   cfg.update(dict(builder='synthetic_video', data_dir=str(tmp_path_factory.mktemp('tfds')),
-                  shuffle_buffer=32, num_parallel_calls=2))
+                  num_parallel_calls=2))
   cfg.synthetic_video.update(dict(train_clips=32, eval_clips=6))
   sources.get_builder(cfg)
   return cfg

@@ -1,8 +1,9 @@
-"""Image decoding and augmentation as TF ops, random only through explicit stateless seeds.
+"""Image decoding and augmentation as TF ops, random only through explicit inputs.
 
-Every random choice takes a `[2]` seed tensor derived from (config seed, process, stream
-position), never TF's stateful generators, so the same position gives the same crop on
-any run, at any parallelism, after any restart.
+Every random choice takes a `[2]` seed tensor, or uniform numbers, that the input
+pipeline derives from (config seed, global position of the row) (see `order.py`), never
+TF's stateful generators, so the same position gives the same crop on any run, at any
+parallelism, on any number of processes, after any restart.
 """
 
 import math
@@ -53,8 +54,12 @@ def train_view(image_bytes, seed, *, size, area_range, aspect_ratio_range, flip)
   return image
 
 
-def batch_train_view(images, seed, *, size, area_range, aspect_ratio_range, flip):
+def batch_train_view(images, seed=None, *, size, area_range, aspect_ratio_range, flip,
+                     uniforms=None):
   """float32 [B, size, size, 3] in [0, 255] from equal-sized uint8 images [B, H, W, 3].
+
+  The random numbers are `uniforms` (float [B, 5] in [0, 1), one row per image or clip:
+  area, ratio, top, left, flip), or drawn from `seed` when it is None.
 
   The same augmentation as `train_view`, in a handful of ops for the whole batch instead
   of dozens per image: for small images (the synthetic set) per-op overhead, not pixels,
@@ -66,22 +71,28 @@ def batch_train_view(images, seed, *, size, area_range, aspect_ratio_range, flip
   if images.shape.rank == 5:
     clip_shape = tf.shape(images)
     frames = tf.reshape(images, tf.concat([[-1], clip_shape[2:]], 0))
-    out = _batch_view(frames, seed, size=size, area_range=area_range,
+    u = _uniforms(seed, uniforms, clip_shape[0])
+    out = _batch_view(frames, u, size=size, area_range=area_range,
                       aspect_ratio_range=aspect_ratio_range, flip=flip,
                       frames_per_clip=clip_shape[1])
     return tf.reshape(out, tf.concat([clip_shape[:2], [size, size, 3]], 0))
-  return _batch_view(images, seed, size=size, area_range=area_range,
-                     aspect_ratio_range=aspect_ratio_range, flip=flip)
+  return _batch_view(images, _uniforms(seed, uniforms, tf.shape(images)[0]), size=size,
+                     area_range=area_range, aspect_ratio_range=aspect_ratio_range,
+                     flip=flip)
 
 
-def _batch_view(images, seed, *, size, area_range, aspect_ratio_range, flip,
+def _uniforms(seed, uniforms, n):
+  if uniforms is None:
+    return tf.random.stateless_uniform([n, 5], seed)
+  return tf.cast(uniforms, tf.float32)
+
+
+def _batch_view(images, u, *, size, area_range, aspect_ratio_range, flip,
                 frames_per_clip=1):
-  """`batch_train_view` of [N, H, W, 3]; consecutive groups of `frames_per_clip` images
-  share one random crop and flip."""
+  """`batch_train_view` of [N, H, W, 3] with random numbers `u` [N / frames_per_clip, 5];
+  consecutive groups of `frames_per_clip` images share one random crop and flip."""
   shape = tf.shape(images)
-  n = shape[0] // frames_per_clip
   aspect = tf.cast(shape[1], tf.float32) / tf.cast(shape[2], tf.float32)  # H / W
-  u = tf.random.stateless_uniform([n, 5], seed)
   area = area_range[0] + (area_range[1] - area_range[0]) * u[:, 0]
   lo, hi = math.log(aspect_ratio_range[0]), math.log(aspect_ratio_range[1])
   ratio = tf.exp(lo + (hi - lo) * u[:, 1])  # width / height in pixels

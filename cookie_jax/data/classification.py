@@ -19,10 +19,9 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from cookie_jax.data import augment, images
+from cookie_jax.data import augment, images, sources
 
 # File order on every read, so that images and labels pair by position.
-_READ = tfds.ReadConfig(shuffle_seed=None, try_autocache=False)
 _WNID = re.compile(r'^n\d{8}$')
 
 
@@ -86,9 +85,10 @@ class TfdsClassification:
     self.class_names = list(features[label_key].names)
     self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
     self._parallel = tf.data.AUTOTUNE if num_parallel_calls == -1 else num_parallel_calls
-    ds = builder.as_dataset(split=split, shuffle_files=False, read_config=_READ,
-                            decoders=tfds.decode.PartialDecoding({label_key: True}))
-    self.labels = np.fromiter((ex[label_key] for ex in ds.as_numpy_iterator()), np.int64)
+    ds = sources.read_examples(builder, split,
+                               decoders={image_key: tfds.decode.SkipDecoding()})
+    ds = ds.map(lambda ex: ex[label_key])
+    self.labels = np.fromiter(ds.as_numpy_iterator(), np.int64)
     if not self.labels.size:
       raise ValueError(f'Split {split!r} of {builder.name} is empty.')
     self.num_images = int(self.labels.size)
@@ -103,9 +103,8 @@ class TfdsClassification:
     return self._rows.num_batches
 
   def _records(self):
-    ds = self.builder.as_dataset(
-        split=self.split, shuffle_files=False, read_config=_READ,
-        decoders={self.image_key: tfds.decode.SkipDecoding()})
+    ds = sources.read_examples(self.builder, self.split,
+                               decoders={self.image_key: tfds.decode.SkipDecoding()})
     return ds.map(lambda ex: ex[self.image_key])
 
   def _view(self, encoded):

@@ -107,12 +107,17 @@ def data_config() -> ml_collections.ConfigDict:
           vocab_size=512,  # upper bound of the trained WordPiece vocabulary
       ),
 
+      # A weighted mixture of training datasets: entries (overrides, weight), each
+      # overrides a dict of the builder keys above (builder, manual_dir, train_split,
+      # tfds_name, synthetic, ...) applied on top of this section; ({}, w) is this
+      # section's own dataset. Rows are drawn in the weights' proportions, exactly per
+      # block of 4096 positions, as a function of (seed, step). () = this dataset alone.
+      # Tokenizer, augmentation and the rest are shared: they cannot be overridden.
+      mixture=(),
       # Equal-sized images (the synthetic set) are kept decoded in memory, with their
-      # captions tokenised, when the process's part needs at most this many MB; 0 = never.
+      # captions tokenised, when the whole training split needs at most this many MB
+      # (every process holds all of it: any process may read any record); 0 = never.
       cache_mb=1024,
-      # Training examples held for shuffling (per process); an epoch is reshuffled with a
-      # seed derived from (config.seed, epoch).
-      shuffle_buffer=10_000,
       # Random resized crop: fraction of the image area and aspect-ratio range. The
       # defaults keep every object of a synthetic scene in view; for photos CLIP-style
       # training uses about (0.5, 1.0) or (0.08, 1.0).
@@ -161,9 +166,69 @@ def validate_img2dataset(d) -> None:
            'use 0 (one per core) or a number of processes.')
 
 
+# Keys of `config.data` that a mixture entry cannot override: the whole batch shares them.
+SHARED_KEYS = ('mixture', 'tokenizer', 'lowercase', 'max_len', 'val_split', 'test_split',
+               'num_frames', 'cache_mb', 'crop_scale', 'crop_ratio', 'flip', 'mean', 'std',
+               'num_parallel_calls', 'prefetch', 'device_prefetch')
+
+
+def _override(node, overrides, where, shared=SHARED_KEYS):
+  for key, value in overrides.items():
+    if key not in node or key in shared:
+      allowed = sorted(k for k in node.keys() if k not in shared)
+      raise ValueError(f'{where}: {key!r} is not a key it can set; use one of {allowed} '
+                       '(the rest of config.data is shared).')
+    if isinstance(node[key], ml_collections.ConfigDict):
+      if not isinstance(value, dict):
+        raise ValueError(f'{where}: {key!r} must be a dict of its keys, got {value!r}.')
+      _override(node[key], value, f'{where}.{key}', shared=())
+    else:
+      node[key] = value
+
+
+def mixture_components(data_cfg) -> list:
+  """[(data config, weight)] of each training dataset: `data_cfg` alone, weight 1, or
+  each entry of `data_cfg.mixture` applied on top of it."""
+  if not data_cfg.mixture:
+    return [(data_cfg, 1.0)]
+  out = []
+  for i, entry in enumerate(data_cfg.mixture):
+    where = f'config.data.mixture[{i}]'
+    if not (isinstance(entry, (tuple, list)) and len(entry) == 2
+            and isinstance(entry[0], dict)):
+      raise ValueError(f'{where}={entry!r}: each entry is (overrides, weight), e.g. '
+                       "({'builder': 'karpathy', 'manual_dir': '/data/coco'}, 0.3).")
+    cfg = data_cfg.copy_and_resolve_references()
+    cfg.mixture = ()
+    _override(cfg, entry[0], where)
+    out.append((cfg, entry[1]))
+  from cookie_jax.data.order import check_weights  # pylint: disable=g-import-not-at-top
+  weights = check_weights([w for _, w in out])
+  return [(cfg, float(w)) for (cfg, _), w in zip(out, weights)]
+
+
+def eval_data_config(data_cfg, overrides) -> ml_collections.ConfigDict:
+  """What evaluation reads: `data_cfg` with `overrides` (config.eval.data) on top, no
+  mixture. Tokenizer, max_len and normalisation follow config.data unless overridden."""
+  cfg = data_cfg.copy_and_resolve_references()
+  cfg.mixture = ()
+  overrides = overrides.to_dict() if hasattr(overrides, 'to_dict') else dict(overrides or {})
+  if 'mixture' in overrides:
+    raise ValueError("config.eval.data: 'mixture' is not a key evaluation reads; give one "
+                     'dataset (builder, manual_dir, ...).')
+  _override(cfg, overrides, 'config.eval.data', shared=('mixture',))
+  return cfg
+
+
 def validate_data_config(data_cfg) -> None:
   """Raises ValueError naming `config.data.<key>`, the value and the fix."""
   d = data_cfg
+  if d.mixture:
+    for i, (cfg, _) in enumerate(mixture_components(d)):
+      try:
+        validate_data_config(cfg)
+      except ValueError as e:
+        raise ValueError(f'config.data.mixture[{i}]: {e}') from None
   _require(d.builder in BUILDERS, 'builder', d.builder, f'use one of {list(BUILDERS)}.')
   _require(d.max_len >= 2, 'max_len', d.max_len,
            'needs room for [CLS] and [SEP]; use e.g. 32.')
@@ -172,6 +237,9 @@ def validate_data_config(data_cfg) -> None:
              'builder=karpathy needs the folder with dataset_<name>.json and the images.')
     _require(d.karpathy_dataset in ('coco', 'flickr30k'), 'karpathy_dataset',
              d.karpathy_dataset, "use 'coco' or 'flickr30k'.")
+  if d.builder == 'img2dataset':
+    _require(bool(d.manual_dir), 'manual_dir', d.manual_dir,
+             'builder=img2dataset needs the folder of img2dataset shards (.tar or .parquet).')
   if d.builder == 'msrvtt':
     _require(bool(d.manual_dir), 'manual_dir', d.manual_dir,
              'builder=msrvtt needs the MSRVTT folder with MSRVTT_data.json, '
@@ -224,8 +292,6 @@ def validate_data_config(data_cfg) -> None:
              "the synthetic captions say 'left of' / 'right of', which a flip makes "
              'false; set flip=False.')
   _require(d.cache_mb >= 0, 'cache_mb', d.cache_mb, 'must be >= 0 (0 = no cache).')
-  _require(d.shuffle_buffer >= 1, 'shuffle_buffer', d.shuffle_buffer,
-           'must be >= 1 (1 = no shuffling).')
   _require(_range_ok(d.crop_scale, 0.0, 1.0), 'crop_scale', d.crop_scale,
            'must be (min, max) with 0 < min <= max <= 1, e.g. (0.8, 1.0).')
   _require(_range_ok(d.crop_ratio, 0.0, float('inf')), 'crop_ratio', d.crop_ratio,

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageOps
 import tensorflow_datasets as tfds
 
-from cookie_jax.data import augment
+from cookie_jax.data import augment, sources
 from cookie_jax.data.builders.images import to_rgb
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp')
@@ -103,7 +103,6 @@ def file_batches(paths: Sequence[str], *, size: int, mean, std, batch_size: int,
 # A tfds split as an image source (`launch/index.py build --tfds=NAME`) ------------------
 
 # File order on every read, so that index i is always the same image.
-_READ = tfds.ReadConfig(shuffle_seed=None, try_autocache=False)
 
 
 def tfds_builder(name: str, data_dir: str = ''):
@@ -130,9 +129,8 @@ def image_feature(builder, image_key: str = '') -> str:
 
 
 def _tfds_images(builder, split: str, image_key: str, lo: int, hi: int):
-  ds = builder.as_dataset(split=f'{split}[{lo}:{hi}]', shuffle_files=False,
-                          read_config=_READ,
-                          decoders={image_key: tfds.decode.SkipDecoding()})
+  ds = sources.read_examples(builder, split, start=lo, stop=hi,
+                             decoders={image_key: tfds.decode.SkipDecoding()})
   return ds.map(lambda ex: ex[image_key])
 
 

@@ -1,10 +1,14 @@
 """From `config.data` to a prepared tfds builder, and from a split to raw records.
 
-Records leave here with the image still encoded (`image`: bytes) and all captions of the
-image (`captions`: 1-D strings), so the pipeline can decode only what it uses (a JPEG
-crop window) and choose a caption per visit. For the video builders `image` is a clip:
-its frames, each encoded ([T] strings).
+Every builder writes ArrayRecord files, which tfds reads by index (`as_data_source`):
+training reads any record at any position in O(1), and evaluation reads a split in
+order through the same files. Records leave here with the image still encoded (`image`:
+bytes) and all captions of the image (`captions`: 1-D strings), so the pipeline can
+decode only what it uses (a JPEG crop window) and choose a caption per visit. For the
+video builders `image` is a clip: its frames, each encoded ([T] strings).
 """
+
+import numpy as np
 
 from cookie_jax.data.tf_env import tf  # pylint: disable=g-bad-import-order  # GPUs first
 import tensorflow_datasets as tfds
@@ -15,9 +19,10 @@ from cookie_jax.data.builders import img2dataset, karpathy, msrvtt, synthetic, s
 from cookie_jax.data.builders import zeroshot_shapes
 from cookie_jax.data.builders.frames import segment_centres
 
-# Same order on every read: eval pairs image and caption passes by position, and exact
-# resume replays positions. tfds' interleave is deterministic under these options.
-_READ = tfds.ReadConfig(shuffle_seed=None, try_autocache=False)
+# The file format every builder here writes: random access, for the training order.
+FILE_FORMAT = 'array_record'
+# Records fetched per call when a split is read in order.
+_CHUNK = 256
 
 
 def _data_dir(data_cfg):
@@ -31,7 +36,7 @@ def get_builder(data_cfg) -> tfds.core.DatasetBuilder:
     s = data_cfg.synthetic
     builder = synthetic.SyntheticShapes(
         data_dir=_data_dir(data_cfg), config=synthetic.synthetic_config(**s.to_dict()))
-    builder.download_and_prepare()
+    builder.download_and_prepare(file_format=FILE_FORMAT)
     return builder
   if kind == 'karpathy':
     # Checked here too, so that a missing folder is reported before tfds makes any.
@@ -39,6 +44,7 @@ def get_builder(data_cfg) -> tfds.core.DatasetBuilder:
     builder = karpathy.KarpathyCaptions(data_dir=_data_dir(data_cfg),
                                         config=data_cfg.karpathy_dataset)
     builder.download_and_prepare(
+        file_format=FILE_FORMAT,
         download_config=tfds.download.DownloadConfig(manual_dir=data_cfg.manual_dir))
     return builder
   if kind == 'synthetic_zeroshot':
@@ -47,13 +53,13 @@ def get_builder(data_cfg) -> tfds.core.DatasetBuilder:
     builder = zeroshot_shapes.SyntheticZeroshot(
         data_dir=_data_dir(data_cfg), config=zeroshot_shapes.zeroshot_config(
             image_size=data_cfg.synthetic.image_size, seed=data_cfg.synthetic.seed))
-    builder.download_and_prepare()
+    builder.download_and_prepare(file_format=FILE_FORMAT)
     return builder
   if kind == 'synthetic_video':
     builder = synthetic_video.SyntheticVideo(
         data_dir=_data_dir(data_cfg),
         config=synthetic_video.synthetic_video_config(**data_cfg.synthetic_video.to_dict()))
-    builder.download_and_prepare()
+    builder.download_and_prepare(file_format=FILE_FORMAT)
     return builder
   if kind == 'msrvtt':
     m = data_cfg.msrvtt
@@ -61,6 +67,7 @@ def get_builder(data_cfg) -> tfds.core.DatasetBuilder:
     builder = msrvtt.Msrvtt(data_dir=_data_dir(data_cfg), config=msrvtt.msrvtt_config(
         train_list=m.train_list, frames=m.frames, image_size=m.image_size))
     builder.download_and_prepare(
+        file_format=FILE_FORMAT,
         download_config=tfds.download.DownloadConfig(manual_dir=data_cfg.manual_dir))
     return builder
   if kind == 'img2dataset':
@@ -121,14 +128,17 @@ def resolve_split(data_cfg, split: str) -> str:
   return split
 
 
-def process_split(split: str, process_index: int, process_count: int) -> str:
-  """This process's disjoint part of `split`; the parts differ by at most one example."""
-  return tfds.split_for_jax_process(split, process_index=process_index,
-                                    process_count=process_count)
-
-
 def num_examples(builder, split) -> int:
   return builder.info.splits[split].num_examples
+
+
+def has_split(builder, split: str) -> bool:
+  """Whether the split expression `split` names splits that `builder` has."""
+  try:
+    builder.info.splits[split]  # pylint: disable=pointless-statement
+  except (KeyError, ValueError):
+    return False
+  return True
 
 
 def _get(tree, path):
@@ -183,35 +193,95 @@ def visual_shape(data_cfg, builder, keys):
   return (wanted,) + shape[1:], tf.constant(segment_centres(stored, wanted), tf.int32)
 
 
-def read(builder, split: str, keys: tuple[str, str], *, with_image: bool = True,
-         extra=('image_id',)) -> tf.data.Dataset:
-  """{'image': encoded bytes, 'captions': [n] strings, + `extra` features present}."""
+def data_source(builder, split: str):
+  """Random access to the serialized records of `split`: `len()`, `__getitems__`."""
+  try:
+    return builder.as_data_source(
+        split, file_format=FILE_FORMAT,
+        deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+  except (NotImplementedError, ValueError) as e:
+    if 'file format' not in str(e).lower():
+      raise
+    raise ValueError(
+        f'{builder.name} in {builder.data_dir} is stored as '
+        f'{builder.info.file_format.value}; training reads ArrayRecord (random access). '
+        'Convert it once with `tfds '
+        f'convert_format --dataset_version_dir={builder.data_dir} '
+        '--out_file_format=array_record`, or rebuild it with '
+        "`tfds build ... --file_format=array_record`.") from None
+
+
+def fetch(source, indices) -> np.ndarray:
+  """The serialized records at `indices` (object array of bytes, one per index)."""
+  out = np.empty(len(indices), object)
+  out[:] = source.__getitems__([int(i) for i in indices])
+  return out
+
+
+def _decoder(builder, decoders=None):
+  """A TF function: one serialized record -> the example's features (`decoders` apply)."""
+  features = builder.info.features
+  example_parser = tfds.core.example_parser.ExampleParser(features.get_serialized_info())
+  return lambda serialized: features.decode_example(example_parser.parse_example(serialized),
+                                                    decoders=decoders)
+
+
+def parser(builder, keys: tuple[str, str], extra=()):
+  """A TF function: one serialized record -> {'image', 'captions', + `extra`}."""
   image_key, text_key = keys
   check_keys(builder, keys)
-  decoders = _nest(image_key, tfds.decode.SkipDecoding())
-  if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
-    ds = _array_record_dataset(builder, split, decoders)
-  else:
-    ds = builder.as_dataset(split=split, shuffle_files=False, read_config=_READ,
-                            decoders=decoders)
+  decode = _decoder(builder, _nest(image_key, tfds.decode.SkipDecoding()))
   present = [k for k in extra if k in builder.info.features]
 
-  def select(ex):
-    out = {'captions': tf.reshape(_get(ex, text_key), [-1])}
-    if with_image:
-      out['image'] = _get(ex, image_key)
+  def parse(serialized):
+    ex = decode(serialized)
+    out = {'image': _get(ex, image_key), 'captions': tf.reshape(_get(ex, text_key), [-1])}
     out.update({k: ex[k] for k in present})
     return out
 
-  return ds.map(select, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return parse
 
 
-def _array_record_dataset(builder, split: str, decoders) -> tf.data.Dataset:
-  """Records of an ArrayRecord dataset in index order (the order `as_dataset` would
-  give), through tfds' random-access source: tfds has no tf.data reader for it."""
-  source = builder.as_data_source(
-      split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
-  ds = tf.data.Dataset.from_generator(lambda: (source[i] for i in range(len(source))),
-                                      output_signature=tf.TensorSpec((), tf.string))
-  return ds.map(lambda record: builder.info.features.deserialize_example(
-      record, decoders=decoders), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+def _records(source, indices) -> tf.data.Dataset:
+  """The serialized records of `source` at `indices`, in their order."""
+  def serialized(chunk):
+    return tf.numpy_function(lambda i: fetch(source, i), [chunk], tf.string,
+                             stateful=False)
+  ds = tf.data.Dataset.from_tensor_slices(np.asarray(indices, np.int64))
+  return ds.batch(_CHUNK).map(serialized).unbatch()
+
+
+def read(builder, split: str, keys: tuple[str, str], *, with_image: bool = True,
+         extra=('image_id',), indices=None) -> tf.data.Dataset:
+  """{'image': encoded bytes, 'captions': [n] strings, + `extra` features present}, in
+  record order, or for `indices` only (in their order)."""
+  source = data_source(builder, split)
+  parse = parser(builder, keys, extra)
+  indices = np.arange(len(source)) if indices is None else indices
+
+  def select(record):
+    ex = parse(record)
+    if not with_image:
+      del ex['image']
+    return ex
+
+  return _records(source, indices).map(select, num_parallel_calls=tf.data.AUTOTUNE,
+                                       deterministic=True)
+
+
+def read_examples(builder, split: str, *, decoders=None, start: int = 0,
+                  stop: int | None = None) -> tf.data.Dataset:
+  """Examples start..stop-1 of `split` of any prepared tfds dataset, ours (ArrayRecord)
+  or another one's (TFRecord, read with `as_dataset`), in record order."""
+  if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
+    source = data_source(builder, split)
+    stop = len(source) if stop is None else min(stop, len(source))
+    return _records(source, np.arange(start, stop)).map(
+        _decoder(builder, decoders), num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True)
+  if start or stop is not None:
+    split = f'{split}[{start}:{"" if stop is None else stop}]'
+  return builder.as_dataset(split=split, shuffle_files=False,
+                            read_config=tfds.ReadConfig(shuffle_seed=None,
+                                                        try_autocache=False),
+                            decoders=decoders)

@@ -145,8 +145,9 @@ class KarpathyCaptions(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.1.0')
   RELEASE_NOTES = {
       '1.0.0': 'First release.',
-      '1.1.0': 'Images with an EXIF orientation other than 1 are stored upright (were '
-               'stored as their pixels lie, e.g. sideways for orientation 6).',
+      '1.1.0': 'Written as ArrayRecord, for random access by the training input. Images '
+               'with an EXIF orientation other than 1 are stored upright (were stored as '
+               'their pixels lie, e.g. sideways for orientation 6).',
   }
   BUILDER_CONFIGS = [KarpathyConfig(name='coco', dataset='coco'),
                      KarpathyConfig(name='flickr30k', dataset='flickr30k')]

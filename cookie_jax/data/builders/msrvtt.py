@@ -210,8 +210,9 @@ def msrvtt_config(train_list='9k', frames=12, image_size=224) -> MsrvttConfig:
 class Msrvtt(tfds.core.GeneratorBasedBuilder):
   """MSR-VTT: 10k web video clips with 20 captions each (train/val/1k-A test/full test)."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'First release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'First release.',
+                   '1.1.0': 'Written as ArrayRecord, for random access by the training input.'}
   BUILDER_CONFIGS = [DEFAULT]
   MANUAL_DOWNLOAD_INSTRUCTIONS = INSTRUCTIONS
   code_path = None  # see SyntheticShapes: no checksums lookup, nothing is downloaded

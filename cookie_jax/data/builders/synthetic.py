@@ -43,7 +43,8 @@ class SyntheticShapes(generated.Generated, tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.1.0')
   RELEASE_NOTES = {
       '1.0.0': 'First release.',
-      '1.1.0': 'A deterministic WordPiece vocabulary (the same on every build); the '
+      '1.1.0': 'Written as ArrayRecord, for random access by the training input; a '
+               'deterministic WordPiece vocabulary (the same on every build). The '
                'examples are unchanged.',
   }
   BUILDER_CONFIGS = [DEFAULT]

@@ -1,0 +1,139 @@
+"""Global batches as a function of the step, across process layouts (gloo, 2 processes x 4
+CPU devices against 1 x 8): the same batches, and a 2-process checkpoint resumed on 1
+process trains exactly like an uninterrupted run."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from cookie_jax import sharding, train
+from cookie_jax.data import defaults, pipeline
+from test_distributed import _config, _config_file, _free_port, _restore, _run_two_processes
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+STEPS = 5
+
+_CHILD = textwrap.dedent('''
+    import json, sys
+    import numpy as np
+    from cookie_jax import distributed
+    distributed.initialize()
+    import jax
+    from jax.experimental import multihost_utils
+    from cookie_jax import sharding
+    from cookie_jax.data import defaults, pipeline
+    cfg = defaults.data_config()
+    cfg.update(json.loads(sys.argv[1]))
+    mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
+    it = pipeline.TrainIterator(cfg, image_size=16, global_batch_size=16, seed=3, mesh=mesh,
+                                second_view=True, start_step=int(sys.argv[3]))
+    out = {}
+    for k in range(int(sys.argv[4])):
+      for key, value in next(it).items():
+        out[f'{k}/{key}'] = multihost_utils.process_allgather(value, tiled=True)
+    if jax.process_index() == 0:
+      np.savez(sys.argv[2], **out)
+''')
+
+
+def _data_cfg(tmp_path, cache_mb):
+  cfg = defaults.data_config()
+  cfg.update(dict(data_dir=str(tmp_path / 'tfds'), cache_mb=cache_mb, num_parallel_calls=2))
+  cfg.synthetic.update(dict(train_images=40, eval_images=8, image_size=16))
+  return cfg
+
+
+def _two_process_batches(tmp_path, cfg, start, steps):
+  script = tmp_path / 'child.py'
+  script.write_text(_CHILD)
+  out = tmp_path / f'batches_{start}.npz'
+  port = _free_port()
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+  procs = [subprocess.Popen(
+      [sys.executable, str(script), json.dumps(cfg.to_dict()), str(out), str(start),
+       str(steps)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      env=dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+               JAX_PLATFORMS='cpu', COOKIE_COORDINATOR=f'127.0.0.1:{port}',
+               COOKIE_NUM_PROCESSES='2', COOKIE_PROCESS_ID=str(i),
+               COOKIE_CPU_COLLECTIVES='gloo', PYTHONPATH=str(ROOT))) for i in range(2)]
+  logs = [p.communicate(timeout=600)[0].decode()[-3000:] for p in procs]
+  assert all(p.returncode == 0 for p in procs), '\n'.join(logs)
+  with np.load(out) as f:
+    return [{k.split('/')[1]: f[k] for k in f.files if k.startswith(f'{i}/')}
+            for i in range(steps)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('cache_mb', [1024, 0])
+def test_one_and_two_processes_give_bit_identical_global_batches(tmp_path, cache_mb):
+  cfg = _data_cfg(tmp_path, cache_mb)
+  mesh = sharding.make_mesh({'data': 8, 'fsdp': 1, 'tensor': 1})  # 1 process x 8 devices
+  it = pipeline.TrainIterator(cfg, image_size=16, global_batch_size=16, seed=3, mesh=mesh,
+                              second_view=True)
+  one = [{k: np.asarray(v) for k, v in next(it).items()} for _ in range(STEPS)]
+  assert one[0].keys() == {'image', 'image_view2', 'input_ids', 'attention_mask',
+                           'bad_records'}
+  two = _two_process_batches(tmp_path, cfg, 0, STEPS)
+  resumed = _two_process_batches(tmp_path, cfg, 3, STEPS - 3)  # restarted at step 3
+  for k in range(STEPS):
+    for key, value in one[k].items():
+      np.testing.assert_array_equal(two[k][key], value, err_msg=f'step {k} {key}')
+      if k >= 3:
+        np.testing.assert_array_equal(resumed[k - 3][key], value, err_msg=f'{k} {key}')
+
+
+def _rows(workdir):
+  rows = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  return {r['step']: r for r in rows if 'train/loss' in r}
+
+
+@pytest.mark.slow
+def test_two_processes_checkpointed_at_step_3_resume_on_one_like_an_uninterrupted_run(
+    tmp_path):
+  data_dir = str(tmp_path / 'tfds')
+  uninterrupted = str(tmp_path / 'uninterrupted')
+  config = _config(data_dir, steps=6)
+  config.checkpoint.every = 3
+  train.train_and_evaluate(config, uninterrupted)  # also builds the data for the children
+
+  # 2 processes x 4 devices train steps 1-3 and checkpoint; 1 process x 8 resumes to 6.
+  run = str(tmp_path / 'run')
+  config_file = _config_file(tmp_path, data_dir, 3)
+  text = pathlib.Path(config_file).read_text().replace(
+      "'checkpoint.every': 2", "'checkpoint.every': 3")
+  pathlib.Path(config_file).write_text(text)
+  _run_two_processes(config_file, run, tmp_path)
+  _, saved = _restore(run, _config(data_dir, steps=3))
+  assert saved['step'] == 3 and saved['process_count'] == 2
+  train.train_and_evaluate(config, run)
+
+  ref, got = _rows(uninterrupted), _rows(run)
+  assert sorted(got) == list(range(1, 7)) == sorted(ref)
+  for step in range(1, 7):
+    for key in ('train/loss', 'train/loss/cross_modal', 'train/loss/textual',
+                'train/grad_norm'):
+      np.testing.assert_allclose(got[step][key], ref[step][key], rtol=1e-6, atol=1e-6,
+                                 err_msg=f'{key} at step {step}')
+  ref_state, _ = _restore(uninterrupted, config)
+  got_state, data_state = _restore(run, config)
+  assert int(got_state.step) == 6 and data_state['step'] == 6
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6),
+               got_state.params, ref_state.params)
+  # The batches of the resumed steps are the uninterrupted run's: the same iterator
+  # positions on 1 process as on 2 (see the test above), here step 3 on.
+  mesh = sharding.make_mesh(config.mesh)
+  kw = dict(image_size=16, global_batch_size=16, seed=config.seed, mesh=mesh)
+  whole = pipeline.TrainIterator(config.data, **kw)
+  for _ in range(3):
+    next(whole)
+  resumed = pipeline.TrainIterator(config.data, start_step=saved['step'], **kw)
+  for _ in range(3):
+    a, b = next(whole), next(resumed)
+    assert all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
