@@ -6,7 +6,9 @@ work, naming the key, the value and the fix.
 """
 
 import difflib
+import json
 
+from absl import logging
 import ml_collections
 
 from cookie_jax.data.defaults import (VIDEO_BUILDERS, data_config, eval_data_config,
@@ -140,11 +142,34 @@ def default_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
   return c
 
 
+# Keys that configs saved by earlier versions hold and today's schema no longer has, with
+# why; a saved config drops them (with a note), a config given today is refused.
+RETIRED_KEYS = {
+    'data.shuffle_buffer': 'the input now shuffles all records every epoch (a global '
+                           'permutation), with no buffer',
+}
+
+
+def _drop_retired(saved: dict) -> dict:
+  saved = json.loads(json.dumps(saved))  # a deep copy of plain JSON values
+  for path, why in RETIRED_KEYS.items():
+    *parents, leaf = path.split('.')
+    node = saved
+    for part in parents:
+      node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict) and leaf in node:
+      del node[leaf]
+      logging.info('The saved config has %r, which this version no longer has (%s); '
+                   'ignored.', path, why)
+  return saved
+
+
 def config_from_dict(saved: dict) -> ml_collections.ConfigDict:
   """A config saved as JSON (e.g. in a checkpoint), on top of today's defaults.
 
-  Keys added to the schema after the run was saved take their defaults; keys the schema
-  no longer has are errors (from `validate_config`)."""
+  Keys added to the schema after the run was saved take their defaults; keys retired
+  since (`RETIRED_KEYS`) are dropped; any other key the schema lacks is an error."""
+  saved = _drop_retired(saved)
   preset = saved.get('model', {}).get('preset', 'tiny')
   config = default_config(preset if preset in _presets() else 'tiny')
   _check_keys(saved, config)
@@ -219,6 +244,8 @@ def _check_keys(config, schema, prefix=''):
     path = f'{prefix}{key}'
     if path == 'eval.data':
       continue  # keys of config.data, checked by `_check_eval_data`
+    if key not in schema and path in RETIRED_KEYS:
+      raise ConfigError(f"Config key '{path}' was removed: {RETIRED_KEYS[path]}. Drop it.")
     if key not in schema:
       close = nearest_key(key, schema)
       hint = f" Did you mean '{prefix}{close}'?" if close else ''

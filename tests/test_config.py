@@ -1,11 +1,12 @@
 """Config schema: unknown keys and impossible values fail with key, value and fix."""
 
 import importlib.util
+import json
 import pathlib
 
 import pytest
 
-from cookie_jax.config import ConfigError, default_config, validate_config
+from cookie_jax.config import ConfigError, config_from_dict, default_config, validate_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -176,3 +177,16 @@ def test_bad_flags_of_launchers_without_a_config_are_one_line():
   assert _flag_error(['--config.train.steps=5']) == (
       '--config.train.steps=5: --config.* overrides apply to a config file; add '
       '--config=FILE (e.g. configs/base.py:demo).')
+
+
+def test_a_saved_config_with_a_retired_key_loads_and_a_new_one_is_refused():
+  saved = json.loads(default_config('tiny').to_json())
+  saved['data']['shuffle_buffer'] = 10_000  # written by versions before the global shuffle
+  config = config_from_dict(saved)
+  assert 'shuffle_buffer' not in config.data
+  validate_config(config)
+  given = default_config('tiny')
+  with given.data.unlocked():
+    given.data.shuffle_buffer = 5
+  with pytest.raises(ConfigError, match=r"'data.shuffle_buffer' was removed: .*Drop it"):
+    validate_config(given)
