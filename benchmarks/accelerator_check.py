@@ -256,7 +256,7 @@ def input_pipeline_rate(args, log) -> dict:
   sources.get_builder(cfg)
   median, rates, start, cpu = input_pipeline.measure(
       cfg, image_size=224, batch=args.pipeline_batch, steps=args.pipeline_steps, warmup=1,
-      runs=1 if args.small else 2)
+      runs=1 if args.small else 2, pipelines=('new',))['new']
   log(f'input pipeline: {median:.0f} pairs/s at 224 px on {os.cpu_count()} CPUs')
   return {'pairs_per_sec': median, 'runs': rates, 'first_batch_s': start,
           'cpu_ms_per_pair': cpu, 'host_cpus': os.cpu_count(), 'jpeg_kb': kb,
