@@ -145,8 +145,7 @@ TINY = f'--config={ROOT / "configs" / "base.py"}:tiny'
     ('--noconfig.train.progress_barr', "Unknown config key 'train.progress_barr' "
      "(--noconfig.train.progress_barr). Did you mean 'train.progress_bar'?"),
     ('--config.train.zzz=1', "Unknown config key 'train.zzz' (--config.train.zzz=1). Keys "
-     "of train: ['accum_steps', 'batch_size', 'init_from', 'init_step', 'log_every', "
-     "'peak_flops', 'progress_bar', 'steps']."),
+     f"of train: {sorted(default_config().train.keys())}."),
 ])
 def test_bad_override_is_one_line_with_the_full_key_and_the_nearest(override, message):
   assert _flag_error([TINY, override, '--workdir=/tmp/x']) == message

@@ -281,7 +281,7 @@ def test_karpathy_stores_exif_rotated_jpegs_upright(tmp_path):
   builder = sources.get_builder(cfg)
   assert str(builder.version) == '1.1.0'
   got = {ex['filename'].decode().split('/')[-1]: ex['image'].astype(int)
-         for ex in builder.as_dataset(split='train').as_numpy_iterator()}
+         for ex in sources.read_examples(builder, 'train').as_numpy_iterator()}
   assert got['rotated.jpg'].shape == (80, 40, 3) and got['plain.jpg'].shape == (40, 80, 3)
   np.testing.assert_allclose(got['rotated.jpg'][10, 20], [255, 0, 0], atol=12)
   np.testing.assert_allclose(got['rotated.jpg'][70, 20], [0, 0, 255], atol=12)

@@ -132,7 +132,7 @@ def test_synthetic_zeroshot_set_is_balanced_labelled_and_new(tmp_path):
   cfg = zeroshot_shapes.zeroshot_config(num_images=60, image_size=32, seed=0)
   builder = zeroshot_shapes.SyntheticZeroshot(data_dir=str(tmp_path), config=cfg)
   builder.download_and_prepare()
-  rows = list(builder.as_dataset(split='test', shuffle_files=False).as_numpy_iterator())
+  rows = list(sources.read_examples(builder, 'test').as_numpy_iterator())
   names = builder.info.features['label'].names
   assert len(names) == 30 and names[0] == 'red circle' and names[-1] == 'orange cross'
   labels = np.array([r['label'] for r in rows])
@@ -144,7 +144,7 @@ def test_synthetic_zeroshot_set_is_balanced_labelled_and_new(tmp_path):
   again = zeroshot_shapes.example(0, 7, 32)['image']
   np.testing.assert_array_equal(
       np.asarray(Image.open(io.BytesIO(again))),
-      [r['image'] for r in builder.as_dataset(split='test', shuffle_files=False)
+      [r['image'] for r in sources.read_examples(builder, 'test')
        .as_numpy_iterator()][7])
   train = {png for _, png, *_ in synthetic.generate(
       synthetic.synthetic_config(train_images=400, image_size=32), 'train', 400)}
@@ -263,7 +263,7 @@ def test_checkpoint_on_the_synthetic_set_equals_an_independent_computation(run):
   data_cfg = cfg.data.copy_and_resolve_references()
   data_cfg.builder = 'synthetic_zeroshot'
   builder = sources.get_builder(data_cfg)
-  rows = list(builder.as_dataset(split='test', shuffle_files=False).as_numpy_iterator())
+  rows = list(sources.read_examples(builder, 'test').as_numpy_iterator())
   names = builder.info.features['label'].names
   pngs = [zeroshot_shapes.example(cfg.data.synthetic.seed, i, 32)['image']
           for i in range(600)]
