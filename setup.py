@@ -22,6 +22,8 @@ setuptools.setup(
         'tensorflow-cpu>=2.20',
         'tensorflow-datasets>=4.9.9',
         'array-record>=0.8',
+        # Random-access input with worker processes (the peer of our tf.data pipeline).
+        'grain>=0.2.18',
         'transformers>=5.0',
         'tokenizers>=0.22',
         'safetensors>=0.6',
@@ -46,8 +48,7 @@ setuptools.setup(
         'torch': ['torch>=2.4'],
         # benchmarks/retrieval_search.py compares our sharded search with faiss;
         # launch/index.py builds a faiss index when it is installed.
-        # benchmarks/input_pipeline.py compares our tf.data threads with Grain worker processes.
-        'bench': ['faiss-cpu>=1.15', 'grain==0.2.18'],
+        'bench': ['faiss-cpu>=1.15'],
         # Building img2dataset folders on Apache Beam (launch/build_data.py
         # --beam_pipeline_options). Heavy, and apache-beam 2.77 needs pillow<13,
         # pyarrow<26 and protobuf<7, below requirements.txt's pins: install it with
