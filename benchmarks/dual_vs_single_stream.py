@@ -6,7 +6,7 @@ magnitude cheaper than single-stream models, which must run a transformer over e
 from the same CookieModel:
 
 * dual: encode every image and every caption once (towers + shared transformer + head),
-  then rank both directions with `cookie_jax.evaluate.retrieval_metrics` (exact blockwise
+  then rank both directions with `cookie_jax.eval.protocol.retrieval_metrics` (exact blockwise
   ranks; we time the ranking on random embeddings of the gallery's size).
 * single-stream: for every pair, concatenate the image's and the caption's tower tokens
   (projected by the shared transformer's `image_in` / `text_in`, plus the modality
@@ -35,7 +35,8 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from cookie_jax import evaluate, step  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cookie_jax import step  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cookie_jax.eval import protocol  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cookie_jax.config import default_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cookie_jax.models import layers  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cookie_jax.models.shared import IMAGE, TEXT  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -129,7 +130,7 @@ def measure(preset: str, args) -> dict:
     emb_t = rng.normal(size=(n_txt, dim)).astype(np.float32)
     index = np.arange(n_txt) % n_img
     t_rank, _ = per_item_seconds(
-        lambda: evaluate.retrieval_metrics(emb_i, emb_t, index), (), 1, args.runs)
+        lambda: protocol.retrieval_metrics(emb_i, emb_t, index), (), 1, args.runs)
     dual = n_img * t_img + n_txt * t_txt + t_rank
     single = n_img * n_txt * t_pair
     out[name] = {'images': n_img, 'captions': n_txt, 'rank_seconds': t_rank,

@@ -26,7 +26,7 @@ import ml_collections
 from cookie_jax import checkpoint as ckpt_lib
 from cookie_jax import flops as flops_lib
 from cookie_jax import goodput as goodput_lib
-from cookie_jax import metrics as metrics_lib
+from cookie_jax import metric_writer
 from cookie_jax import objectives
 from cookie_jax import profiler as profiler_lib
 from cookie_jax import sharding, step as step_lib
@@ -111,11 +111,11 @@ def _announce_compile(train_step):
 
 
 def _evaluate(pipeline, config, setup, params, split):
-  from cookie_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from cookie_jax.eval import protocol  # pylint: disable=g-import-not-at-top
   data = pipeline.eval_data(eval_data_config(config.data, config.eval.data), split,
                             image_size=config.model.vision.image_size,
                             batch_size=config.eval.batch_size, mesh=setup.mesh)
-  return evaluate.evaluate_retrieval(setup.graphdef, params, data, mesh=setup.mesh,
+  return protocol.evaluate_retrieval(setup.graphdef, params, data, mesh=setup.mesh,
                                      progress=False)
 
 
@@ -222,7 +222,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   total = config.train.steps
   record = goodput_lib.GoodputRecord(workdir, clock, start_step=step)
-  writer = metrics_lib.MetricWriter(workdir, total, start_step=step,
+  writer = metric_writer.MetricWriter(workdir, total, start_step=step,
                                     progress=config.train.progress_bar,
                                     mirror=mirror)
   profiler = profiler_lib.StepProfiler(config.train.profile_steps, workdir)
@@ -326,7 +326,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                           config.data.test_split)
       result['step'] = step
       writer.write(step, result, prefix='test/')
-      metrics_lib.write_json(os.path.join(workdir, 'test_retrieval.json'), result)
+      metric_writer.write_json(os.path.join(workdir, 'test_retrieval.json'), result)
       logging.info('Test retrieval at step %d: %s', step,
                    ', '.join(f'{k}={v:.2f}' for k, v in result.items()))
   finally:

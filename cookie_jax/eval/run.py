@@ -6,8 +6,8 @@ It writes into WORKDIR/eval/ (process 0 only), as retrieval-<split>-<layout>-<st
   ...-examples.png   image queries with their top-5 captions and caption queries with
                      their top-5 images, ground truth marked.
 
-Each side of the split is encoded once. The metrics come from `evaluate.metrics_from_embeddings`
-on those embeddings (so they equal `evaluate.evaluate_retrieval`, which would encode
+Each side of the split is encoded once. The metrics come from `protocol.metrics_from_embeddings`
+on those embeddings (so they equal `protocol.evaluate_retrieval`, which would encode
 again), the curve from exact ranks (`retrieval.positive_ranks`) and the examples from
 `retrieval.sharded_topk`.
 """
@@ -23,10 +23,11 @@ import ml_collections
 import numpy as np
 
 from cookie_jax import checkpoint as ckpt_lib
-from cookie_jax import evaluate, retrieval, sharding
+from cookie_jax import sharding
+from cookie_jax.eval import protocol, search
 from cookie_jax.config import ConfigError, config_from_dict, validate_config
 from cookie_jax.data import tokenizer as tok_lib
-from cookie_jax.metrics import write_json
+from cookie_jax.metric_writer import write_json
 
 EXAMPLE_IMAGE_QUERIES = 6
 EXAMPLE_TEXT_QUERIES = 4
@@ -134,13 +135,13 @@ def _eval_data(pipeline, config, split: str, layout: str):
   # pictures can read the pixels back without a gather.
   data = pipeline.eval_data(data_cfg, split, image_size=config.model.vision.image_size,
                             batch_size=config.eval.batch_size)
-  if layout == 'coco1k' and data.num_images % evaluate.COCO1K_FOLDS:
-    raise ConfigError(f'--layout=coco1k splits the images into {evaluate.COCO1K_FOLDS} '
+  if layout == 'coco1k' and data.num_images % protocol.COCO1K_FOLDS:
+    raise ConfigError(f'--layout=coco1k splits the images into {protocol.COCO1K_FOLDS} '
                       f'equal folds, but split {split!r} has {data.num_images} images; '
                       "use --layout=full.")
   if layout == 'msrvtt1k':
     try:
-      evaluate.check_msrvtt1k(data.num_images, data.caption_image_index)
+      protocol.check_msrvtt1k(data.num_images, data.caption_image_index)
     except ValueError as e:
       raise ConfigError(f'--layout=msrvtt1k --split={split!r}: {e}') from None
   return data
@@ -153,7 +154,7 @@ def recall_curve(images, texts, index, *, mesh, layout: str = 'full',
   With layout 'coco1k' the curve is the mean of the folds' curves, as the metrics are, so
   its values at K = 1, 5, 10 are the reported R@1/5/10.
   """
-  folds = evaluate.COCO1K_FOLDS if layout == 'coco1k' else 1
+  folds = protocol.COCO1K_FOLDS if layout == 'coco1k' else 1
   size = len(images) // folds
   # Up to the caption gallery's size: beyond the image gallery's, text->image is 100.
   ks = np.arange(1, min(max_k, len(texts) // folds) + 1)
@@ -162,10 +163,10 @@ def recall_curve(images, texts, index, *, mesh, layout: str = 'full',
     lo, hi = f * size, (f + 1) * size
     sel = (index >= lo) & (index < hi)
     fold_index, ids = index[sel] - lo, np.arange(size, dtype=np.int32)
-    text_gallery = retrieval.prepare_gallery(texts[sel], mesh, labels=fold_index)
-    i2t = retrieval.positive_ranks(images[lo:hi], ids, text_gallery)
-    image_gallery = retrieval.prepare_gallery(images[lo:hi], mesh, labels=ids)
-    t2i = retrieval.positive_ranks(texts[sel], fold_index, image_gallery)
+    text_gallery = search.prepare_gallery(texts[sel], mesh, labels=fold_index)
+    i2t = search.positive_ranks(images[lo:hi], ids, text_gallery)
+    image_gallery = search.prepare_gallery(images[lo:hi], mesh, labels=ids)
+    t2i = search.positive_ranks(texts[sel], fold_index, image_gallery)
     for name, ranks in (('i2t', i2t), ('t2i', t2i)):
       curves[name].append(100.0 * np.mean(ranks[:, None] <= ks[None], axis=0))
   return {'k': ks.tolist(),
@@ -188,7 +189,7 @@ def _topk_as_ranked(queries, labels, placed, gallery_labels, k: int):
   """
   fetch = min(placed.size, 2 * k)
   while True:
-    scores, top = retrieval.sharded_topk(queries, placed, fetch)
+    scores, top = search.sharded_topk(queries, placed, fetch)
     if fetch == placed.size or np.all(scores[:, -1] < scores[:, k - 1]):
       break
     fetch = min(placed.size, 2 * fetch)
@@ -215,10 +216,10 @@ def example_results(images, texts, index, *, mesh, top_k: int = EXAMPLE_TOP_K,
       # Half a step later, so that caption queries come from other images.
       ('t2i', texts, index, images, ids, num_text_queries, 0.5)):
     chosen = _spread(len(queries), count, offset)
-    placed = retrieval.prepare_gallery(gallery, mesh, labels=gallery_labels)
+    placed = search.prepare_gallery(gallery, mesh, labels=gallery_labels)
     scores, top = _topk_as_ranked(queries[chosen], labels[chosen], placed, gallery_labels,
                                   min(top_k, len(gallery)))
-    ranks = retrieval.positive_ranks(queries[chosen], labels[chosen], placed)
+    ranks = search.positive_ranks(queries[chosen], labels[chosen], placed)
     truths = []
     for q in chosen:
       positives = np.flatnonzero(gallery_labels == labels[q])
@@ -248,7 +249,7 @@ def _picture(pixels: np.ndarray) -> np.ndarray:
 
 
 def _draw(data, config, examples, curve, paths, title) -> None:
-  from cookie_jax import eval_pictures as pictures  # pylint: disable=g-import-not-at-top
+  from cookie_jax.eval import pictures  # pylint: disable=g-import-not-at-top
   if data.process_count > 1:
     # This process's batches hold only its rows; read the whole split here.
     from cookie_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -286,7 +287,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict | None, workdir: str, 
     config: the config to evaluate with; None = the one saved with the checkpoint. Its
       model must be the checkpoint's (checked); data and eval settings may differ.
     split: 'val', 'test' (config.data.val_split / test_split) or a tfds split.
-    layout: 'full', 'coco1k' or 'msrvtt1k' (see cookie_jax/evaluate.py).
+    layout: 'full', 'coco1k' or 'msrvtt1k' (see cookie_jax/eval/protocol.py).
     pictures: also draw the example and Recall@K PNGs.
   Returns:
     What the JSON file (`output_paths`) holds: the metrics of `evaluate_retrieval`
@@ -294,8 +295,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict | None, workdir: str, 
     split's sizes and `recall_curve` ({'k', 'i2t', 't2i'} or {'k', 'v2t', 't2v'}); and
     `files`, the paths written.
   """
-  if layout not in evaluate.LAYOUTS:
-    raise ConfigError(f'--layout={layout!r}: use one of {list(evaluate.LAYOUTS)}.')
+  if layout not in protocol.LAYOUTS:
+    raise ConfigError(f'--layout={layout!r}: use one of {list(protocol.LAYOUTS)}.')
   directory = checkpoint_directory(workdir)
   step, saved = resolve_step(directory, step)
   config = validate_config(saved if config is None else config,
@@ -309,15 +310,15 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict | None, workdir: str, 
                data.split, data.num_images, data.num_captions)
 
   model = (graphdef, params)
-  images = evaluate.encode_images(model, data.image_batches(), mesh, progress=progress,
+  images = protocol.encode_images(model, data.image_batches(), mesh, progress=progress,
                                   total=data.num_image_batches)
-  texts = evaluate.encode_texts(model, data.text_batches(), mesh, progress=progress,
+  texts = protocol.encode_texts(model, data.text_batches(), mesh, progress=progress,
                                 total=data.num_text_batches)
   index = np.asarray(data.caption_image_index)
   visual = getattr(data, 'visual', 'image')
-  result = evaluate.metrics_from_embeddings(images, texts, index, mesh=mesh, layout=layout,
+  result = protocol.metrics_from_embeddings(images, texts, index, mesh=mesh, layout=layout,
                                             visual=visual)
-  curve = evaluate.name_metrics(recall_curve(images, texts, index, mesh=mesh,
+  curve = protocol.name_metrics(recall_curve(images, texts, index, mesh=mesh,
                                              layout=layout), visual)
   result.update(step=step, split=split, layout=layout, num_images=data.num_images,
                 num_captions=data.num_captions, recall_curve=curve)
@@ -338,9 +339,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict | None, workdir: str, 
 def summary(result: dict) -> str:
   """A few lines for the console: the headline metrics and the files written."""
   def direction(prefix):
-    return ', '.join(f'R@{k} {result[f"{prefix}_r{k}"]:.1f}' for k in evaluate.RECALL_KS)
+    return ', '.join(f'R@{k} {result[f"{prefix}_r{k}"]:.1f}' for k in protocol.RECALL_KS)
   visual = 'video' if 'v2t_r1' in result else 'image'
-  to_v, from_v = evaluate.DIRECTIONS[visual]
+  to_v, from_v = protocol.DIRECTIONS[visual]
   lines = [f"{result['split']} split, step {result['step']}, layout {result['layout']} "
            f"({result['num_images']} {visual}s, {result['num_captions']} captions)",
            f"  {visual}->text  {direction(to_v)}, medr {result[f'{to_v}_medr']:.0f}",

@@ -17,7 +17,7 @@ import tarfile
 
 from etils import epath
 
-from cookie_jax.data.builders import images
+from cookie_jax.data.builders import upright
 
 IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')
 PARQUET_IMAGE_COLUMNS = ('jpg', 'png', 'webp')  # img2dataset's --encode_format names it
@@ -280,7 +280,7 @@ def shard_examples(shard_index: int, kind: str, path: str, settings: Settings, s
       skips.add(reason, order, where)
       continue
     try:
-      jpeg, h, w = images.upright_jpeg(image, settings.max_side, settings.quality)
+      jpeg, h, w = upright.upright_jpeg(image, settings.max_side, settings.quality)
     except Exception:  # pylint: disable=broad-except  # any unreadable image is skipped
       skips.add('corrupt_image', order, where)
       continue
