@@ -18,7 +18,7 @@ unreadable image is skipped, counted and named (skipped.json), never fatal.
 
 `Index.search` finds the top-k images of query embeddings with faiss (`IndexFlatIP`,
 exact inner products) when the index has a faiss file and faiss is importable, else
-exactly in JAX over the mesh (`retrieval.sharded_topk`, equal scores in index order).
+exactly in JAX over the mesh (`search.sharded_topk`, equal scores in index order).
 """
 
 import dataclasses

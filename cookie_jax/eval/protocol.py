@@ -23,7 +23,7 @@ the same image are the positives) and image retrieval (image -> image, images sh
 label are positives); the query itself is excluded from the gallery.
 
 Ranks are exact and computed block by block over a gallery sharded across the mesh
-(`retrieval.positive_ranks`), so no device ever holds the full queries x gallery matrix.
+(`search.positive_ranks`), so no device ever holds the full queries x gallery matrix.
 """
 
 import functools

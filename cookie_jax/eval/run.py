@@ -8,8 +8,8 @@ It writes into WORKDIR/eval/ (process 0 only), as retrieval-<split>-<layout>-<st
 
 Each side of the split is encoded once. The metrics come from `protocol.metrics_from_embeddings`
 on those embeddings (so they equal `protocol.evaluate_retrieval`, which would encode
-again), the curve from exact ranks (`retrieval.positive_ranks`) and the examples from
-`retrieval.sharded_topk`.
+again), the curve from exact ranks (`search.positive_ranks`) and the examples from
+`search.sharded_topk`.
 """
 
 import os

@@ -4,7 +4,7 @@
   the C x T prompts are encoded as text, each class's T prompt embeddings are averaged
   and the mean is L2-normalised again: one unit vector per class (the ensemble).
 * **Prediction.** An image's class scores are dot products with those vectors; its top-k
-  classes come from `retrieval.sharded_topk` (the class vectors are the gallery, sharded
+  classes come from `search.sharded_topk` (the class vectors are the gallery, sharded
   over the mesh), which orders equal scores by class index.
 * **Reports.** Top-1 and top-5 accuracy (percent of images whose class is among their
   first 1 / 5 predictions; top-5 is top-min(5, C)), mean per-class recall (the top-1
