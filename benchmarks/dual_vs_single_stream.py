@@ -35,7 +35,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from cookie_jax import step  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cookie_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cookie_jax.eval import protocol  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cookie_jax.config import default_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cookie_jax.models import layers  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -88,8 +88,8 @@ def measure(preset: str, args) -> dict:
     raise ValueError(f'Preset {preset!r} has no shared transformer to build the joint '
                      'scorer from; use tiny, small, base or large.')
   image_size = config.model.vision.image_size
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: step.init_model(config.model, 0)))
-  params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(step.init_model(config.model, 0))))()
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: models.init_model(config.model, 0)))
+  params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(models.init_model(config.model, 0))))()
   head = JointHead(config.model.shared.width, rngs=nnx.Rngs(0))
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=(args.image_batch, image_size, image_size, 3)),

@@ -17,7 +17,7 @@ import optax
 
 from cookie_jax import losses as losses_lib
 from cookie_jax import objectives, optim, sharding
-from cookie_jax.models import CookieModel
+from cookie_jax.models import abstract_model, init_model
 
 
 @flax.struct.dataclass
@@ -44,10 +44,6 @@ class Setup:
   state_shardings: Any = flax.struct.field(pytree_node=False)
 
 
-def init_model(model_cfg: ml_collections.ConfigDict, seed: int) -> CookieModel:
-  return CookieModel(model_cfg, rngs=nnx.Rngs(params=jax.random.key(seed)))
-
-
 def create_train_state(config: ml_collections.ConfigDict, mesh: Mesh
                        ) -> tuple[TrainState, Setup]:
   """Initialises the parameters and optimiser state directly in their shardings."""
@@ -59,8 +55,7 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: Mesh
 def train_state_setup(config: ml_collections.ConfigDict, mesh: Mesh):
   """(init_fn, the abstract TrainState, Setup), allocating nothing: what
   `create_train_state` runs, and what compiling a step for a large model needs."""
-  abstract_model = nnx.eval_shape(lambda: init_model(config.model, config.seed))
-  graphdef, abstract_state = nnx.split(abstract_model)
+  graphdef, abstract_state = abstract_model(config.model)
   param_shardings = sharding.param_shardings(abstract_state, mesh)
   tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
 

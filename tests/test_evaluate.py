@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from cookie_jax import sharding, step
+from cookie_jax import models, sharding
 from cookie_jax.eval import protocol, search
 from cookie_jax.config import default_config
 
@@ -247,8 +247,8 @@ def tiny_model_and_data():
   config = default_config('tiny')
   config.model.vision.image_size = 16
   # Initialised under jit: eager NNX init of even the tiny model takes ~10 s on 2 cores.
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: step.init_model(config.model, seed=0)))
-  params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(step.init_model(config.model, 0))))()
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: models.init_model(config.model, seed=0)))
+  params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(models.init_model(config.model, 0))))()
   rng = np.random.default_rng(0)
   counts = [1, 3, 2, 5, 1, 2, 4, 2, 1, 3, 2]
   index = np.repeat(np.arange(len(counts)), counts).astype(np.int32)

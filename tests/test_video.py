@@ -16,7 +16,7 @@ from PIL import Image
 import pytest
 
 from cookie_jax import checkpoint as ckpt_lib
-from cookie_jax import sharding, step
+from cookie_jax import models, sharding, step
 from cookie_jax.eval import protocol
 from cookie_jax.config import ConfigError, default_config, validate_config
 from cookie_jax.data import augment, defaults, pipeline, sources
@@ -358,7 +358,7 @@ def test_msrvtt1k_layout_on_a_hand_made_similarity_matrix():
 
 def _params(model_cfg, seed):
   """Random values in the model's parameter tree (nothing to compile), and its abstract."""
-  abstract = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(step.init_model(model_cfg, 0))))
+  abstract = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(models.init_model(model_cfg, 0))))
   rng = np.random.default_rng(seed)
   params = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), abstract)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

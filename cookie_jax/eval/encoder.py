@@ -14,13 +14,14 @@ import os
 import pathlib
 from typing import Any, Iterable, Mapping, Sequence
 
-from flax import nnx
 import jax
 import ml_collections
 import numpy as np
 
+from cookie_jax import checkpoint as ckpt_lib
 from cookie_jax import sharding
 from cookie_jax.eval import protocol
+from cookie_jax.models import abstract_model
 from cookie_jax.config import ConfigError, config_from_dict, validate_config
 from cookie_jax.data import tokenizer as tok_lib
 
@@ -96,7 +97,7 @@ def run_config(workdir: str, *, step: int | None = None,
                ) -> tuple[int, ml_collections.ConfigDict]:
   """(step, config) of the checkpoint `from_run` would load, without loading it."""
   from cookie_jax.eval import run as eval_run  # pylint: disable=g-import-not-at-top
-  directory = eval_run.checkpoint_directory(workdir)
+  directory = ckpt_lib.find_checkpoints(workdir)
   step, saved = eval_run.resolve_step(directory, step)
   return step, validate_config(saved if config is None else config,
                                num_devices=jax.device_count())
@@ -109,7 +110,7 @@ def from_run(workdir: str, *, step: int | None = None,
   with it (or `config`, whose model must be the checkpoint's)."""
   from cookie_jax.eval import run as eval_run  # pylint: disable=g-import-not-at-top
   from cookie_jax.data import pipeline  # pylint: disable=g-import-not-at-top  # TF here
-  directory = eval_run.checkpoint_directory(workdir)
+  directory = ckpt_lib.find_checkpoints(workdir)
   step, config = run_config(workdir, step=step, config=config)
   mesh = sharding.make_mesh(config.mesh)
   graphdef, params = eval_run.restore_params(config, directory, step, mesh)
@@ -142,12 +143,11 @@ def from_export(path, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Encoder:
   """The model of an export folder (`launch/export_torch.py --output=PATH`), read back
   into JAX (`hf_export.read_export`), with its tokenizer (PATH/tokenizer.json)."""
   from cookie_jax.interop import hf_export  # pylint: disable=g-import-not-at-top
-  from cookie_jax.step import init_model  # pylint: disable=g-import-not-at-top
   config = export_config(path)
   config.eval.batch_size = batch_size
   validate_config(config, num_devices=jax.device_count())
   mesh = sharding.make_mesh(config.mesh)
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: init_model(config.model, 0)))
+  graphdef, abstract = abstract_model(config.model)
   shardings = sharding.param_shardings(abstract, mesh)
   params = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s),
                         hf_export.read_export(path), shardings)

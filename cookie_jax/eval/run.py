@@ -16,7 +16,6 @@ import os
 import re
 
 from absl import logging
-from etils import epath
 from flax import nnx
 import jax
 import ml_collections
@@ -28,6 +27,7 @@ from cookie_jax.eval import protocol, search
 from cookie_jax.config import ConfigError, config_from_dict, validate_config
 from cookie_jax.data import tokenizer as tok_lib
 from cookie_jax.metric_writer import write_json
+from cookie_jax.models import abstract_model
 
 EXAMPLE_IMAGE_QUERIES = 6
 EXAMPLE_TEXT_QUERIES = 4
@@ -48,74 +48,24 @@ def output_paths(workdir: str, split: str, step: int, *, layout: str = 'full',
           'examples': f'{base}-examples.png'}
 
 
-def checkpoint_directory(workdir: str) -> str:
-  """WORKDIR/checkpoints, checked to exist (`resolve_step` checks what it holds)."""
-  workdir = os.fspath(workdir)
-  if not epath.Path(workdir).is_dir():
-    raise FileNotFoundError(f'--workdir={workdir!r} does not exist; give the workdir of a '
-                            'training run (the folder holding checkpoints/).')
-  directory = os.path.join(workdir, 'checkpoints')
-  # Checked here, since orbax would report a missing folder in its own terms.
-  if not epath.Path(directory).is_dir():
-    raise FileNotFoundError(f'{workdir} holds no checkpoints/ folder, so no checkpoint to '
-                            'evaluate; train first with launch/train.py --workdir=' +
-                            workdir)
-  return directory
-
-
-def _open(directory: str):
-  """A manager that knows every item (orbax warns of items it has no handler for) and
-  never creates or deletes anything: it is only read from."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  return ocp.CheckpointManager(
-      directory, item_handlers={'state': ocp.PyTreeCheckpointHandler(),
-                                'data': ocp.JsonCheckpointHandler(),
-                                'config': ocp.JsonCheckpointHandler()},
-      options=ocp.CheckpointManagerOptions(create=False))
-
-
 def resolve_step(directory: str, step: int | None) -> tuple[int, ml_collections.ConfigDict]:
   """The step to evaluate (default: the latest) and the config saved with it."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  manager = _open(directory)
-  try:
-    steps = sorted(manager.all_steps())
-    if not steps:
-      raise FileNotFoundError(f'{directory} holds no finished checkpoint; train first, or '
-                              'give the workdir of a run that saved one.')
-    step = steps[-1] if step is None else int(step)
-    if step not in steps:
-      raise FileNotFoundError(f'--step={step}: {directory} has checkpoints at steps '
-                              f'{steps} only.')
-    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  finally:
-    manager.close()
-  if not saved['config']:
+  step = ckpt_lib.resolve_step(directory, step)
+  saved = ckpt_lib.saved_config(directory, step)
+  if not saved:
     raise FileNotFoundError(f'{directory}/{step} has no saved config; pass --config with '
                             'the config the run was trained with.')
-  return step, config_from_dict(dict(saved['config']))
+  return step, config_from_dict(saved)
 
 
 def restore_params(config: ml_collections.ConfigDict, directory: str, step: int, mesh):
   """(graphdef, params) of `step`: the parameters alone (no optimiser state, which is
   twice their size), restored straight into their shardings on `mesh`."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from cookie_jax.step import init_model  # pylint: disable=g-import-not-at-top
-  graphdef, abstract_state = nnx.split(
-      nnx.eval_shape(lambda: init_model(config.model, config.seed)))
+  graphdef, abstract_state = abstract_model(config.model)
   abstract = ckpt_lib.abstract_with_shardings(
       nnx.to_pure_dict(abstract_state), sharding.param_shardings(abstract_state, mesh))
-  manager = _open(directory)
-  try:
-    stored = manager.item_metadata(step)['state']['params']
-    ckpt_lib.check_compatible(stored, abstract, f'The checkpoint {directory}/{step}')
-    target = {'params': abstract}
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True)))
-  finally:
-    manager.close()
-  return graphdef, restored['state']['params']
+  params, _ = ckpt_lib.load_params(directory, abstract, step)
+  return graphdef, params
 
 
 def _eval_data(pipeline, config, split: str, layout: str):
@@ -297,7 +247,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict | None, workdir: str, 
   """
   if layout not in protocol.LAYOUTS:
     raise ConfigError(f'--layout={layout!r}: use one of {list(protocol.LAYOUTS)}.')
-  directory = checkpoint_directory(workdir)
+  directory = ckpt_lib.find_checkpoints(workdir)
   step, saved = resolve_step(directory, step)
   config = validate_config(saved if config is None else config,
                            num_devices=jax.device_count())
