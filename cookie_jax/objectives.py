@@ -23,12 +23,10 @@ import ml_collections
 import numpy as np
 
 from cookie_jax import negatives as negatives_lib
-from cookie_jax.losses import NegativeWeighting
+from cookie_jax.losses import LOSS_NAMES, NegativeWeighting
 from cookie_jax.models import CookieModel, l2_normalize
+from cookie_jax.models.concept import normalized_adjacency
 from cookie_jax.models.layers import split_rng
-
-LOSS_NAMES = ('cross_modal', 'visual', 'textual', 'cluster', 'concept')
-
 
 def _need(batch, key, why):
   if key not in batch:
@@ -86,35 +84,18 @@ def needs_constants(loss_cfg) -> bool:
   return bool(loss_cfg.hard_negatives.captions) or loss_cfg.concept.weight > 0
 
 
-def mine_constants(config: ml_collections.ConfigDict) -> dict[str, np.ndarray] | None:
-  """The tables that the options of `needs_constants` mine from the training captions:
-  the word-swap tables of composed negative captions and the concept graph. A function
-  of the data and config only, so a resumed run mines the same tables."""
-  if not needs_constants(config.loss):
-    return None
-  # Data-room imports (TensorFlow) only when an option needs them.
-  from cookie_jax.data import concepts as concepts_lib  # pylint: disable=g-import-not-at-top
-  from cookie_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from cookie_jax.models.concept import normalized_adjacency  # pylint: disable=g-import-not-at-top
-  loss_cfg = config.loss
-  tokenizer = pipeline.load_tokenizer(config.data)
-  captions = concepts_lib.training_captions(config.data, limit=loss_cfg.concept.captions)
-  vocab = concepts_lib.mine_concepts(captions, tokenizer, loss_cfg.concept.num_concepts)
+def loss_constants(loss_cfg, mined: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The constant tables of the objectives from what `data.concepts.mine_tables` mined
+  from the training captions: the concept token ids and their normalised co-occurrence
+  graph, and the word-swap tables of composed negative captions."""
   constants = {}
   if loss_cfg.concept.weight > 0:
-    constants['concept_ids'] = np.asarray(vocab.token_ids, np.int32)
+    constants['concept_ids'] = np.asarray(mined['concept_ids'], np.int32)
     constants['concept_adjacency'] = np.asarray(
-        normalized_adjacency(jnp.asarray(vocab.cooccurrence)), np.float32)
+        normalized_adjacency(jnp.asarray(mined['concept_cooccurrence'])), np.float32)
   if loss_cfg.hard_negatives.captions:
-    groups = concepts_lib.word_groups(config.data, vocab,
-                                      groups_file=loss_cfg.hard_negatives.word_groups)
-    token_group, members = concepts_lib.swap_tables(tokenizer, groups)
-    if not members.size:
-      raise ValueError('loss.hard_negatives.captions: no group of interchangeable '
-                       'single-token words was found; give loss.hard_negatives.word_groups '
-                       '(a JSON list of word lists) or turn the option off.')
-    constants['token_group'] = token_group
-    constants['group_members'] = members
+    constants['token_group'] = mined['token_group']
+    constants['group_members'] = mined['group_members']
   return constants
 
 

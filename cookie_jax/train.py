@@ -93,6 +93,16 @@ def _input(config, mesh):
   return pipeline, train_iter
 
 
+def _loss_constants(config):
+  """The tables some objectives need, mined from the training captions here (the data
+  room reads the files) and handed to the step; None when no option needs them."""
+  if not objectives.needs_constants(config.loss):
+    return None
+  from cookie_jax.data import concepts  # pylint: disable=g-import-not-at-top  # TF here
+  return objectives.loss_constants(config.loss, concepts.mine_tables(config.data,
+                                                                     config.loss))
+
+
 def _announce_compile(train_step):
   """The first call compiles the step (tens of seconds on a CPU): say so, and how long."""
   first = True
@@ -218,7 +228,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_iter.set_state(data_state)
   logging.info('Objectives: %s', objectives.config_summary(config.loss))
   train_step = _announce_compile(
-      step_lib.make_train_step(config, setup, objectives.mine_constants(config)))
+      step_lib.make_train_step(config, setup, _loss_constants(config)))
 
   total = config.train.steps
   record = goodput_lib.GoodputRecord(workdir, clock, start_step=step)
