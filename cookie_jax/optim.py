@@ -11,20 +11,23 @@ NO_DECAY_NAMES = ('position_embeddings', 'cls_token', 'modality_embedding',
                   'log_logit_scale', 'pooler')
 
 
+# optim.schedule -> (cfg, decay_steps) -> the schedule after the linear warmup. The one
+# list of allowed schedules (config.validate_config checks against it).
+SCHEDULES = {
+    'cosine': lambda cfg, n: optax.cosine_decay_schedule(cfg.lr, n, alpha=cfg.end_lr_factor),
+    'linear': lambda cfg, n: optax.linear_schedule(cfg.lr, cfg.lr * cfg.end_lr_factor, n),
+    'constant': lambda cfg, n: optax.constant_schedule(cfg.lr),
+}
+
+
 def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int
                            ) -> optax.Schedule:
   warmup = min(cfg.warmup_steps, total_steps)
   decay_steps = max(total_steps - warmup, 1)
-  end = cfg.lr * cfg.end_lr_factor
-  if cfg.schedule == 'cosine':
-    after = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.end_lr_factor)
-  elif cfg.schedule == 'linear':
-    after = optax.linear_schedule(cfg.lr, end, decay_steps)
-  elif cfg.schedule == 'constant':
-    after = optax.constant_schedule(cfg.lr)
-  else:
-    raise ValueError(f"config.optim.schedule={cfg.schedule!r}: use 'cosine', 'linear' "
-                     "or 'constant'.")
+  if cfg.schedule not in SCHEDULES:
+    raise ValueError(f'config.optim.schedule={cfg.schedule!r}: use one of '
+                     f'{list(SCHEDULES)}.')
+  after = SCHEDULES[cfg.schedule](cfg, decay_steps)
   if warmup == 0:
     return after
   return optax.join_schedules(

@@ -19,12 +19,15 @@ LOSSES: dict[str, Callable[..., jax.Array]] = {
     'cross_modal': info_nce,
     'visual': info_nce,
     'textual': info_nce,
+    # CODER's online-clustering pseudo-label prediction.
+    'cluster': swapped_prediction,
     # CODER's concept branch: concept-level image and text embeddings, aligned like
     # the cross-modal pair.
     'concept': info_nce,
-    # CODER's online-clustering pseudo-label prediction.
-    'cluster': swapped_prediction,
 }
+# The one list of loss terms (config.loss.<name>), in the order they are computed and
+# summed.
+LOSS_NAMES = tuple(LOSSES)
 
 
 def compute_losses(pairs: Mapping[str, tuple[jax.Array, jax.Array]],
@@ -54,5 +57,5 @@ def compute_losses(pairs: Mapping[str, tuple[jax.Array, jax.Array]],
   return {name: fn(name)(a, b, scales[name], axis_name) for name, (a, b) in pairs.items()}
 
 
-__all__ = ['LOSSES', 'NegativeWeighting', 'compute_losses', 'info_nce', 'info_nce_chunked',
+__all__ = ['LOSSES', 'LOSS_NAMES', 'NegativeWeighting', 'compute_losses', 'info_nce', 'info_nce_chunked',
            'sinkhorn', 'swapped_prediction']
