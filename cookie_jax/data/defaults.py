@@ -10,6 +10,28 @@ OWN_VOCAB_BUILDERS = ('synthetic', 'synthetic_video')
 # config.data.tokenizer naming the synthetic image set's vocabulary rather than a path.
 SYNTHETIC_VOCAB = 'synthetic'
 
+# The generated datasets' sizes: the defaults of config.data.synthetic / synthetic_video
+# and of their builder configs (builders/synthetic.py, builders/synthetic_video.py).
+SYNTHETIC_SIZES = dict(
+    train_images=10_000,
+    train_captions=3,  # per training image (at most 7): 30k pairs
+    eval_images=1000,  # per eval split (val and test)
+    eval_captions=5,  # per eval image, as in COCO / Flickr30K (at most 7)
+    image_size=64,  # stored resolution; the pipeline resizes to the model's
+    seed=0,  # the dataset's own seed, independent of the training seed
+    vocab_size=1024,  # upper bound of the trained WordPiece vocabulary (tiny model: 1024)
+)
+SYNTHETIC_VIDEO_SIZES = dict(
+    train_clips=6000,
+    train_captions=3,  # per training clip (at most 6)
+    eval_clips=1000,  # per eval split (val and test)
+    eval_captions=5,  # per eval clip (at most 6)
+    frames=4,
+    image_size=32,  # stored frame size
+    seed=0,  # the dataset's own seed, independent of the training seed
+    vocab_size=512,  # upper bound of the trained WordPiece vocabulary
+)
+
 
 def data_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
@@ -53,15 +75,7 @@ def data_config() -> ml_collections.ConfigDict:
 
       # builder='synthetic': sizes of the generated dataset (each size set is its own
       # tfds config, so changing one builds a new copy once and never overwrites).
-      synthetic=dict(
-          train_images=10_000,
-          train_captions=3,  # per training image (at most 7)
-          eval_images=1000,  # per eval split (val and test)
-          eval_captions=5,  # per eval image, as in COCO / Flickr30K (at most 7)
-          image_size=64,  # stored resolution; the pipeline resizes to the model's
-          seed=0,  # the dataset's own seed, independent of the training seed
-          vocab_size=1024,  # upper bound of the trained WordPiece vocabulary
-      ),
+      synthetic=dict(SYNTHETIC_SIZES),
 
       # builder='img2dataset': how the shards are built into a tfds dataset (see
       # builders/img2dataset.py). name, max_side, quality and val_fraction name the built
@@ -96,16 +110,7 @@ def data_config() -> ml_collections.ConfigDict:
           image_size=224,  # stored frame size: shorter side resized, centre-cropped
       ),
       # builder='synthetic_video': sizes of the generated clips (see builders/motion.py).
-      synthetic_video=dict(
-          train_clips=6000,
-          train_captions=3,  # per training clip (at most 6)
-          eval_clips=1000,  # per eval split (val and test)
-          eval_captions=5,  # per eval clip (at most 6)
-          frames=4,
-          image_size=32,  # stored frame size
-          seed=0,  # the dataset's own seed, independent of the training seed
-          vocab_size=512,  # upper bound of the trained WordPiece vocabulary
-      ),
+      synthetic_video=dict(SYNTHETIC_VIDEO_SIZES),
 
       # A weighted mixture of training datasets: entries (overrides, weight), each
       # overrides a dict of the builder keys above (builder, manual_dir, train_split,

@@ -6,6 +6,7 @@ or useful (the examples are made before any bar starts). One line before the bui
 one after it, with its time, say what happens instead.
 """
 
+import dataclasses
 import time
 
 from absl import logging
@@ -30,3 +31,21 @@ class Generated:
       return super()._download_and_prepare(*args, **kwargs)
     finally:
       tfds.display_progress_bar(True)
+
+
+def sized_config(builder, default, name_of, **sizes):
+  """The builder config of `builder` with these sizes (the others from `default`),
+  named by `name_of(config)` so that each size set lives in its own folder.
+
+  Registered with the class, so tfds treats it as a known config (no "custom data
+  configuration" warning on every open) and `tfds.builder('<name>/<config>')` finds it
+  in this process.
+  """
+  if all(getattr(default, k) == v for k, v in sizes.items()):
+    return default
+  sized = dataclasses.replace(default, **sizes)
+  name = name_of(sized)
+  configs = builder.builder_configs
+  if name not in configs:
+    configs[name] = dataclasses.replace(sized, name=name, description='custom sizes')
+  return configs[name]

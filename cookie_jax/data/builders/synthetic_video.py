@@ -17,19 +17,21 @@ import tensorflow_datasets as tfds
 
 from cookie_jax.data import tf_env  # pylint: disable=unused-import  # hides GPUs before any TF op
 from cookie_jax.data.builders import generated, motion
+from cookie_jax.data.defaults import SYNTHETIC_VIDEO_SIZES
 from cookie_jax.data.tokenizer import train_wordpiece
 
 
 @dataclasses.dataclass(eq=False)
 class SyntheticVideoConfig(tfds.core.BuilderConfig):
-  train_clips: int = 6000
-  train_captions: int = 3
-  eval_clips: int = 1000  # each of val and test
-  eval_captions: int = 5
-  frames: int = 4
-  image_size: int = 32
-  seed: int = 0
-  vocab_size: int = 512
+  # Defaults (and their meaning): data/defaults.py, SYNTHETIC_VIDEO_SIZES.
+  train_clips: int = SYNTHETIC_VIDEO_SIZES['train_clips']
+  train_captions: int = SYNTHETIC_VIDEO_SIZES['train_captions']
+  eval_clips: int = SYNTHETIC_VIDEO_SIZES['eval_clips']
+  eval_captions: int = SYNTHETIC_VIDEO_SIZES['eval_captions']
+  frames: int = SYNTHETIC_VIDEO_SIZES['frames']
+  image_size: int = SYNTHETIC_VIDEO_SIZES['image_size']
+  seed: int = SYNTHETIC_VIDEO_SIZES['seed']
+  vocab_size: int = SYNTHETIC_VIDEO_SIZES['vocab_size']
 
 
 DEFAULT = SyntheticVideoConfig(name='default',
@@ -86,18 +88,11 @@ class SyntheticVideo(generated.Generated, tfds.core.GeneratorBasedBuilder):
       yield i, {'frames': pngs, 'captions': caps, 'image_id': i, 'kind': kind}
 
 
-def synthetic_video_config(train_clips=6000, train_captions=3, eval_clips=1000,
-                           eval_captions=5, frames=4, image_size=32, seed=0,
-                           vocab_size=512) -> SyntheticVideoConfig:
-  """The builder config for these sizes, named by them so each lives in its own folder."""
-  kw = dict(train_clips=train_clips, train_captions=train_captions, eval_clips=eval_clips,
-            eval_captions=eval_captions, frames=frames, image_size=image_size, seed=seed,
-            vocab_size=vocab_size)
-  if all(getattr(DEFAULT, k) == v for k, v in kw.items()):
-    return DEFAULT
-  name = (f'tr{train_clips}x{train_captions}_ev{eval_clips}x{eval_captions}'
-          f'_f{frames}_px{image_size}_s{seed}_v{vocab_size}')
-  configs = SyntheticVideo.builder_configs
-  if name not in configs:
-    configs[name] = SyntheticVideoConfig(name=name, description='custom sizes', **kw)
-  return configs[name]
+def synthetic_video_config(**sizes) -> SyntheticVideoConfig:
+  """The builder config for these sizes (keys of `SyntheticVideoConfig`; the rest
+  default)."""
+  return generated.sized_config(
+      SyntheticVideo, DEFAULT,
+      lambda c: (f'tr{c.train_clips}x{c.train_captions}_ev{c.eval_clips}x'
+                 f'{c.eval_captions}_f{c.frames}_px{c.image_size}_s{c.seed}'
+                 f'_v{c.vocab_size}'), **sizes)
