@@ -443,7 +443,8 @@ def _check_losses(config) -> None:
 def _check_optim_and_train(config) -> None:
   o = config.optim
   _require(o.schedule in SCHEDULES, 'optim.schedule', o.schedule,
-           'use ' + ', '.join(repr(s) for s in SCHEDULES) + '.')
+           f"use {', '.join(repr(s) for s in list(SCHEDULES)[:-1])} or "
+           f'{list(SCHEDULES)[-1]!r}.')
   _require(o.lr > 0, 'optim.lr', o.lr, 'must be positive.')
   _require(o.warmup_steps >= 0, 'optim.warmup_steps', o.warmup_steps, 'must be >= 0.')
   _require(o.clip_norm >= 0, 'optim.clip_norm', o.clip_norm, 'must be >= 0 (0 disables).')
