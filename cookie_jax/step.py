@@ -11,7 +11,7 @@ import flax.struct
 from flax import nnx
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
 import ml_collections
 import optax
 
@@ -113,15 +113,15 @@ def sharded_losses(mesh: Mesh, stacked: bool = False, chunk_size: int = 0,
     return losses_lib.compute_losses(pairs, scales, axis_name=sharding.BATCH_AXES,
                                      chunk_size=chunk_size, negatives=negatives,
                                      options=options)
-  spec = P(None, sharding.BATCH_AXES) if stacked else P(sharding.BATCH_AXES)
+  spec = sharding.batch_spec(stacked)
 
   def compute(pairs, scales, negatives=None):
     negatives = negatives or {}
     # Extra negatives composed from the batch are sharded like it; queues are replicated.
     neg_specs = jax.tree_util.tree_map_with_path(
-        lambda path, _: P() if _is_queue(path) else spec, negatives)
-    return jax.shard_map(local, mesh=mesh, in_specs=(spec, P(), neg_specs),
-                         out_specs=P())(pairs, scales, negatives)
+        lambda path, _: sharding.REPLICATED if _is_queue(path) else spec, negatives)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, sharding.REPLICATED, neg_specs),
+                         out_specs=sharding.REPLICATED)(pairs, scales, negatives)
   return compute
 
 
@@ -134,7 +134,7 @@ def split_micro_batches(batch, num_micro: int, mesh: Mesh):
   """[B, ...] -> [num_micro, B / num_micro, ...] so that every micro-batch is spread over
   all batch shards with no data movement: each device splits its own rows."""
   shards = sharding.batch_shards(mesh)
-  spec = jax.sharding.NamedSharding(mesh, P(None, sharding.BATCH_AXES))
+  spec = sharding.batch_sharding(mesh, stacked=True)
 
   def split(x):
     b = x.shape[0]
