@@ -24,9 +24,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-
-class CheckpointMismatchError(ValueError):
-  """A checkpoint whose parameters do not fit the configured model."""
+from cookie_jax.errors import CheckpointMismatchError
+from cookie_jax.tree_paths import path_name
 
 
 # Top-level modules that a model may add on top of the checkpoint it is fine-tuned from:
@@ -35,16 +34,11 @@ class CheckpointMismatchError(ValueError):
 NEW_MODULES = ('video',)
 
 
-def _keystr(path) -> str:
-  return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k))))
-                  for k in path)
-
-
 def check_compatible(stored, target, what: str) -> None:
   """Raises naming the first parameter whose presence or shape differs."""
-  stored_flat = {_keystr(p): tuple(getattr(v, 'shape', ()))
+  stored_flat = {path_name(p): tuple(getattr(v, 'shape', ()))
                  for p, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
-  target_flat = {_keystr(p): tuple(v.shape)
+  target_flat = {path_name(p): tuple(v.shape)
                  for p, v in jax.tree_util.tree_flatten_with_path(target)[0]}
   for key in sorted(set(stored_flat) | set(target_flat)):
     if key not in stored_flat:

@@ -12,6 +12,7 @@ import math
 from absl import logging
 import ml_collections
 
+from cookie_jax.errors import ConfigError
 from cookie_jax.data.defaults import (VIDEO_BUILDERS, data_config, eval_data_config,
                                      validate_data_config)
 from cookie_jax.losses import LOSS_NAMES
@@ -19,10 +20,6 @@ from cookie_jax.models.cookie import DTYPES
 from cookie_jax.models.presets import model_config
 from cookie_jax.optim import SCHEDULES
 from cookie_jax.sharding import BATCH_AXES, MESH_AXES, mesh_shape
-
-
-class ConfigError(ValueError):
-  """A configuration value that cannot work; the message names key, value and fix."""
 
 
 def default_config(preset: str = 'tiny') -> ml_collections.ConfigDict:

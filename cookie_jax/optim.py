@@ -4,6 +4,8 @@ import jax
 import ml_collections
 import optax
 
+from cookie_jax.tree_paths import key_name
+
 # Parameters that are positions, tokens or scales rather than weights, and the towers'
 # transformers-compatible poolers (unused by COOKIE, so decay would only erode imported
 # weights): never decayed.
@@ -38,7 +40,7 @@ def decay_mask(params):
   """True where weight decay applies: matrices and kernels, not biases, norms, positions,
   the CLS token, modality vectors or the temperature."""
   def keep(path, leaf):
-    names = [str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path]
+    names = [key_name(k) for k in path]
     return leaf.ndim >= 2 and not any(n in NO_DECAY_NAMES for n in names)
   return jax.tree_util.tree_map_with_path(keep, params)
 

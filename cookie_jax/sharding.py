@@ -20,7 +20,6 @@ replicated arguments of shard_map'd functions are made here too (`batch_spec`,
 
 import contextlib
 import math
-import re
 from typing import Any, Mapping, Sequence
 
 from absl import logging
@@ -28,6 +27,8 @@ import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
+
+from cookie_jax.tree_paths import path_name
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
@@ -164,8 +165,7 @@ def describe(shardings) -> dict[str, str]:
   """`{'path/to/param': 'P(...)'}` for logging and tests."""
   out = {}
   for path, s in jax.tree_util.tree_flatten_with_path(shardings)[0]:
-    key = '/'.join(re.sub(r"[\[\]'.]", '', jax.tree_util.keystr((k,))) for k in path)
-    out[key] = str(s.spec)
+    out[path_name(path)] = str(s.spec)
   return out
 
 
@@ -199,7 +199,7 @@ def param_shardings(abstract_state, mesh: Mesh):
     for key in path[:-1]:
       node = node.setdefault(key, {})
     node[path[-1]] = NamedSharding(mesh, logical_to_spec(
-        axes, var.shape, mesh, what='/'.join(str(k) for k in path)))
+        axes, var.shape, mesh, what=path_name(path)))
   return out
 
 

@@ -30,25 +30,10 @@ from cookie_jax import metric_writer
 from cookie_jax import objectives
 from cookie_jax import profiler as profiler_lib
 from cookie_jax import sharding, step as step_lib
-from cookie_jax.config import ConfigError, validate_config
+from cookie_jax.config import validate_config
+from cookie_jax.errors import ConfigError, NonFiniteError, PreemptedError  # pylint: disable=unused-import
 from cookie_jax.data import tokenizer as tok_lib
 from cookie_jax.data.defaults import eval_data_config
-
-
-class NonFiniteError(RuntimeError):
-  """Training produced a NaN or Inf loss or gradient."""
-
-
-class PreemptedError(RuntimeError):
-  """Not an error of the run: it was asked to stop (SIGTERM, Ctrl-C) and saved its state.
-
-  `exit_code` is what the launcher exits with: 0 for SIGTERM or a preemption notice (the
-  scheduler's request, done), 130 for Ctrl-C (the shell's code for an interrupt).
-  """
-
-  def __init__(self, message: str, exit_code: int = 0):
-    super().__init__(message)
-    self.exit_code = exit_code
 
 
 def _stopped(step: int, ckpt) -> PreemptedError:
