@@ -12,10 +12,10 @@ alike) and `kind` (the event).
 
 import dataclasses
 
-import numpy as np
 import tensorflow_datasets as tfds
 
 from cookie_jax.data import tf_env  # pylint: disable=unused-import  # hides GPUs before any TF op
+from cookie_jax.data.builders import frames as frames_lib
 from cookie_jax.data.builders import generated, motion
 from cookie_jax.data.defaults import SYNTHETIC_VIDEO_SIZES
 from cookie_jax.data.tokenizer import train_wordpiece
@@ -60,14 +60,9 @@ class SyntheticVideo(generated.Generated, tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     cfg = self.builder_config
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            'frames': tfds.features.Video(
-                shape=(cfg.frames, cfg.image_size, cfg.image_size, 3),
-                encoding_format='png'),
-            'captions': tfds.features.Sequence(tfds.features.Text()),
-            'image_id': tfds.features.Scalar(dtype=np.int64),
-            'kind': tfds.features.ClassLabel(names=list(motion.KINDS)),
-        }),
+        features=frames_lib.clip_features(
+            cfg.frames, cfg.image_size, 'png',
+            kind=tfds.features.ClassLabel(names=list(motion.KINDS))),
         # Filled while building: {'vocab': [tokens in id order]}.
         metadata=tfds.core.MetadataDict(),
         homepage='https://github.com/cookie-jax',
