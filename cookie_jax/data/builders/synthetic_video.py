@@ -18,7 +18,6 @@ from cookie_jax.data import tf_env  # pylint: disable=unused-import  # hides GPU
 from cookie_jax.data.builders import frames as frames_lib
 from cookie_jax.data.builders import generated, motion
 from cookie_jax.data.defaults import SYNTHETIC_VIDEO_SIZES
-from cookie_jax.data.tokenizer import train_wordpiece
 
 
 @dataclasses.dataclass(eq=False)
@@ -47,15 +46,12 @@ def generate(cfg: SyntheticVideoConfig, split: str, count: int) -> list:
 class SyntheticVideo(generated.Generated, tfds.core.GeneratorBasedBuilder):
   """Shapes that move, appear, disappear or change colour, with captions that say so."""
 
-  VERSION = tfds.core.Version('1.1.0')
-  RELEASE_NOTES = {
-      '1.0.0': 'First release.',
-      '1.1.0': 'Written as ArrayRecord, for random access by the training input; a '
-               'deterministic WordPiece vocabulary (the same on every build). The '
-               'examples are unchanged.',
-  }
   BUILDER_CONFIGS = [DEFAULT]
-  code_path = None  # see SyntheticShapes: no checksums lookup, nothing is downloaded
+  generate = staticmethod(generate)
+
+  @staticmethod
+  def _counts(cfg):
+    return cfg.train_clips, cfg.eval_clips
 
   def _info(self) -> tfds.core.DatasetInfo:
     cfg = self.builder_config
@@ -67,16 +63,6 @@ class SyntheticVideo(generated.Generated, tfds.core.GeneratorBasedBuilder):
         metadata=tfds.core.MetadataDict(),
         homepage='https://github.com/cookie-jax',
     )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager  # nothing to download: everything is generated
-    cfg = self.builder_config
-    data = {'train': generate(cfg, 'train', cfg.train_clips),
-            'val': generate(cfg, 'val', cfg.eval_clips),
-            'test': generate(cfg, 'test', cfg.eval_clips)}
-    self.info.metadata['vocab'] = train_wordpiece(
-        (c for row in data['train'] for c in row[2]), cfg.vocab_size)
-    return {split: self._generate_examples(rows) for split, rows in data.items()}
 
   def _generate_examples(self, rows):
     for i, pngs, caps, kind in rows:
