@@ -272,13 +272,13 @@ def search(args, log) -> dict:
     import faiss  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
     log('faiss-cpu is not installed (pip install faiss-cpu): our search alone.')
-    from cookie_jax import retrieval  # pylint: disable=g-import-not-at-top
+    from cookie_jax.eval import search  # pylint: disable=g-import-not-at-top
     gallery = retrieval_search.unit_vectors(rng, args.gallery, opts.dim)
     queries = retrieval_search.unit_vectors(rng, opts.queries, opts.dim)
     mesh = jax.make_mesh((len(jax.devices()),), ('gallery',))
-    prepared = retrieval.prepare_gallery(gallery, mesh)
+    prepared = search.prepare_gallery(gallery, mesh)
     out = retrieval_search.timed_interleaved(
-        {'jax_exact': lambda: retrieval.sharded_topk(queries, prepared, opts.k)}, opts.runs)
+        {'jax_exact': lambda: search.sharded_topk(queries, prepared, opts.k)}, opts.runs)
     return {'gallery': args.gallery, 'jax_exact': retrieval_search.summary(
         out['jax_exact'][1]), 'devices': len(jax.devices())}
   row = retrieval_search.bench_size(args.gallery, opts, rng)

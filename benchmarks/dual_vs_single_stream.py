@@ -6,7 +6,7 @@ magnitude cheaper than single-stream models, which must run a transformer over e
 from the same CookieModel:
 
 * dual: encode every image and every caption once (towers + shared transformer + head),
-  then rank both directions with `cookie_jax.evaluate.retrieval_metrics` (exact blockwise
+  then rank both directions with `cookie_jax.eval.protocol.retrieval_metrics` (exact blockwise
   ranks; we time the ranking on random embeddings of the gallery's size).
 * single-stream: for every pair, concatenate the image's and the caption's tower tokens
   (projected by the shared transformer's `image_in` / `text_in`, plus the modality
@@ -35,7 +35,8 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from cookie_jax import evaluate, step  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cookie_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cookie_jax.eval import protocol  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cookie_jax.config import default_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cookie_jax.models import layers  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cookie_jax.models.shared import IMAGE, TEXT  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -87,8 +88,8 @@ def measure(preset: str, args) -> dict:
     raise ValueError(f'Preset {preset!r} has no shared transformer to build the joint '
                      'scorer from; use tiny, small, base or large.')
   image_size = config.model.vision.image_size
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: step.init_model(config.model, 0)))
-  params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(step.init_model(config.model, 0))))()
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: models.init_model(config.model, 0)))
+  params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(models.init_model(config.model, 0))))()
   head = JointHead(config.model.shared.width, rngs=nnx.Rngs(0))
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=(args.image_batch, image_size, image_size, 3)),
@@ -129,7 +130,7 @@ def measure(preset: str, args) -> dict:
     emb_t = rng.normal(size=(n_txt, dim)).astype(np.float32)
     index = np.arange(n_txt) % n_img
     t_rank, _ = per_item_seconds(
-        lambda: evaluate.retrieval_metrics(emb_i, emb_t, index), (), 1, args.runs)
+        lambda: protocol.retrieval_metrics(emb_i, emb_t, index), (), 1, args.runs)
     dual = n_img * t_img + n_txt * t_txt + t_rank
     single = n_img * n_txt * t_pair
     out[name] = {'images': n_img, 'captions': n_txt, 'rank_seconds': t_rank,

@@ -4,7 +4,7 @@ its text->image top-5 share against `launch/eval.py`'s t2i R@5, and its build th
 1. Writes the run's synthetic test split (config.data, split 'test') into a folder as the
    PNG files it is stored as, in split order (img_0000.png, ...).
 2. Evaluates the checkpoint as `launch/eval.py --workdir=RUN --nopictures` does
-   (`evaluate_run.evaluate_checkpoint`) and reads its t2i_r5.
+   (`eval_run.evaluate_checkpoint`) and reads its t2i_r5.
 3. Builds the index of the folder `--builds` times into fresh folders (the first build
    includes compiling the encoder; the rest reuse it) and reports each build's images/s:
    listing, PIL decode, eval view, sharded encode, chunk writes and consolidation (+ the
@@ -57,7 +57,7 @@ def write_pictures(config, folder) -> list[str]:
 def main():
   args = _args()
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from cookie_jax import evaluate_run  # pylint: disable=g-import-not-at-top
+  from cookie_jax.eval import run as eval_run  # pylint: disable=g-import-not-at-top
   from cookie_jax.eval import encoder as encoder_lib  # pylint: disable=g-import-not-at-top
   from cookie_jax.eval import index as index_lib  # pylint: disable=g-import-not-at-top
   from cookie_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -66,7 +66,7 @@ def main():
   tmp = tempfile.mkdtemp(prefix='index_recall_')
   folder = args.folder or os.path.join(tmp, 'pictures')
   keys = write_pictures(enc.config, folder)
-  evaluation = evaluate_run.evaluate_checkpoint(None, args.workdir, progress=False,
+  evaluation = eval_run.evaluate_checkpoint(None, args.workdir, progress=False,
                                                 pictures=False)
   data = pipeline.eval_data(enc.config.data, 'test', image_size=enc.image_size,
                             batch_size=enc.batch_size)

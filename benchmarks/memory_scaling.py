@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cookie_jax import optim, sharding, step as step_lib
+from cookie_jax import models, optim, sharding, step as step_lib
 from cookie_jax.losses import contrastive
 
 MIB = 2**20
@@ -42,13 +42,13 @@ MIB = 2**20
 
 def abstract_train_state(config, mesh):
   """`step.create_train_state` without running its init: shapes and shardings only."""
-  abstract_model = nnx.eval_shape(lambda: step_lib.init_model(config.model, config.seed))
+  abstract_model = nnx.eval_shape(lambda: models.init_model(config.model, config.seed))
   graphdef, abstract_params = nnx.split(abstract_model)
   param_shardings = sharding.param_shardings(abstract_params, mesh)
   tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
 
   def init_fn():
-    params = nnx.to_pure_dict(nnx.state(step_lib.init_model(config.model, config.seed)))
+    params = nnx.to_pure_dict(nnx.state(models.init_model(config.model, config.seed)))
     return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                opt_state=tx.init(params),
                                nonfinite_step=jnp.full((), -1, jnp.int32))

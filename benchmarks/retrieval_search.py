@@ -1,4 +1,4 @@
-"""Top-k search time of `cookie_jax.retrieval.sharded_topk` against faiss `IndexFlatIP`.
+"""Top-k search time of `cookie_jax.eval.search.sharded_topk` against faiss `IndexFlatIP`.
 
 For each gallery size M (random unit vectors, fp32, D=256) and 1k random unit queries,
 times exact top-k through our blockwise sharded search, the same with
@@ -53,7 +53,7 @@ if ARGS is not None:
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from cookie_jax import retrieval  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cookie_jax.eval import search  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def unit_vectors(rng, n: int, dim: int, chunk: int = 100_000) -> np.ndarray:
@@ -97,15 +97,15 @@ def bench_size(size: int, args, rng) -> dict:
   gallery = unit_vectors(rng, size, args.dim)
   queries = unit_vectors(rng, args.queries, args.dim)
   mesh = jax.make_mesh((len(jax.devices()),), ('gallery',))
-  prepared = retrieval.prepare_gallery(gallery, mesh, block_size=args.block_size)
-  search = lambda approx: retrieval.sharded_topk(
+  prepared = search.prepare_gallery(gallery, mesh, block_size=args.block_size)
+  topk = lambda approx: search.sharded_topk(
       queries, prepared, args.k, query_block_size=args.query_block_size, approx=approx,
       recall_target=args.recall_target)
   index = faiss.IndexFlatIP(args.dim)
   index.add(gallery)
   cpu = {}
   out = timed_interleaved({
-      'jax_exact': lambda: search(False), 'jax_approx': lambda: search(True),
+      'jax_exact': lambda: topk(False), 'jax_approx': lambda: topk(True),
       'faiss_flat_ip': lambda: index.search(queries, args.k)}, args.runs, cpu)
   (exact_s, exact_i), (_, approx_i), (faiss_s, faiss_i) = (
       out[m][0] for m in ('jax_exact', 'jax_approx', 'faiss_flat_ip'))

@@ -32,10 +32,6 @@ from cookie_jax.config import default_config
 
 from cookie_jax.models.presets import fully_shared
 
-VARIANTS = ('demo', 'tiny', 'base', 'coco_finetune', 'flickr_finetune', 'msrvtt_finetune',
-            'video_demo', 'vldeformer', 'coder', 'cc3m', 'cc12m')
-
-
 def _demo():
   config = default_config('tiny')
   config.loss.visual.weight = 0.2
@@ -207,25 +203,26 @@ def _web_pretrain(corpus):
   return config
 
 
+# variant -> recipe; `--config=configs/base.py:<variant>` (the order of the docstring).
+RECIPES = {
+    'demo': _demo,
+    'tiny': _tiny,
+    'base': _base,
+    'coco_finetune': lambda: _finetune('coco'),
+    'flickr_finetune': lambda: _finetune('flickr30k'),
+    'msrvtt_finetune': _msrvtt_finetune,
+    'video_demo': _video_demo,
+    'vldeformer': _vldeformer,
+    'coder': _coder,
+    'cc3m': lambda: _web_pretrain('cc3m'),
+    'cc12m': lambda: _web_pretrain('cc12m'),
+}
+VARIANTS = tuple(RECIPES)
+
+
 def get_config(arg: str | None = None):
   variant = arg or 'demo'
-  if variant not in VARIANTS:
+  if variant not in RECIPES:
     raise ValueError(f'Unknown variant {variant!r} of configs/base.py; '
                      f'choose one of {VARIANTS} (e.g. --config=configs/base.py:demo).')
-  if variant == 'demo':
-    return _demo()
-  if variant == 'tiny':
-    return _tiny()
-  if variant == 'base':
-    return _base()
-  if variant == 'vldeformer':
-    return _vldeformer()
-  if variant == 'coder':
-    return _coder()
-  if variant == 'msrvtt_finetune':
-    return _msrvtt_finetune()
-  if variant == 'video_demo':
-    return _video_demo()
-  if variant in ('cc3m', 'cc12m'):
-    return _web_pretrain(variant)
-  return _finetune('coco' if variant == 'coco_finetune' else 'flickr30k')
+  return RECIPES[variant]()

@@ -24,9 +24,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-
-class CheckpointMismatchError(ValueError):
-  """A checkpoint whose parameters do not fit the configured model."""
+from cookie_jax.errors import CheckpointMismatchError
+from cookie_jax.tree_paths import path_name
 
 
 # Top-level modules that a model may add on top of the checkpoint it is fine-tuned from:
@@ -35,16 +34,11 @@ class CheckpointMismatchError(ValueError):
 NEW_MODULES = ('video',)
 
 
-def _keystr(path) -> str:
-  return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k))))
-                  for k in path)
-
-
 def check_compatible(stored, target, what: str) -> None:
   """Raises naming the first parameter whose presence or shape differs."""
-  stored_flat = {_keystr(p): tuple(getattr(v, 'shape', ()))
+  stored_flat = {path_name(p): tuple(getattr(v, 'shape', ()))
                  for p, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
-  target_flat = {_keystr(p): tuple(v.shape)
+  target_flat = {path_name(p): tuple(v.shape)
                  for p, v in jax.tree_util.tree_flatten_with_path(target)[0]}
   for key in sorted(set(stored_flat) | set(target_flat)):
     if key not in stored_flat:
@@ -237,6 +231,81 @@ class Checkpointer:
     self.manager.close()
 
 
+# Reading a run's checkpoints (evaluation, export, fine-tuning, tests) -----------------
+
+
+CHECKPOINTS = 'checkpoints'
+
+
+def checkpoint_dir(workdir: str) -> str:
+  """Where a run keeps its checkpoints: WORKDIR/checkpoints."""
+  return os.path.join(os.fspath(workdir), CHECKPOINTS)
+
+
+def find_checkpoints(workdir: str, *, action: str = 'evaluate',
+                     accept_checkpoint_dir: bool = False) -> str:
+  """WORKDIR/checkpoints of an existing run, checked here (orbax would report a missing
+  folder in its own terms). With `accept_checkpoint_dir`, a folder without checkpoints/
+  is taken to be a checkpoint directory itself (`resolve_step` checks what it holds)."""
+  workdir = os.fspath(workdir)
+  if not epath.Path(workdir).is_dir():
+    raise FileNotFoundError(f'--workdir={workdir!r} does not exist; give the workdir of a '
+                            'training run (the folder holding checkpoints/).')
+  directory = checkpoint_dir(workdir)
+  if epath.Path(directory).is_dir():
+    return directory
+  if accept_checkpoint_dir:
+    return workdir
+  raise FileNotFoundError(f'{workdir} holds no checkpoints/ folder, so no checkpoint to '
+                          f'{action}; train first with launch/train.py --workdir=' + workdir)
+
+
+def _reader(directory: str):
+  """A manager that knows every item (orbax warns of items it has no handler for), reads
+  a subset of the state (the parameters), and never creates or deletes anything."""
+  handlers = dict(_handlers(), state=ocp.PyTreeCheckpointHandler())
+  return ocp.CheckpointManager(directory, item_handlers=handlers,
+                               options=ocp.CheckpointManagerOptions(create=False))
+
+
+def resolve_step(directory: str, step: int | None = None) -> int:
+  """`step`, checked to be a finished checkpoint in `directory`; None = the latest."""
+  manager = _reader(directory)
+  try:
+    steps = sorted(manager.all_steps())
+  finally:
+    manager.close()
+  if not steps:
+    raise FileNotFoundError(f'{directory} holds no finished checkpoint; train first, or '
+                            'give the workdir of a run that saved one.')
+  step = steps[-1] if step is None else int(step)
+  if step not in steps:
+    raise FileNotFoundError(f'--step={step}: {directory} has checkpoints at steps '
+                            f'{steps} only.')
+  return step
+
+
+def saved_config(directory: str, step: int) -> dict:
+  """The config (a dict) saved with `step`; {} for a checkpoint without one."""
+  manager = _reader(directory)
+  try:
+    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  finally:
+    manager.close()
+  return dict(saved['config'] or {})
+
+
+def restore_latest(workdir: str, abstract_state, cfg: ml_collections.ConfigDict
+                   ) -> tuple[Any, dict, dict]:
+  """(state, data position, config dict) of the latest checkpoint of the run in `workdir`
+  (`Checkpointer.restore` on WORKDIR/checkpoints, then closed)."""
+  ckpt = Checkpointer(checkpoint_dir(workdir), cfg)
+  try:
+    return ckpt.restore(ckpt.latest_step(), abstract_state)
+  finally:
+    ckpt.close()
+
+
 def load_params(path: str, abstract_params, step: int | None = None, *, fallback=None):
   """Parameters only, from another run's workdir or checkpoint directory (fine-tuning).
 
@@ -256,10 +325,7 @@ def load_params(path: str, abstract_params, step: int | None = None, *, fallback
     path, step = base, int(leaf)
   if os.path.isdir(os.path.join(path, 'checkpoints')):
     path = os.path.join(path, 'checkpoints')
-  # The PyTree handler restores a subset (the parameters) of the saved state.
-  handlers = dict(_handlers(), state=ocp.PyTreeCheckpointHandler())
-  manager = ocp.CheckpointManager(path, item_handlers=handlers,
-                                  options=ocp.CheckpointManagerOptions(create=False))
+  manager = _reader(path)
   try:
     step = manager.latest_step() if step is None else step
     if step is None:

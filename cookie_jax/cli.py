@@ -7,20 +7,11 @@ import sys
 
 from absl import logging
 
-from cookie_jax.checkpoint import CheckpointMismatchError
-from cookie_jax.config import ConfigError
-from cookie_jax.data.builders.webshards import ShardLayoutError
-from cookie_jax.data.tokenizer import TokenizerMismatchError
-
-# Errors that describe a mistake in the command, the config or the files, with the fix in
-# the message; a traceback would only hide that line.
-USER_ERRORS = (ConfigError, CheckpointMismatchError, TokenizerMismatchError,
-               FileNotFoundError, NotADirectoryError, PermissionError, ShardLayoutError)
+from cookie_jax.errors import USER_ERRORS, NonFiniteError, PreemptedError
 
 
 def run_or_exit(fn):
   """`fn()`, or one line on stderr and the exit a launcher owes for how it ended."""
-  from cookie_jax.train import NonFiniteError, PreemptedError  # pylint: disable=g-import-not-at-top
   try:
     return fn()
   except PreemptedError as e:  # SIGTERM, a preemption notice or Ctrl-C: saved

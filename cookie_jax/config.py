@@ -7,17 +7,19 @@ work, naming the key, the value and the fix.
 
 import difflib
 import json
+import math
 
 from absl import logging
 import ml_collections
 
+from cookie_jax.errors import ConfigError
 from cookie_jax.data.defaults import (VIDEO_BUILDERS, data_config, eval_data_config,
                                      validate_data_config)
+from cookie_jax.losses import LOSS_NAMES
+from cookie_jax.models.cookie import DTYPES
 from cookie_jax.models.presets import model_config
-
-
-class ConfigError(ValueError):
-  """A configuration value that cannot work; the message names key, value and fix."""
+from cookie_jax.optim import SCHEDULES
+from cookie_jax.sharding import BATCH_AXES, MESH_AXES, mesh_shape
 
 
 def default_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
@@ -25,8 +27,20 @@ def default_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
   # The one seed from which model init, data order, augmentation and dropout derive.
   c.seed = 0
   c.model = model_config(preset)
+  c.loss = _loss_config()
+  c.data = data_config()
+  c.optim = _optim_config()
+  c.train = _train_config()
+  c.eval = _eval_config()
+  # Device mesh sizes; -1 takes the devices left over. data * fsdp shards the batch,
+  # fsdp also shards parameters and optimiser state, tensor shards heads and MLP.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.checkpoint = _checkpoint_config()
+  return c
 
-  c.loss = ml_collections.ConfigDict(dict(
+
+def _loss_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
       # image<->text InfoNCE over the global batch, with the model's learned temperature.
       # negative_weighting: 'none' | 'diversity' (CODER: stop-gradient weights
       # exp(diversity_beta * sim) / mean over the row's negatives; beta 0 = InfoNCE) |
@@ -67,9 +81,9 @@ def default_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       concept=dict(weight=0.0, num_concepts=64, temperature=0.1, captions=20000),
   ))
 
-  c.data = data_config()
 
-  c.optim = ml_collections.ConfigDict(dict(
+def _optim_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
       lr=1e-3,
       warmup_steps=0,
       # 'cosine' | 'linear' | 'constant' after the linear warmup.
@@ -84,7 +98,9 @@ def default_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       clip_norm=1.0,
   ))
 
-  c.train = ml_collections.ConfigDict(dict(
+
+def _train_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
       # Global batch over all processes and devices.
       batch_size=64,
       steps=100,
@@ -112,7 +128,9 @@ def default_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       wandb_run='',  # the run's display name; '' = W&B's choice
   ))
 
-  c.eval = ml_collections.ConfigDict(dict(
+
+def _eval_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
       batch_size=64,
       # Validation retrieval every N steps (0 = never during training).
       every=0,
@@ -125,11 +143,9 @@ def default_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       data={},
   ))
 
-  # Device mesh sizes; -1 takes the devices left over. data * fsdp shards the batch,
-  # fsdp also shards parameters and optimiser state, tensor shards heads and MLP.
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
-  c.checkpoint = ml_collections.ConfigDict(dict(
+def _checkpoint_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
       # Save every N steps (0 = only at the end and on preemption).
       every=0,
       # Keep the last N checkpoints ...
@@ -139,7 +155,6 @@ def default_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       # Write checkpoints in the background while training continues.
       async_save=True,
   ))
-  return c
 
 
 # Keys that configs saved by earlier versions hold and today's schema no longer has, with
@@ -372,11 +387,7 @@ def _check_eval_data(config):
                        else f'config.eval.data: {message}') from None
 
 
-def validate_config(config: ml_collections.ConfigDict,
-                    num_devices: int | None = None) -> ml_collections.ConfigDict:
-  """Checks keys against the schema and values against each other. Returns `config`."""
-  _check_keys(config, default_config())
-
+def _check_model(config) -> None:
   m = config.model
   _check_transformer('model.vision', m.vision)
   _check_transformer('model.text', m.text)
@@ -388,23 +399,24 @@ def validate_config(config: ml_collections.ConfigDict,
            f'image_size {m.vision.image_size} must be a multiple of the patch size.')
   for side in ('image_pool', 'text_pool'):
     _require(m[side] in ('cls', 'mean'), f'model.{side}', m[side], "use 'cls' or 'mean'.")
-  _require(m.dtype in ('float32', 'bfloat16', 'float16'), 'model.dtype', m.dtype,
-           "use 'float32' or 'bfloat16'.")
+  _require(m.dtype in DTYPES, 'model.dtype', m.dtype,
+           f'use one of {list(DTYPES)}.')
   _require(0 < m.temperature_init < 1e3, 'model.temperature_init', m.temperature_init,
            'must be a positive temperature such as 0.07.')
   _require(m.max_logit_scale >= 1.0 / m.temperature_init, 'model.max_logit_scale',
            m.max_logit_scale, f'must be >= 1/temperature_init = {1.0 / m.temperature_init:.4g}.')
 
-  losses = config.loss
+
+def _check_losses(config) -> None:
+  m, losses = config.model, config.loss
   _require(losses.visual.partner in ('augmented', 'external'), 'loss.visual.partner',
            losses.visual.partner, "use 'augmented' or 'external'.")
   _require(losses.textual.partner in ('dropout', 'external'), 'loss.textual.partner',
            losses.textual.partner, "use 'dropout' or 'external'.")
-  terms = ('cross_modal', 'visual', 'textual', 'cluster', 'concept')
-  for name in terms:
+  for name in LOSS_NAMES:
     _require(losses[name].weight >= 0, f'loss.{name}.weight', losses[name].weight,
              'must be >= 0 (0 switches the term off).')
-  _require(sum(losses[n].weight for n in terms) > 0,
+  _require(sum(losses[n].weight for n in LOSS_NAMES) > 0,
            'loss.cross_modal.weight', losses.cross_modal.weight,
            'at least one loss weight must be positive.')
   _check_method_options(config)
@@ -424,9 +436,12 @@ def validate_config(config: ml_collections.ConfigDict,
              m.text.dropout,
              "loss.textual.partner='dropout' needs dropout > 0, else both passes are equal.")
 
+
+def _check_optim_and_train(config) -> None:
   o = config.optim
-  _require(o.schedule in ('cosine', 'linear', 'constant'), 'optim.schedule', o.schedule,
-           "use 'cosine', 'linear' or 'constant'.")
+  _require(o.schedule in SCHEDULES, 'optim.schedule', o.schedule,
+           f"use {', '.join(repr(s) for s in list(SCHEDULES)[:-1])} or "
+           f'{list(SCHEDULES)[-1]!r}.')
   _require(o.lr > 0, 'optim.lr', o.lr, 'must be positive.')
   _require(o.warmup_steps >= 0, 'optim.warmup_steps', o.warmup_steps, 'must be >= 0.')
   _require(o.clip_norm >= 0, 'optim.clip_norm', o.clip_norm, 'must be >= 0 (0 disables).')
@@ -443,30 +458,43 @@ def validate_config(config: ml_collections.ConfigDict,
            'must be >= 1 (1 = no accumulation).')
   _require(config.checkpoint.keep >= 1, 'checkpoint.keep', config.checkpoint.keep,
            'must be >= 1.')
+
+
+def _check_mesh(config, num_devices: int | None) -> None:
+  for axis in MESH_AXES:
+    size = config.mesh[axis]
+    _require(size == -1 or size >= 1, f'mesh.{axis}', size,
+             'must be a positive size, or -1 for the devices left over.')
+  _require(sum(config.mesh[a] == -1 for a in MESH_AXES) <= 1, 'mesh',
+           config.mesh.to_dict(), 'at most one axis may be -1.')
+  if num_devices is None:
+    return
+  shape = mesh_shape(config.mesh, num_devices)
+  batch_shards = math.prod(shape[a] for a in BATCH_AXES)
+  for key, parts in (('train.batch_size', batch_shards * config.train.accum_steps),
+                     ('eval.batch_size', batch_shards)):
+    section, name = key.split('.')
+    value = config[section][name]
+    what = (f'data*fsdp = {batch_shards} devices' if parts == batch_shards else
+            f'data*fsdp = {batch_shards} devices x train.accum_steps = '
+            f'{config.train.accum_steps} micro-batches')
+    _require(value % parts == 0, key, value,
+             f'the batch is split over {what}; use a multiple of {parts} '
+             f'(e.g. {max(parts, value // parts * parts)}).')
+
+
+def validate_config(config: ml_collections.ConfigDict,
+                    num_devices: int | None = None) -> ml_collections.ConfigDict:
+  """Checks keys against the schema and values against each other. Returns `config`."""
+  _check_keys(config, default_config())
+  _check_model(config)
+  _check_losses(config)
+  _check_optim_and_train(config)
   try:
     validate_data_config(config.data)
     _check_eval_data(config)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  for axis in ('data', 'fsdp', 'tensor'):
-    size = config.mesh[axis]
-    _require(size == -1 or size >= 1, f'mesh.{axis}', size,
-             'must be a positive size, or -1 for the devices left over.')
-  _require(sum(config.mesh[a] == -1 for a in ('data', 'fsdp', 'tensor')) <= 1, 'mesh',
-           config.mesh.to_dict(), 'at most one axis may be -1.')
-  if num_devices is not None:
-    from cookie_jax.sharding import mesh_shape  # pylint: disable=g-import-not-at-top
-    shape = mesh_shape(config.mesh, num_devices)
-    batch_shards = shape['data'] * shape['fsdp']
-    for key, parts in (('train.batch_size', batch_shards * config.train.accum_steps),
-                       ('eval.batch_size', batch_shards)):
-      section, name = key.split('.')
-      value = config[section][name]
-      what = (f'data*fsdp = {batch_shards} devices' if parts == batch_shards else
-              f'data*fsdp = {batch_shards} devices x train.accum_steps = '
-              f'{config.train.accum_steps} micro-batches')
-      _require(value % parts == 0, key, value,
-               f'the batch is split over {what}; use a multiple of {parts} '
-               f'(e.g. {max(parts, value // parts * parts)}).')
+  _check_mesh(config, num_devices)
   return config
 

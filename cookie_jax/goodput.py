@@ -28,7 +28,7 @@ import json
 import os
 import time
 
-from cookie_jax import metrics as metrics_lib
+from cookie_jax import metric_writer
 
 BUCKETS = ('startup', 'restore', 'compile', 'input_wait', 'step', 'checkpoint', 'eval')
 
@@ -120,7 +120,7 @@ class GoodputRecord:
 
   def write(self) -> dict:
     s = self.summary()
-    metrics_lib.write_json(self.path, s)
+    metric_writer.write_json(self.path, s)
     return s
 
   @staticmethod

@@ -1,8 +1,9 @@
 """From a batch to the inputs of every configured loss term: COOKIE, VLDeformer, CODER.
 
-`loss_inputs` embeds the batch and returns, per term, the embedding pair, the replicated
-argument (logit scale or prototypes) and the extra negatives; `compute_losses` (inside
-shard_map) turns them into scalars. The switches, all in `config.loss`:
+`loss_inputs` embeds the batch and returns, per term, the embedding pair and the extra
+negatives, and `replicated_args` the replicated argument (logit scale or prototypes);
+`losses.sharded_losses` (shard_map over the batch axes) turns them into scalars and
+`losses.weighted_total` into the loss. The switches, all in `config.loss`:
 
 * COOKIE: `cross_modal` (image<->text), `visual` (image<->image view), `textual`
   (text<->text dropout view), over a partly shared model (`model.shared.depth`).
@@ -11,7 +12,7 @@ shard_map) turns them into scalars. The switches, all in `config.loss`:
   cookie_jax/negatives.py), `cross_modal.negative_weighting='topk'` (in-batch hard
   negatives) and a sharp fixed `cross_modal.temperature`.
 * CODER: `momentum` (EMA encoder + queues of its keys as extra negatives, kept in
-  `TrainState.extras`), `cross_modal.negative_weighting='diversity'`, `cluster` (Sinkhorn
+  `TrainState.extras`; cookie_jax/momentum.py), `cross_modal.negative_weighting='diversity'`, `cluster` (Sinkhorn
   pseudo-labels, losses/clustering.py) and `concept` (concept graph + GCN, models/concept.py).
 """
 
@@ -23,12 +24,10 @@ import ml_collections
 import numpy as np
 
 from cookie_jax import negatives as negatives_lib
-from cookie_jax.losses import NegativeWeighting
+from cookie_jax.losses import LOSS_NAMES, NegativeWeighting
 from cookie_jax.models import CookieModel, l2_normalize
+from cookie_jax.models.concept import normalized_adjacency
 from cookie_jax.models.layers import split_rng
-
-LOSS_NAMES = ('cross_modal', 'visual', 'textual', 'cluster', 'concept')
-
 
 def _need(batch, key, why):
   if key not in batch:
@@ -53,17 +52,18 @@ def cross_modal_scale(model: CookieModel, loss_cfg) -> jax.Array:
   return model.logit_scale()
 
 
-def loss_scales(model: CookieModel, loss_cfg) -> dict[str, jax.Array]:
-  """The replicated argument of every active term: a logit scale, or the prototypes."""
-  scales = {}
+def replicated_args(model: CookieModel, loss_cfg) -> dict[str, jax.Array]:
+  """The replicated argument of every active term: its logit scale, or for `cluster`
+  the prototypes."""
+  replicated = {}
   for name in active_terms(loss_cfg):
     if name in ('cross_modal', 'concept'):
-      scales[name] = cross_modal_scale(model, loss_cfg)
+      replicated[name] = cross_modal_scale(model, loss_cfg)
     elif name == 'cluster':
-      scales[name] = model.prototypes[...]
+      replicated[name] = model.prototypes[...]
     else:
-      scales[name] = jnp.float32(1.0 / loss_cfg[name].temperature)
-  return scales
+      replicated[name] = jnp.float32(1.0 / loss_cfg[name].temperature)
+  return replicated
 
 
 def loss_options(loss_cfg) -> dict[str, dict[str, Any]]:
@@ -86,35 +86,18 @@ def needs_constants(loss_cfg) -> bool:
   return bool(loss_cfg.hard_negatives.captions) or loss_cfg.concept.weight > 0
 
 
-def mine_constants(config: ml_collections.ConfigDict) -> dict[str, np.ndarray] | None:
-  """The tables that the options of `needs_constants` mine from the training captions:
-  the word-swap tables of composed negative captions and the concept graph. A function
-  of the data and config only, so a resumed run mines the same tables."""
-  if not needs_constants(config.loss):
-    return None
-  # Data-room imports (TensorFlow) only when an option needs them.
-  from cookie_jax.data import concepts as concepts_lib  # pylint: disable=g-import-not-at-top
-  from cookie_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from cookie_jax.models.concept import normalized_adjacency  # pylint: disable=g-import-not-at-top
-  loss_cfg = config.loss
-  tokenizer = pipeline.load_tokenizer(config.data)
-  captions = concepts_lib.training_captions(config.data, limit=loss_cfg.concept.captions)
-  vocab = concepts_lib.mine_concepts(captions, tokenizer, loss_cfg.concept.num_concepts)
+def loss_constants(loss_cfg, mined: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The constant tables of the objectives from what `data.concepts.mine_tables` mined
+  from the training captions: the concept token ids and their normalised co-occurrence
+  graph, and the word-swap tables of composed negative captions."""
   constants = {}
   if loss_cfg.concept.weight > 0:
-    constants['concept_ids'] = np.asarray(vocab.token_ids, np.int32)
+    constants['concept_ids'] = np.asarray(mined['concept_ids'], np.int32)
     constants['concept_adjacency'] = np.asarray(
-        normalized_adjacency(jnp.asarray(vocab.cooccurrence)), np.float32)
+        normalized_adjacency(jnp.asarray(mined['concept_cooccurrence'])), np.float32)
   if loss_cfg.hard_negatives.captions:
-    groups = concepts_lib.word_groups(config.data, vocab,
-                                      groups_file=loss_cfg.hard_negatives.word_groups)
-    token_group, members = concepts_lib.swap_tables(tokenizer, groups)
-    if not members.size:
-      raise ValueError('loss.hard_negatives.captions: no group of interchangeable '
-                       'single-token words was found; give loss.hard_negatives.word_groups '
-                       '(a JSON list of word lists) or turn the option off.')
-    constants['token_group'] = token_group
-    constants['group_members'] = members
+    constants['token_group'] = mined['token_group']
+    constants['group_members'] = mined['group_members']
   return constants
 
 
@@ -169,54 +152,6 @@ def loss_inputs(model: CookieModel, batch, rng, loss_cfg,
     emb = model.encode_text(ids, batch['attention_mask'], rng=_extra_rng(rng, 3))
     extra['b'] = {'batch': (emb, valid)}
   return pairs, ({'cross_modal': extra} if extra else {})
-
-
-# CODER's momentum encoder and queues -----------------------------------------------------
-
-
-def init_extras(loss_cfg, params, embed_dim: int) -> dict[str, Any]:
-  """The train state's method-specific part: EMA parameters and the two key queues."""
-  q = loss_cfg.momentum.queue_size
-  if not q:
-    return {}
-  return {'ema_params': jax.tree.map(jnp.copy, params),
-          'image_queue': jnp.zeros((q, embed_dim), jnp.float32),
-          'text_queue': jnp.zeros((q, embed_dim), jnp.float32),
-          # Keys enqueued so far (capped at the queue size): rows [0, count) are valid.
-          'queue_count': jnp.zeros((), jnp.int32),
-          # Where the next batch of keys goes (FIFO ring buffer).
-          'queue_ptr': jnp.zeros((), jnp.int32)}
-
-
-def momentum_keys(model: CookieModel, batch) -> tuple[jax.Array, jax.Array]:
-  """The momentum encoder's normalised image and text keys of a batch (no dropout)."""
-  image = model.encode_image(batch['image'])
-  text = model.encode_text(batch['input_ids'], batch['attention_mask'])
-  return jax.lax.stop_gradient(image), jax.lax.stop_gradient(text)
-
-
-def queue_negatives(extras) -> dict[str, Any]:
-  """The queues as replicated extra negatives of the cross-modal term."""
-  q = extras['image_queue'].shape[0]
-  valid = jnp.arange(q) < extras['queue_count']
-  return {'cross_modal': {'a': {'queue': (extras['image_queue'], valid)},
-                          'b': {'queue': (extras['text_queue'], valid)}}}
-
-
-def update_extras(extras, params, keys, momentum: float):
-  """EMA step on the new parameters, then the batch's keys enqueued (oldest overwritten)."""
-  image_keys, text_keys = keys
-  n, q = image_keys.shape[0], extras['image_queue'].shape[0]
-  ptr = extras['queue_ptr']
-  ema = jax.tree.map(lambda e, p: momentum * e + (1.0 - momentum) * p,
-                     extras['ema_params'], params)
-  return {'ema_params': ema,
-          'image_queue': jax.lax.dynamic_update_slice(extras['image_queue'], image_keys,
-                                                      (ptr, 0)),
-          'text_queue': jax.lax.dynamic_update_slice(extras['text_queue'], text_keys,
-                                                     (ptr, 0)),
-          'queue_count': jnp.minimum(extras['queue_count'] + n, q),
-          'queue_ptr': (ptr + n) % q}
 
 
 def merge_negatives(*groups):

@@ -4,6 +4,8 @@ import jax
 import ml_collections
 import optax
 
+from cookie_jax.tree_paths import key_name
+
 # Parameters that are positions, tokens or scales rather than weights, and the towers'
 # transformers-compatible poolers (unused by COOKIE, so decay would only erode imported
 # weights): never decayed.
@@ -11,20 +13,23 @@ NO_DECAY_NAMES = ('position_embeddings', 'cls_token', 'modality_embedding',
                   'log_logit_scale', 'pooler')
 
 
+# optim.schedule -> (cfg, decay_steps) -> the schedule after the linear warmup. The one
+# list of allowed schedules (config.validate_config checks against it).
+SCHEDULES = {
+    'cosine': lambda cfg, n: optax.cosine_decay_schedule(cfg.lr, n, alpha=cfg.end_lr_factor),
+    'linear': lambda cfg, n: optax.linear_schedule(cfg.lr, cfg.lr * cfg.end_lr_factor, n),
+    'constant': lambda cfg, n: optax.constant_schedule(cfg.lr),
+}
+
+
 def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int
                            ) -> optax.Schedule:
   warmup = min(cfg.warmup_steps, total_steps)
   decay_steps = max(total_steps - warmup, 1)
-  end = cfg.lr * cfg.end_lr_factor
-  if cfg.schedule == 'cosine':
-    after = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.end_lr_factor)
-  elif cfg.schedule == 'linear':
-    after = optax.linear_schedule(cfg.lr, end, decay_steps)
-  elif cfg.schedule == 'constant':
-    after = optax.constant_schedule(cfg.lr)
-  else:
-    raise ValueError(f"config.optim.schedule={cfg.schedule!r}: use 'cosine', 'linear' "
-                     "or 'constant'.")
+  if cfg.schedule not in SCHEDULES:
+    raise ValueError(f'config.optim.schedule={cfg.schedule!r}: use one of '
+                     f'{list(SCHEDULES)}.')
+  after = SCHEDULES[cfg.schedule](cfg, decay_steps)
   if warmup == 0:
     return after
   return optax.join_schedules(
@@ -35,7 +40,7 @@ def decay_mask(params):
   """True where weight decay applies: matrices and kernels, not biases, norms, positions,
   the CLS token, modality vectors or the temperature."""
   def keep(path, leaf):
-    names = [str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path]
+    names = [key_name(k) for k in path]
     return leaf.ndim >= 2 and not any(n in NO_DECAY_NAMES for n in names)
   return jax.tree_util.tree_map_with_path(keep, params)
 

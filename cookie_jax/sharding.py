@@ -9,30 +9,39 @@ them onto the mesh axes `data`, `fsdp` and `tensor`:
   FSDP run take 1/fsdp of the memory per device;
 * `heads`, `mlp` and `vocab` are split over `tensor` (Megatron-style tensor parallelism).
 
-A dimension that the mesh axes do not divide evenly stays replicated rather than failing.
+Every logical name a model uses is listed in the rules (None: replicated on purpose); a
+name that is not, such as a misspelt one, raises. A dimension that its mesh axes do not
+divide evenly stays replicated, with one logged line naming the array.
+
+The PartitionSpecs of the batch, the micro-batches, the gallery of a search and the
+replicated arguments of shard_map'd functions are made here too (`batch_spec`,
+`gallery_spec`, `REPLICATED`), so that this is the one module that knows the layout.
 """
 
 import contextlib
 import math
-import re
 from typing import Any, Mapping, Sequence
 
+from absl import logging
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 
+from cookie_jax.tree_paths import path_name
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
 
-# (logical axis, mesh axes) in priority order; a logical name not listed is replicated.
+# Replicated: the spec of a shard_map argument or result that every device holds whole.
+REPLICATED = P()
+
+# Parameters: (logical axis, mesh axes); None = replicated. A name not listed raises.
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
-    ('batch', BATCH_AXES),
     ('embed', 'fsdp'),
     ('mlp', 'tensor'),
     ('heads', 'tensor'),
     ('vocab', 'tensor'),
-    ('kv', None),
     ('patch', None),
     ('length', None),
 )
@@ -42,9 +51,14 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 # parameter's `embed` is sharded only to be gathered), heads and MLP over tensor.
 ACTIVATION_RULES: tuple[tuple[str, Any], ...] = (
     ('batch', BATCH_AXES),
+    ('length', None),
+    ('embed', None),
     ('mlp', 'tensor'),
     ('heads', 'tensor'),
 )
+
+# (array name, logical axis, dimension, mesh axes) of each fallback already logged.
+_LOGGED_FALLBACKS: set = set()
 
 
 def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict[str, int]:
@@ -75,9 +89,18 @@ def make_mesh(mesh_config: Mapping[str, int] | ml_collections.ConfigDict,
                        axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
+def _fallback(what: str, name: str, dim: int, axes: tuple[str, ...], why: str) -> None:
+  key = (what, name, dim, axes)
+  if key not in _LOGGED_FALLBACKS:
+    _LOGGED_FALLBACKS.add(key)
+    logging.info('%s: logical axis %r (size %d) stays replicated, not split over %s: %s.',
+                 what, name, dim, axes, why)
+
+
 def logical_to_spec(logical_axes: Sequence[str | None] | None, shape: Sequence[int],
-                    mesh: Mesh, rules=LOGICAL_RULES) -> P:
-  """A PartitionSpec for one array; each mesh axis is used at most once."""
+                    mesh: Mesh, rules=LOGICAL_RULES, what: str = 'an array') -> P:
+  """A PartitionSpec for one array (`what` names it in errors and the log); each mesh
+  axis is used at most once."""
   if not logical_axes:
     return P()
   if len(logical_axes) != len(shape):
@@ -86,11 +109,19 @@ def logical_to_spec(logical_axes: Sequence[str | None] | None, shape: Sequence[i
   used: set[str] = set()
   spec = []
   for name, dim in zip(logical_axes, shape):
+    if name is not None and name not in rule_map:
+      raise ValueError(f'{what}: unknown logical axis {name!r}; the rules know '
+                       f'{sorted(rule_map)}. Fix the name in the model, or add a rule in '
+                       'cookie_jax/sharding.py.')
     target = rule_map.get(name) if name is not None else None
-    axes = (target,) if isinstance(target, str) else tuple(target or ())
-    axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+    wanted = tuple(a for a in ((target,) if isinstance(target, str) else (target or ()))
+                   if mesh.shape[a] > 1)
+    axes = tuple(a for a in wanted if a not in used)
     size = math.prod(mesh.shape[a] for a in axes)
     if not axes or dim % size:
+      if wanted:
+        _fallback(what, name, dim, wanted,
+                  f'{size} does not divide {dim}' if axes else 'a mesh axis already used')
       spec.append(None)
       continue
     used.update(axes)
@@ -98,9 +129,20 @@ def logical_to_spec(logical_axes: Sequence[str | None] | None, shape: Sequence[i
   return P(*spec)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dimension over data x fsdp, the rest replicated."""
-  return NamedSharding(mesh, P(BATCH_AXES))
+def batch_spec(stacked: bool = False) -> P:
+  """The batch dimension over data x fsdp: the leading one, or with `stacked` the second
+  ([micro_batches, B / micro_batches, ...], gradient accumulation)."""
+  return P(None, BATCH_AXES) if stacked else P(BATCH_AXES)
+
+
+def batch_sharding(mesh: Mesh, stacked: bool = False) -> NamedSharding:
+  """The batch dimension over data x fsdp (see `batch_spec`), the rest replicated."""
+  return NamedSharding(mesh, batch_spec(stacked))
+
+
+def gallery_spec(mesh: Mesh) -> P:
+  """The rows of a search gallery, split over every device of `mesh` (all its axes)."""
+  return P(mesh.axis_names)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -123,8 +165,7 @@ def describe(shardings) -> dict[str, str]:
   """`{'path/to/param': 'P(...)'}` for logging and tests."""
   out = {}
   for path, s in jax.tree_util.tree_flatten_with_path(shardings)[0]:
-    key = '/'.join(re.sub(r"[\[\]'.]", '', jax.tree_util.keystr((k,))) for k in path)
-    out[key] = str(s.spec)
+    out[path_name(path)] = str(s.spec)
   return out
 
 
@@ -157,7 +198,8 @@ def param_shardings(abstract_state, mesh: Mesh):
     node = out
     for key in path[:-1]:
       node = node.setdefault(key, {})
-    node[path[-1]] = NamedSharding(mesh, logical_to_spec(axes, var.shape, mesh))
+    node[path[-1]] = NamedSharding(mesh, logical_to_spec(
+        axes, var.shape, mesh, what=path_name(path)))
   return out
 
 
@@ -168,7 +210,7 @@ def activation_sharding(mesh: Mesh):
   from cookie_jax.models import layers  # pylint: disable=g-import-not-at-top
 
   def constrain(x, logical_axes):
-    spec = logical_to_spec(logical_axes, x.shape, mesh, ACTIVATION_RULES)
+    spec = logical_to_spec(logical_axes, x.shape, mesh, ACTIVATION_RULES, what='activation')
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
   token = layers.ACTIVATION_SHARDING.set(constrain)
   try:

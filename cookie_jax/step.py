@@ -11,13 +11,14 @@ import flax.struct
 from flax import nnx
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
 import ml_collections
 import optax
 
 from cookie_jax import losses as losses_lib
+from cookie_jax import momentum as momentum_lib
 from cookie_jax import objectives, optim, sharding
-from cookie_jax.models import CookieModel
+from cookie_jax.models import abstract_model, init_model
 
 
 @flax.struct.dataclass
@@ -29,7 +30,7 @@ class TrainState:
   # was not finite, or -1. From then on the state is frozen, so nothing from the bad
   # step or after it can reach a checkpoint.
   nonfinite_step: jax.Array
-  # Method state besides the parameters (objectives.init_extras): CODER's EMA parameters
+  # Method state besides the parameters (momentum.init_state): CODER's EMA parameters
   # and key queues; {} when no option needs any.
   extras: Any = flax.struct.field(default_factory=dict)
 
@@ -44,10 +45,6 @@ class Setup:
   state_shardings: Any = flax.struct.field(pytree_node=False)
 
 
-def init_model(model_cfg: ml_collections.ConfigDict, seed: int) -> CookieModel:
-  return CookieModel(model_cfg, rngs=nnx.Rngs(params=jax.random.key(seed)))
-
-
 def create_train_state(config: ml_collections.ConfigDict, mesh: Mesh
                        ) -> tuple[TrainState, Setup]:
   """Initialises the parameters and optimiser state directly in their shardings."""
@@ -59,8 +56,7 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: Mesh
 def train_state_setup(config: ml_collections.ConfigDict, mesh: Mesh):
   """(init_fn, the abstract TrainState, Setup), allocating nothing: what
   `create_train_state` runs, and what compiling a step for a large model needs."""
-  abstract_model = nnx.eval_shape(lambda: init_model(config.model, config.seed))
-  graphdef, abstract_state = nnx.split(abstract_model)
+  graphdef, abstract_state = abstract_model(config.model)
   param_shardings = sharding.param_shardings(abstract_state, mesh)
   tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
 
@@ -68,66 +64,23 @@ def train_state_setup(config: ml_collections.ConfigDict, mesh: Mesh):
     params = nnx.to_pure_dict(nnx.state(init_model(config.model, config.seed)))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params), nonfinite_step=jnp.full((), -1, jnp.int32),
-                      extras=objectives.init_extras(config.loss, params,
-                                                    config.model.embed_dim))
+                      extras=momentum_lib.init_state(config.loss, params,
+                                                     config.model.embed_dim))
 
   abstract = jax.eval_shape(init_fn)
   state_shardings = TrainState(
       step=sharding.replicated(mesh), params=param_shardings,
       opt_state=sharding.opt_state_shardings(tx, abstract.opt_state, param_shardings, mesh),
       nonfinite_step=sharding.replicated(mesh),
-      extras=_extras_shardings(abstract.extras, param_shardings, mesh))
+      extras=momentum_lib.state_shardings(abstract.extras, param_shardings,
+                                          sharding.replicated(mesh)))
   return init_fn, abstract, Setup(graphdef=graphdef, tx=tx, schedule=schedule, mesh=mesh,
                                   state_shardings=state_shardings)
 
 
-def _extras_shardings(extras, param_shardings, mesh):
-  # EMA parameters are laid out like the parameters; queues and counters are replicated.
-  return {k: param_shardings if k == 'ema_params' else sharding.replicated(mesh)
-          for k in extras}
-
-
 def with_params(state: TrainState, params) -> TrainState:
   """`state` with new parameters (fine-tuning init); an EMA copy restarts from them."""
-  extras = dict(state.extras)
-  if 'ema_params' in extras:
-    extras['ema_params'] = jax.tree.map(jnp.copy, params)
-  return state.replace(params=params, extras=extras)
-
-
-def _is_queue(path) -> bool:
-  return any(getattr(k, 'key', None) == 'queue' for k in path)
-
-
-def sharded_losses(mesh: Mesh, stacked: bool = False, chunk_size: int = 0,
-                   options=None):
-  """`compute_losses` inside shard_map over the batch axes: global negatives, local logits.
-
-  `stacked=True` takes embeddings as [micro_batches, B / micro_batches, D] (gradient
-  accumulation); each device flattens its rows, which only permutes the global batch.
-  InfoNCE is invariant to a permutation applied to both sides, so the value equals the
-  loss over the whole batch.
-  """
-  flat = lambda x: x.reshape(-1, *x.shape[2:])
-
-  def local(pairs, scales, negatives):
-    if stacked:
-      pairs = jax.tree.map(flat, pairs)
-      negatives = jax.tree_util.tree_map_with_path(
-          lambda path, x: x if _is_queue(path) else flat(x), negatives)
-    return losses_lib.compute_losses(pairs, scales, axis_name=sharding.BATCH_AXES,
-                                     chunk_size=chunk_size, negatives=negatives,
-                                     options=options)
-  spec = P(None, sharding.BATCH_AXES) if stacked else P(sharding.BATCH_AXES)
-
-  def compute(pairs, scales, negatives=None):
-    negatives = negatives or {}
-    # Extra negatives composed from the batch are sharded like it; queues are replicated.
-    neg_specs = jax.tree_util.tree_map_with_path(
-        lambda path, _: P() if _is_queue(path) else spec, negatives)
-    return jax.shard_map(local, mesh=mesh, in_specs=(spec, P(), neg_specs),
-                         out_specs=P())(pairs, scales, negatives)
-  return compute
+  return state.replace(params=params, extras=momentum_lib.restart_from(state.extras, params))
 
 
 def step_rng(seed: int, step: jax.Array) -> jax.Array:
@@ -139,7 +92,7 @@ def split_micro_batches(batch, num_micro: int, mesh: Mesh):
   """[B, ...] -> [num_micro, B / num_micro, ...] so that every micro-batch is spread over
   all batch shards with no data movement: each device splits its own rows."""
   shards = sharding.batch_shards(mesh)
-  spec = jax.sharding.NamedSharding(mesh, P(None, sharding.BATCH_AXES))
+  spec = sharding.batch_sharding(mesh, stacked=True)
 
   def split(x):
     b = x.shape[0]
@@ -152,7 +105,7 @@ def split_micro_batches(batch, num_micro: int, mesh: Mesh):
 def make_grad_fn(config: ml_collections.ConfigDict, setup: Setup, constants=None):
   """params, batch, rng, queues -> ((total, terms, logit_scale), grads).
 
-  `queues` are extra negatives that need no gradient (`objectives.queue_negatives`) or
+  `queues` are extra negatives that need no gradient (`momentum.queue_negatives`) or
   {}; `constants` the data-mined tables of `objectives.needs_constants`.
 
   With `train.accum_steps = M > 1`, GradCache-style accumulation that keeps the negatives
@@ -174,23 +127,21 @@ def make_grad_fn(config: ml_collections.ConfigDict, setup: Setup, constants=None
     return objectives.loss_inputs(nnx.merge(setup.graphdef, params), batch, rng, loss_cfg,
                                   constants)
 
-  def scales_fn(params):
-    return objectives.loss_scales(nnx.merge(setup.graphdef, params), loss_cfg)
+  def replicated_fn(params):
+    return objectives.replicated_args(nnx.merge(setup.graphdef, params), loss_cfg)
 
-  def total_of(terms):
-    return sum(loss_cfg[name].weight * value for name, value in terms.items())
-
-  def reported_scale(scales):
-    return scales.get('cross_modal')
+  def reported_scale(replicated):
+    return replicated.get('cross_modal')
 
   if num_micro == 1:
-    compute = sharded_losses(setup.mesh, chunk_size=loss_cfg.chunk_size, options=options)
+    compute = losses_lib.sharded_losses(setup.mesh, chunk_size=loss_cfg.chunk_size,
+                                        options=options)
 
     def loss_fn(params, batch, rng, queues):
-      scales = scales_fn(params)
+      replicated = replicated_fn(params)
       pairs, negatives = inputs_fn(params, batch, rng)
-      terms = compute(pairs, scales, objectives.merge_negatives(negatives, queues))
-      return total_of(terms), (terms, reported_scale(scales))
+      terms = compute(pairs, replicated, objectives.merge_negatives(negatives, queues))
+      return losses_lib.weighted_total(terms, loss_cfg), (terms, reported_scale(replicated))
 
     def grad_fn(params, batch, rng, queues):
       (total, (terms, scale)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -198,22 +149,22 @@ def make_grad_fn(config: ml_collections.ConfigDict, setup: Setup, constants=None
       return (total, terms, scale), grads
     return grad_fn
 
-  compute = sharded_losses(setup.mesh, stacked=True, chunk_size=loss_cfg.chunk_size,
-                           options=options)
+  compute = losses_lib.sharded_losses(setup.mesh, stacked=True,
+                                      chunk_size=loss_cfg.chunk_size, options=options)
 
   def grad_fn(params, batch, rng, queues):
     micro = split_micro_batches(batch, num_micro, setup.mesh)
     keys = jax.random.split(rng, num_micro)
     _, stacked = jax.lax.scan(lambda c, xs: (c, inputs_fn(params, *xs)), None,
                               (micro, keys))
-    scales = scales_fn(params)
+    replicated = replicated_fn(params)
 
-    def loss_of_embeddings(stacked, scales):
+    def loss_of_embeddings(stacked, replicated):
       pairs, negatives = stacked
-      terms = compute(pairs, scales, objectives.merge_negatives(negatives, queues))
-      return total_of(terms), terms
-    (total, terms), (g_stacked, g_scales) = jax.value_and_grad(
-        loss_of_embeddings, argnums=(0, 1), has_aux=True)(stacked, scales)
+      terms = compute(pairs, replicated, objectives.merge_negatives(negatives, queues))
+      return losses_lib.weighted_total(terms, loss_cfg), terms
+    (total, terms), (g_stacked, g_replicated) = jax.value_and_grad(
+        loss_of_embeddings, argnums=(0, 1), has_aux=True)(stacked, replicated)
 
     def backprop(acc, xs):
       batch_m, key_m, g_m = xs
@@ -221,9 +172,9 @@ def make_grad_fn(config: ml_collections.ConfigDict, setup: Setup, constants=None
       return jax.tree.map(jnp.add, acc, vjp(g_m)[0]), None
     grads, _ = jax.lax.scan(backprop, jax.tree.map(jnp.zeros_like, params),
                             (micro, keys, g_stacked))
-    _, scales_vjp = jax.vjp(scales_fn, params)
-    grads = jax.tree.map(jnp.add, grads, scales_vjp(g_scales)[0])
-    return (total, terms, reported_scale(scales)), grads
+    _, replicated_vjp = jax.vjp(replicated_fn, params)
+    grads = jax.tree.map(jnp.add, grads, replicated_vjp(g_replicated)[0])
+    return (total, terms, reported_scale(replicated)), grads
   return grad_fn
 
 
@@ -242,16 +193,16 @@ def make_train_step(config: ml_collections.ConfigDict, setup: Setup, constants=N
     if momentum.queue_size:
       # Keys of this batch from the momentum encoder; they join the queue after the
       # update, so the loss sees only keys of earlier batches.
-      keys = objectives.momentum_keys(
+      keys = momentum_lib.momentum_keys(
           nnx.merge(setup.graphdef, state.extras['ema_params']), batch)
-      queues = objectives.queue_negatives(state.extras)
+      queues = momentum_lib.queue_negatives(state.extras)
     (total, terms, scale), grads = grad_fn(state.params, batch, rng, queues)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     extras = state.extras
     if momentum.queue_size:
-      extras = objectives.update_extras(extras, params, keys, momentum.momentum)
+      extras = momentum_lib.update(extras, params, keys, momentum.momentum)
     # Non-finite guard: keep the last good state and remember where it went wrong.
     finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
     healthy = finite & (state.nonfinite_step < 0)

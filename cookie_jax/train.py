@@ -26,29 +26,14 @@ import ml_collections
 from cookie_jax import checkpoint as ckpt_lib
 from cookie_jax import flops as flops_lib
 from cookie_jax import goodput as goodput_lib
-from cookie_jax import metrics as metrics_lib
+from cookie_jax import metric_writer
 from cookie_jax import objectives
 from cookie_jax import profiler as profiler_lib
 from cookie_jax import sharding, step as step_lib
-from cookie_jax.config import ConfigError, validate_config
+from cookie_jax.config import validate_config
+from cookie_jax.errors import ConfigError, NonFiniteError, PreemptedError  # pylint: disable=unused-import
 from cookie_jax.data import tokenizer as tok_lib
 from cookie_jax.data.defaults import eval_data_config
-
-
-class NonFiniteError(RuntimeError):
-  """Training produced a NaN or Inf loss or gradient."""
-
-
-class PreemptedError(RuntimeError):
-  """Not an error of the run: it was asked to stop (SIGTERM, Ctrl-C) and saved its state.
-
-  `exit_code` is what the launcher exits with: 0 for SIGTERM or a preemption notice (the
-  scheduler's request, done), 130 for Ctrl-C (the shell's code for an interrupt).
-  """
-
-  def __init__(self, message: str, exit_code: int = 0):
-    super().__init__(message)
-    self.exit_code = exit_code
 
 
 def _stopped(step: int, ckpt) -> PreemptedError:
@@ -93,29 +78,39 @@ def _input(config, mesh):
   return pipeline, train_iter
 
 
-def _announce_compile(train_step):
-  """The first call compiles the step (tens of seconds on a CPU): say so, and how long."""
-  first = True
+def _loss_constants(config):
+  """The tables some objectives need, mined from the training captions here (the data
+  room reads the files) and handed to the step; None when no option needs them."""
+  if not objectives.needs_constants(config.loss):
+    return None
+  from cookie_jax.data import concepts  # pylint: disable=g-import-not-at-top  # TF here
+  return objectives.loss_constants(config.loss, concepts.mine_tables(config.data,
+                                                                     config.loss))
 
-  def call(state, batch):
-    nonlocal first
-    if not first:
-      return train_step(state, batch)
-    first = False
+
+class _AnnounceCompile:
+  """The first call compiles the step (tens of seconds on a CPU): say so, and how long."""
+
+  def __init__(self, train_step):
+    self._train_step, self._first = train_step, True
+
+  def __call__(self, state, batch):
+    if not self._first:
+      return self._train_step(state, batch)
+    self._first = False
     logging.info('compiling the train step...')
     start = time.perf_counter()
-    out = train_step(state, batch)  # returns once compiled and dispatched
+    out = self._train_step(state, batch)  # returns once compiled and dispatched
     logging.info('compiled the train step in %.1f s', time.perf_counter() - start)
     return out
-  return call
 
 
 def _evaluate(pipeline, config, setup, params, split):
-  from cookie_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from cookie_jax.eval import protocol  # pylint: disable=g-import-not-at-top
   data = pipeline.eval_data(eval_data_config(config.data, config.eval.data), split,
                             image_size=config.model.vision.image_size,
                             batch_size=config.eval.batch_size, mesh=setup.mesh)
-  return evaluate.evaluate_retrieval(setup.graphdef, params, data, mesh=setup.mesh,
+  return protocol.evaluate_retrieval(setup.graphdef, params, data, mesh=setup.mesh,
                                      progress=False)
 
 
@@ -192,6 +187,155 @@ def _wandb_mirror(config, workdir):
   return wandb_log.WandbMirror(workdir, config)
 
 
+def check_finite(nonfinite_step: int, last_good: str, metrics=None) -> None:
+  """Raises NonFiniteError if the step's guard recorded a non-finite step (>= 0).
+
+  `last_good` names the last checkpoint saved before it; `metrics`, the fetched metrics
+  of the step that found it, are quoted.
+  """
+  if nonfinite_step < 0:
+    return
+  shown = '' if metrics is None else ' (' + ', '.join(
+      f'{k}={float(v):.4g}' for k, v in metrics.items() if k.startswith(('loss', 'grad'))
+  ) + ')'
+  raise NonFiniteError(
+      f'The loss or gradient became NaN/Inf at step {nonfinite_step}{shown}. Training '
+      f'stopped and nothing from step {nonfinite_step} on was saved. Last good checkpoint: '
+      f'{last_good}. Lower optim.lr, keep optim.clip_norm on, or check the input data, '
+      'then resume.')
+
+
+class _Loop:
+  """What the loop carries from step to step (the train state, the metrics awaiting
+  their fetch, the last saved step), and what it does between steps: log, validate,
+  save, stop."""
+
+  def __init__(self, config, workdir, *, clock, ckpt, pipeline, train_iter, setup, state,
+               mirror):
+    self.config, self.workdir, self.clock, self.ckpt = config, workdir, clock, ckpt
+    self.pipeline, self.train_iter, self.setup = pipeline, train_iter, setup
+    self.state, self.step = state, int(state.step)
+    self.record = goodput_lib.GoodputRecord(workdir, clock, start_step=self.step)
+    self.writer = metric_writer.MetricWriter(workdir, config.train.steps,
+                                             start_step=self.step,
+                                             progress=config.train.progress_bar,
+                                             mirror=mirror)
+    self.profiler = profiler_lib.StepProfiler(config.train.profile_steps, workdir)
+    ckpt.install_stop_handlers()
+    self.last_saved = ckpt.latest_step()
+    # Model FLOPs per step, for train/tflops_per_device and train/mfu (flops.py).
+    self.flops_per_step = flops_lib.train_step_flops(config)['total']
+    self.peak = flops_lib.peak_flops_per_device(config.model.dtype,
+                                                override=config.train.peak_flops)
+    self.fetch = metric_writer.DelayedFetch(self.step)
+    self.bad = _BadRecords()
+    self.logged, self.result = {}, {}
+
+  def run(self, train_step, validate: bool, test: bool) -> dict:
+    # The first batch waits for the pipeline to start (start-up); the first call of the
+    # step traces and compiles it.
+    input_bucket, step_bucket = 'startup', 'compile'
+    self.clock.switch('step')
+    try:
+      while self.step < self.config.train.steps:
+        self.profiler.before(self.step + 1)
+        batch = self.clock.call(input_bucket, next, self.train_iter)
+        self.bad.add(batch.pop('bad_records', None))
+        self.state, metrics = self.clock.call(step_bucket, train_step, self.state, batch)
+        input_bucket, step_bucket = 'input_wait', 'step'
+        self.step += 1
+        self._after_step(metrics, validate)
+      self._finish(test)
+    finally:
+      self._close()
+    return {'step': self.step, 'train': self.logged, 'test': self.result}
+
+  def _after_step(self, metrics, validate: bool) -> None:
+    step, cfg = self.step, self.config
+    self.profiler.after(step, self.state)
+    self._flush()
+    if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+      self.fetch.hold(step, {**metrics, **self.bad.take()})
+    val = None
+    if validate and step % cfg.eval.every == 0:
+      val = self._validate()
+    if val is not None or self.ckpt.should_save(step):
+      self._save(metrics={'rsum': val['rsum']} if val is not None else None)
+    if self.ckpt.preempted(step):
+      self._save(force=True)
+      self.clock.call('checkpoint', self.ckpt.wait)
+      raise _stopped(step, self.ckpt)
+
+  def _last_good(self) -> str:
+    return (f'{self.ckpt.directory}/{self.last_saved}' if self.last_saved is not None
+            else 'none (no checkpoint was saved before it)')
+
+  def _flush(self) -> None:
+    """Logs the held metrics of the last logging step, if any."""
+    fetched = self.fetch.fetch()
+    if fetched is None:
+      return
+    log_step, metrics = fetched
+    check_finite(int(metrics['nonfinite_step']), self._last_good(), metrics)
+    del metrics['nonfinite_step']
+    steps_per_sec = self.fetch.steps_per_sec(log_step)
+    metrics['pairs_per_sec'] = steps_per_sec * self.config.train.batch_size
+    metrics.update(flops_lib.utilisation(self.flops_per_step, steps_per_sec,
+                                         jax.device_count(), self.peak))
+    self.record.advance(log_step)
+    self.writer.write(log_step, {**{f'train/{k}': v for k, v in metrics.items()},
+                                 **self.record.metrics()})
+    self.record.write()
+    self.writer.progress(log_step, metrics)
+    self.logged = {k: float(v) for k, v in metrics.items()}
+
+  def _save(self, metrics=None, force: bool = False) -> None:
+    self._flush()
+    check_finite(int(self.state.nonfinite_step), self._last_good())
+    if self.clock.call('checkpoint', self.ckpt.save, self.step, self.state,
+                       self.train_iter.get_state(), self.config, metrics=metrics,
+                       force=force):
+      self.last_saved = self.step
+
+  def _evaluate(self, split: str) -> dict:
+    return self.clock.call('eval', _evaluate, self.pipeline, self.config, self.setup,
+                           self.state.params, split)
+
+  def _validate(self) -> dict:
+    self._flush()
+    val = self._evaluate(self.config.data.val_split)
+    self.writer.write(self.step, val, prefix='val/')
+    logging.info('Validation at step %d: RSUM %.2f', self.step, val['rsum'])
+    self.fetch.restart_clock()  # evaluation time is not training throughput
+    return val
+
+  def _finish(self, test: bool) -> None:
+    self._save(force=True)
+    self.clock.call('checkpoint', self.ckpt.wait)
+    if self.ckpt.preempted(self.step):  # asked to stop in the last step: no test
+      raise _stopped(self.step, self.ckpt)
+    if not test:
+      return
+    self.result = self._evaluate(self.config.data.test_split)
+    self.result['step'] = self.step
+    self.writer.write(self.step, self.result, prefix='test/')
+    metric_writer.write_json(os.path.join(self.workdir, 'test_retrieval.json'), self.result)
+    logging.info('Test retrieval at step %d: %s', self.step,
+                 ', '.join(f'{k}={v:.2f}' for k, v in self.result.items()))
+
+  def _close(self) -> None:
+    self.profiler.close()
+    if hasattr(self.train_iter, 'close'):
+      self.train_iter.close()
+    self.ckpt.restore_stop_handlers()
+    self.clock.call('checkpoint', self.ckpt.close)
+    self.record.advance(self.step)
+    summary = self.record.write()
+    self.writer.write(self.step, self.record.metrics())
+    self.writer.close()
+    logging.info('%s', goodput_lib.GoodputRecord.line(summary))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains, evaluates and checkpoints in `workdir`; returns the final metrics."""
   clock = goodput_lib.Clock('startup')
@@ -206,138 +350,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   pipeline, train_iter = _input(config, mesh)
   validate, test = _eval_splits(pipeline, config)
 
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), config.checkpoint)
+  ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), config.checkpoint)
   tok_lib.keep_run_tokenizer(workdir, pipeline.load_tokenizer(config.data),
                              resuming=ckpt.latest_step() is not None,
                              init_from=config.train.init_from, write=jax.process_index() == 0)
   state, setup = step_lib.create_train_state(config, mesh)
   state, data_state = clock.call('restore', restore_or_initialise, config, ckpt, state,
                                  setup)
-  step = int(state.step)
   if data_state is not None:
     train_iter.set_state(data_state)
   logging.info('Objectives: %s', objectives.config_summary(config.loss))
-  train_step = _announce_compile(
-      step_lib.make_train_step(config, setup, objectives.mine_constants(config)))
-
-  total = config.train.steps
-  record = goodput_lib.GoodputRecord(workdir, clock, start_step=step)
-  writer = metrics_lib.MetricWriter(workdir, total, start_step=step,
-                                    progress=config.train.progress_bar,
-                                    mirror=mirror)
-  profiler = profiler_lib.StepProfiler(config.train.profile_steps, workdir)
-  ckpt.install_stop_handlers()
-  last_saved = ckpt.latest_step()
-
-  # Model FLOPs per step, for train/tflops_per_device and train/mfu (flops.py).
-  flops_per_step = flops_lib.train_step_flops(config)['total']
-  peak = flops_lib.peak_flops_per_device(config.model.dtype,
-                                         override=config.train.peak_flops)
-
-  def guard(metrics=None):
-    bad = int(state.nonfinite_step) if metrics is None else int(metrics['nonfinite_step'])
-    if bad >= 0:
-      shown = '' if metrics is None else ' (' + ', '.join(
-          f'{k}={float(v):.4g}' for k, v in metrics.items() if k.startswith(('loss', 'grad'))
-      ) + ')'
-      where = (f'{ckpt.directory}/{last_saved}' if last_saved is not None
-               else 'none (no checkpoint was saved before it)')
-      raise NonFiniteError(
-          f'The loss or gradient became NaN/Inf at step {bad}{shown}. Training stopped and '
-          f'nothing from step {bad} on was saved. Last good checkpoint: {where}. Lower '
-          'optim.lr, keep optim.clip_norm on, or check the input data, then resume.')
-
-  def save(step, metrics=None, force=False):
-    nonlocal last_saved
-    flush()
-    guard()
-    if clock.call('checkpoint', ckpt.save, step, state, train_iter.get_state(), config,
-                  metrics=metrics, force=force):
-      last_saved = step
-
-  result, logged = {}, {}
-  bad = _BadRecords()
-  # The device metrics of the last logging step, fetched by `flush` once the step after
-  # it is queued on the devices, so that fetching them never leaves the devices idle.
-  pending = None
-  tick, tick_step = time.perf_counter(), step
-
-  def flush():
-    nonlocal pending, tick, tick_step, logged
-    if pending is None:
-      return
-    log_step, metrics = pending
-    pending = None
-    metrics = jax.device_get(metrics)  # waits for `log_step` only
-    guard(metrics)
-    del metrics['nonfinite_step']
-    now = time.perf_counter()
-    steps_per_sec = (log_step - tick_step) / (now - tick)
-    tick, tick_step = now, log_step
-    metrics['pairs_per_sec'] = steps_per_sec * config.train.batch_size
-    metrics.update(flops_lib.utilisation(flops_per_step, steps_per_sec, jax.device_count(),
-                                         peak))
-    record.advance(log_step)
-    writer.write(log_step, {**{f'train/{k}': v for k, v in metrics.items()},
-                            **record.metrics()})
-    record.write()
-    writer.progress(log_step, metrics)
-    logged = {k: float(v) for k, v in metrics.items()}
-
-  # The first batch waits for the pipeline to start (start-up); the first call of the
-  # step traces and compiles it.
-  input_bucket, step_bucket = 'startup', 'compile'
-  clock.switch('step')
-  try:
-    while step < total:
-      profiler.before(step + 1)
-      batch = clock.call(input_bucket, next, train_iter)
-      bad.add(batch.pop('bad_records', None))
-      state, metrics = clock.call(step_bucket, train_step, state, batch)
-      input_bucket, step_bucket = 'input_wait', 'step'
-      step += 1
-      profiler.after(step, state)
-      flush()
-      if step % config.train.log_every == 0 or step == total:
-        metrics = {**metrics, **bad.take()}
-        for value in metrics.values():
-          value.copy_to_host_async()
-        pending = (step, metrics)
-      val = None
-      if validate and step % config.eval.every == 0:
-        flush()
-        val = clock.call('eval', _evaluate, pipeline, config, setup, state.params,
-                         config.data.val_split)
-        writer.write(step, val, prefix='val/')
-        logging.info('Validation at step %d: RSUM %.2f', step, val['rsum'])
-        tick = time.perf_counter()  # evaluation time is not training throughput
-      if val is not None or ckpt.should_save(step):
-        save(step, metrics={'rsum': val['rsum']} if val is not None else None)
-      if ckpt.preempted(step):
-        save(step, force=True)
-        clock.call('checkpoint', ckpt.wait)
-        raise _stopped(step, ckpt)
-    save(step, force=True)
-    clock.call('checkpoint', ckpt.wait)
-    if ckpt.preempted(step):  # asked to stop in the last step: the test waits for a re-run
-      raise _stopped(step, ckpt)
-    if test:
-      result = clock.call('eval', _evaluate, pipeline, config, setup, state.params,
-                          config.data.test_split)
-      result['step'] = step
-      writer.write(step, result, prefix='test/')
-      metrics_lib.write_json(os.path.join(workdir, 'test_retrieval.json'), result)
-      logging.info('Test retrieval at step %d: %s', step,
-                   ', '.join(f'{k}={v:.2f}' for k, v in result.items()))
-  finally:
-    profiler.close()
-    if hasattr(train_iter, 'close'):
-      train_iter.close()
-    ckpt.restore_stop_handlers()
-    clock.call('checkpoint', ckpt.close)
-    record.advance(step)
-    summary = record.write()
-    writer.write(step, record.metrics())
-    writer.close()
-    logging.info('%s', goodput_lib.GoodputRecord.line(summary))
-  return {'step': step, 'train': logged, 'test': result}
+  train_step = _AnnounceCompile(
+      step_lib.make_train_step(config, setup, _loss_constants(config)))
+  loop = _Loop(config, workdir, clock=clock, ckpt=ckpt, pipeline=pipeline,
+               train_iter=train_iter, setup=setup, state=state, mirror=mirror)
+  return loop.run(train_step, validate, test)

@@ -3,7 +3,7 @@ r"""Evaluates a checkpoint: `python launch/eval.py --workdir=DIR [--step=N] [--s
 Writes DIR/eval/retrieval-<split>-<layout>-<step>.json (every retrieval metric and the
 Recall@K curve), and beside it ...-recall.png and ...-examples.png. The config
 saved with the checkpoint is used unless --config is given (then `--config.*` overrides
-work too). See cookie_jax/evaluate_run.py.
+work too). See cookie_jax/eval_run.py.
 
 `--task=zeroshot` classifies images by prompt ensembles instead: a tfds dataset with a
 ClassLabel feature (`--dataset=NAME --split=... [--label_key=label]`), an ImageFolder
@@ -72,17 +72,18 @@ def zeroshot(step):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  from cookie_jax import cli, distributed, evaluate_run  # pylint: disable=g-import-not-at-top
+  from cookie_jax import cli, distributed  # pylint: disable=g-import-not-at-top
+  from cookie_jax.eval import run as eval_run  # pylint: disable=g-import-not-at-top
   cli.quiet_library_logs()
   distributed.initialize()
   step = None if FLAGS.step < 0 else FLAGS.step
   if FLAGS.task == 'zeroshot':
     zeroshot(step)
     return
-  result = cli.run_or_exit(lambda: evaluate_run.evaluate_checkpoint(
+  result = cli.run_or_exit(lambda: eval_run.evaluate_checkpoint(
       FLAGS.config, FLAGS.workdir, step=step, split=FLAGS.split, layout=FLAGS.layout,
       progress=FLAGS.progress, pictures=FLAGS.pictures))
-  print(evaluate_run.summary(result))
+  print(eval_run.summary(result))
 
 
 if __name__ == '__main__':

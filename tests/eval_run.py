@@ -17,7 +17,8 @@ import numpy as np
 from cookie_jax import checkpoint as ckpt_lib
 from cookie_jax.config import default_config, validate_config
 from cookie_jax.data.builders import scenes
-from cookie_jax.step import TrainState, init_model
+from cookie_jax.models import init_model
+from cookie_jax.step import TrainState
 
 STEP = 5
 WORDS = sorted(set(' '.join(

@@ -1,7 +1,7 @@
-"""Evaluating a run's checkpoint: `evaluate_run.evaluate_checkpoint` and launch/eval.py.
+"""Evaluating a run's checkpoint: `eval_run.evaluate_checkpoint` and launch/eval.py.
 
 One tiny run is trained once for the module; its metrics are checked against
-`evaluate.evaluate_retrieval` on independently restored parameters, number for number.
+`protocol.evaluate_retrieval` on independently restored parameters, number for number.
 """
 
 import json
@@ -16,7 +16,8 @@ from PIL import Image
 import pytest
 
 from cookie_jax import checkpoint as ckpt_lib
-from cookie_jax import evaluate, evaluate_run, sharding, step as step_lib, train
+from cookie_jax import sharding, step as step_lib, train
+from cookie_jax.eval import protocol, run as eval_run
 from cookie_jax.config import ConfigError, default_config
 from cookie_jax.data import pipeline
 
@@ -65,7 +66,7 @@ def _reference_metrics(config, workdir, step):
     ckpt.close()
   data = pipeline.eval_data(config.data, 'test', image_size=config.model.vision.image_size,
                             batch_size=config.eval.batch_size, mesh=mesh)
-  return evaluate.evaluate_retrieval(setup.graphdef, state.params, data, mesh=mesh)
+  return protocol.evaluate_retrieval(setup.graphdef, state.params, data, mesh=mesh)
 
 
 def _check_png(path, min_size):
@@ -79,8 +80,8 @@ def _check_png(path, min_size):
 
 def test_metrics_equal_evaluate_retrieval_and_pictures_are_written(run):
   config, workdir = run
-  result = evaluate_run.evaluate_checkpoint(None, workdir, progress=False)
-  paths = evaluate_run.output_paths(workdir, 'test', 2)
+  result = eval_run.evaluate_checkpoint(None, workdir, progress=False)
+  paths = eval_run.output_paths(workdir, 'test', 2)
   assert result['step'] == 2 and result['files'] == paths
   assert paths['json'].endswith(os.path.join('eval', 'retrieval-test-full-2.json'))
   with open(paths['json'], encoding='utf-8') as f:
@@ -98,7 +99,7 @@ def test_metrics_equal_evaluate_retrieval_and_pictures_are_written(run):
   for direction in ('i2t', 't2i'):
     values = np.asarray(curve[direction])
     assert np.all(np.diff(values) >= 0) and values[-1] <= 100.0
-    for k in evaluate.RECALL_KS:
+    for k in protocol.RECALL_KS:
       assert values[k - 1] == pytest.approx(saved[f'{direction}_r{k}']), (direction, k)
   assert curve['t2i'][19] == 100.0  # every caption's image is among the 20
 
@@ -112,32 +113,32 @@ def test_metrics_equal_evaluate_retrieval_and_pictures_are_written(run):
 
 def test_step_selection_and_clear_errors(run):
   config, workdir = run
-  result = evaluate_run.evaluate_checkpoint(None, workdir, step=1, progress=False,
+  result = eval_run.evaluate_checkpoint(None, workdir, step=1, progress=False,
                                             pictures=False)
   assert result['step'] == 1 and set(result['files']) == {'json'}
-  with open(evaluate_run.output_paths(workdir, 'test', 1)['json'], encoding='utf-8') as f:
+  with open(eval_run.output_paths(workdir, 'test', 1)['json'], encoding='utf-8') as f:
     assert json.load(f)['step'] == 1
 
   # Another layout of the same checkpoint and split is another file: nothing is overwritten.
-  coco = evaluate_run.evaluate_checkpoint(None, workdir, step=1, layout='coco1k',
+  coco = eval_run.evaluate_checkpoint(None, workdir, step=1, layout='coco1k',
                                           progress=False, pictures=False)
   assert coco['files']['json'].endswith(os.path.join('eval', 'retrieval-test-coco1k-1.json'))
-  with open(evaluate_run.output_paths(workdir, 'test', 1)['json'], encoding='utf-8') as f:
+  with open(eval_run.output_paths(workdir, 'test', 1)['json'], encoding='utf-8') as f:
     full = json.load(f)
   assert full['layout'] == 'full' and full['rsum'] == result['rsum'] != coco['rsum']
 
   with pytest.raises(FileNotFoundError, match=r'--step=7: .* steps \[1, 2\] only'):
-    evaluate_run.evaluate_checkpoint(None, workdir, step=7)
+    eval_run.evaluate_checkpoint(None, workdir, step=7)
   with pytest.raises(ConfigError, match=r"--split='tset' .*one of \['train', 'val', 'test'\]"):
-    evaluate_run.evaluate_checkpoint(None, workdir, split='tset')
+    eval_run.evaluate_checkpoint(None, workdir, split='tset')
   with pytest.raises(ConfigError, match=r"coco1k .* 'test\[:18\]' has 18 images"):
-    evaluate_run.evaluate_checkpoint(None, workdir, layout='coco1k', split='test[:18]')
+    eval_run.evaluate_checkpoint(None, workdir, layout='coco1k', split='test[:18]')
   # A --config overrides the saved one; a different model is named, not mis-restored.
   other = _config(config.data.data_dir)
   other.model.text.mlp_dim = 48
   with pytest.raises(ckpt_lib.CheckpointMismatchError,
                      match=r"'text/.*intermediate.* in the checkpoint but \((\d+, )?48,?\)"):
-    evaluate_run.evaluate_checkpoint(other, workdir, progress=False)
+    eval_run.evaluate_checkpoint(other, workdir, progress=False)
 
 
 def _launch(*args, timeout=300):
@@ -152,7 +153,7 @@ def test_launcher_end_to_end(run):
   out = _launch(f'--workdir={workdir}', '--split=val', '--step=1')
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'RSUM' in out.stdout and 'image->text' in out.stdout, out.stdout
-  paths = evaluate_run.output_paths(workdir, 'val', 1)
+  paths = eval_run.output_paths(workdir, 'val', 1)
   for path in paths.values():
     assert os.path.getsize(path) > 1000, path
   with open(paths['json'], encoding='utf-8') as f:
@@ -176,7 +177,7 @@ def test_examples_list_ties_in_the_order_the_rank_counts_them():
   # Caption 0 (image 0's only one) equals the six captions of image 1; caption 7 is image 2's.
   texts = np.stack([e[0]] * 7 + [e[2]])
   index = np.asarray([0, 1, 1, 1, 1, 1, 1, 2], np.int32)
-  ex = evaluate_run.example_results(images, texts, index, mesh=mesh, top_k=5,
+  ex = eval_run.example_results(images, texts, index, mesh=mesh, top_k=5,
                                     num_image_queries=3, num_text_queries=8)
   i2t = ex['i2t']
   assert i2t['queries'].tolist() == [0, 1, 2]
@@ -209,7 +210,7 @@ def test_dataset_with_another_vocabulary_is_refused(run, tmp_path, caplog):
   (copy / 'tokenizer.json').write_text(json.dumps(saved))
   with pytest.raises(tok_lib.TokenizerMismatchError,
                      match=rf"first difference at id 20: '{second}' in the run, '{first}'"):
-    evaluate_run.evaluate_checkpoint(None, str(copy), progress=False, pictures=False)
+    eval_run.evaluate_checkpoint(None, str(copy), progress=False, pictures=False)
   out = _launch(f'--workdir={copy}', '--nopictures', '--noprogress')
   assert out.returncode == 1 and 'Traceback' not in out.stderr, out.stderr[-2000:]
   assert out.stderr.strip().splitlines()[-1].startswith(
@@ -217,6 +218,6 @@ def test_dataset_with_another_vocabulary_is_refused(run, tmp_path, caplog):
   # A run from before tokenizer.json is evaluated as before, with a note.
   (copy / 'tokenizer.json').unlink()
   with caplog.at_level('WARNING'):
-    result = evaluate_run.evaluate_checkpoint(None, str(copy), progress=False,
+    result = eval_run.evaluate_checkpoint(None, str(copy), progress=False,
                                               pictures=False)
   assert result['step'] == 2 and any('predates' in r.getMessage() for r in caplog.records)

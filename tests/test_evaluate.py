@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from cookie_jax import evaluate, retrieval, sharding, step
+from cookie_jax import models, sharding
+from cookie_jax.eval import protocol, search
 from cookie_jax.config import default_config
 
 
@@ -68,7 +69,7 @@ HAND_INDEX = np.array([0, 0, 1, 2, 2, 2], np.int32)
 
 @pytest.mark.parametrize('use_mesh, block', [(False, 4096), (True, 1)])
 def test_hand_case_with_ties_and_uneven_captions(mesh, use_mesh, block):
-  m = evaluate.retrieval_metrics(np.eye(3, dtype=np.float32), HAND_TEXTS, HAND_INDEX,
+  m = protocol.retrieval_metrics(np.eye(3, dtype=np.float32), HAND_TEXTS, HAND_INDEX,
                                  mesh=mesh if use_mesh else None, block_size=block)
   # i2t: image 0's best caption scores 1.0 (rank 1); image 1's only caption scores 0.25,
   # beaten by 0.75 and 0.5 and tied by 0.25 -> rank 4 (pessimistic); image 2 rank 1.
@@ -86,7 +87,7 @@ def test_hand_case_rank_between_5_and_10(mesh):
                     [1.0, 0.5], [0.5, 0.75], [0.25, 0.5], [0.0, 0.25], [0.25, 0.0],
                     [0.0, 0.0], [0.0, 0.75]], np.float32)
   index = np.array([0] + [1] * 11, np.int32)
-  m = evaluate.retrieval_metrics(np.eye(2, dtype=np.float32), texts, index, mesh=mesh,
+  m = protocol.retrieval_metrics(np.eye(2, dtype=np.float32), texts, index, mesh=mesh,
                                  block_size=2)
   # t2i: captions 0, 4, 6, 7, 8, 11 rank 1; the rest (ties included) rank 2.
   assert m == pytest.approx(dict(
@@ -96,7 +97,7 @@ def test_hand_case_rank_between_5_and_10(mesh):
 
 def test_collapsed_model_gets_worst_ranks_not_perfect_recall(mesh):
   same = np.ones((4, 2), np.float32)
-  m = evaluate.retrieval_metrics(same, np.ones((20, 2), np.float32),
+  m = protocol.retrieval_metrics(same, np.ones((20, 2), np.float32),
                                  np.repeat(np.arange(4), 5), mesh=mesh)
   assert (m['i2t_meanr'], m['t2i_meanr'], m['i2t_r1'], m['t2i_r1']) == (16.0, 4.0, 0.0, 0.0)
 
@@ -104,9 +105,9 @@ def test_collapsed_model_gets_worst_ranks_not_perfect_recall(mesh):
 @pytest.mark.parametrize('counts', [[5] * 40, [1, 7, 2, 5, 3, 1, 6, 4, 2, 5] * 3])
 def test_metrics_match_numpy_reference_and_unsharded(mesh, counts):
   images, texts, index = _random_split(len(counts), counts)
-  sharded = evaluate.retrieval_metrics(images, texts, index, mesh=mesh, block_size=7,
+  sharded = protocol.retrieval_metrics(images, texts, index, mesh=mesh, block_size=7,
                                        query_block_size=16)
-  single = evaluate.retrieval_metrics(images, texts, index)
+  single = protocol.retrieval_metrics(images, texts, index)
   assert sharded == single
   assert sharded == pytest.approx(_reference_metrics(images, texts, index))
   # The data are hard enough that every metric is informative.
@@ -115,8 +116,8 @@ def test_metrics_match_numpy_reference_and_unsharded(mesh, counts):
 
 def test_coco1k_folds_average_per_fold_metrics(mesh):
   images, texts, index = _random_split(7, [5] * 25)
-  folds = evaluate.retrieval_metrics(images, texts, index, mesh=mesh, layout='coco1k')
-  assert folds == evaluate.retrieval_metrics_folds(images, texts, index, num_folds=5)
+  folds = protocol.retrieval_metrics(images, texts, index, mesh=mesh, layout='coco1k')
+  assert folds == protocol.retrieval_metrics_folds(images, texts, index, num_folds=5)
   per_fold = []
   for f in range(5):
     sel = (index >= 5 * f) & (index < 5 * f + 5)
@@ -124,31 +125,31 @@ def test_coco1k_folds_average_per_fold_metrics(mesh):
                                        index[sel] - 5 * f))
   expected = {k: np.mean([p[k] for p in per_fold]) for k in per_fold[0]}
   assert folds == pytest.approx(expected)
-  full = evaluate.retrieval_metrics(images, texts, index, mesh=mesh)
+  full = protocol.retrieval_metrics(images, texts, index, mesh=mesh)
   assert folds['rsum'] > full['rsum']  # a 5x smaller gallery is easier
 
 
 def test_errors_name_the_problem():
   x = np.ones((3, 4), np.float32)
   with pytest.raises(ValueError, match='Empty evaluation split: 0 images and 3 captions'):
-    evaluate.retrieval_metrics(np.zeros((0, 4), np.float32), x, np.zeros(3, np.int32))
+    protocol.retrieval_metrics(np.zeros((0, 4), np.float32), x, np.zeros(3, np.int32))
   with pytest.raises(ValueError, match='Empty evaluation split: 3 images and 0 captions'):
-    evaluate.retrieval_metrics(x, np.zeros((0, 4), np.float32), np.zeros(0, np.int32))
+    protocol.retrieval_metrics(x, np.zeros((0, 4), np.float32), np.zeros(0, np.int32))
   with pytest.raises(ValueError, match=r'Images \[2\] .* have no caption'):
-    evaluate.retrieval_metrics(x, x, np.array([0, 1, 1]))
+    protocol.retrieval_metrics(x, x, np.array([0, 1, 1]))
   with pytest.raises(ValueError, match='valid: 0..2'):
-    evaluate.retrieval_metrics(x, x, np.array([0, 1, 3]))
+    protocol.retrieval_metrics(x, x, np.array([0, 1, 3]))
   with pytest.raises(ValueError, match='cannot be split into num_folds=5'):
-    evaluate.retrieval_metrics(x, x, np.array([0, 1, 2]), layout='coco1k')
+    protocol.retrieval_metrics(x, x, np.array([0, 1, 2]), layout='coco1k')
   with pytest.raises(ValueError, match="Unknown layout 'coco5k'"):
-    evaluate.retrieval_metrics(x, x, np.array([0, 1, 2]), layout='coco5k')
+    protocol.retrieval_metrics(x, x, np.array([0, 1, 2]), layout='coco5k')
   with pytest.raises(ValueError, match='non-finite values in rows \\[1\\]'):
-    evaluate.retrieval_metrics(x, np.array([[0] * 4, [np.nan] * 4, [1] * 4], np.float32),
+    protocol.retrieval_metrics(x, np.array([[0] * 4, [np.nan] * 4, [1] * 4], np.float32),
                                np.array([0, 1, 2]))
   with pytest.raises(ValueError, match='Empty evaluation split: 0 items'):
-    evaluate.unimodal_metrics(np.zeros((0, 4), np.float32), np.zeros(0, np.int32))
+    protocol.unimodal_metrics(np.zeros((0, 4), np.float32), np.zeros(0, np.int32))
   with pytest.raises(ValueError, match='k=4 must be between 1 and the gallery size 3'):
-    retrieval.sharded_topk(x, x, 4)
+    search.sharded_topk(x, x, 4)
 
 
 @pytest.mark.parametrize('size, block', [(1003, 32), (1003, 4096), (5, 1)])
@@ -156,7 +157,7 @@ def test_sharded_topk_equals_numpy_brute_force(mesh, size, block):
   rng = np.random.default_rng(size + block)
   gallery, queries = _unit(rng, (size, 16)), _unit(rng, (37, 16))
   k = min(size, 10)
-  scores, idx = retrieval.sharded_topk(queries, gallery, k, mesh=mesh, block_size=block,
+  scores, idx = search.sharded_topk(queries, gallery, k, mesh=mesh, block_size=block,
                                        query_block_size=16)
   sim = queries.astype(np.float64) @ gallery.astype(np.float64).T
   ref = np.argsort(-sim, axis=1, kind='stable')[:, :k]
@@ -167,7 +168,7 @@ def test_sharded_topk_equals_numpy_brute_force(mesh, size, block):
 def test_sharded_topk_orders_ties_by_gallery_index_and_never_returns_padding(mesh):
   # 5 rows over 8 devices: 3 devices hold only padding.
   gallery = np.array([[1, 0], [0, 1], [1, 0], [0.5, 0.5], [1, 0]], np.float32)
-  scores, idx = retrieval.sharded_topk(np.array([[1, 0]], np.float32), gallery, 5,
+  scores, idx = search.sharded_topk(np.array([[1, 0]], np.float32), gallery, 5,
                                        mesh=mesh, block_size=1)
   np.testing.assert_array_equal(idx, [[0, 2, 4, 3, 1]])
   np.testing.assert_array_equal(scores, [[1, 1, 1, 0.5, 0]])
@@ -176,9 +177,9 @@ def test_sharded_topk_orders_ties_by_gallery_index_and_never_returns_padding(mes
 def test_approx_topk_returns_true_scores_with_target_recall(mesh):
   rng = np.random.default_rng(3)
   gallery, queries = _unit(rng, (2000, 16)), _unit(rng, (20, 16))
-  prepared = retrieval.prepare_gallery(gallery, mesh, block_size=128)
-  exact_s, exact_i = retrieval.sharded_topk(queries, prepared, 10)
-  approx_s, approx_i = retrieval.sharded_topk(queries, prepared, 10, approx=True)
+  prepared = search.prepare_gallery(gallery, mesh, block_size=128)
+  exact_s, exact_i = search.sharded_topk(queries, prepared, 10)
+  approx_s, approx_i = search.sharded_topk(queries, prepared, 10, approx=True)
   recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx_i, exact_i)])
   assert recall >= 0.95
   np.testing.assert_allclose(approx_s, np.take_along_axis(queries @ gallery.T, approx_i, 1),
@@ -194,7 +195,7 @@ def test_unimodal_hand_case_excludes_the_query_itself(mesh):
   # has another label; positive 3 scores 0 -> 4 (without excluding itself it would be 2).
   # Item 3: positive 2 scores 0 -> 4. Item 4's label is unique: no positive, left out.
   for m in (None, mesh):
-    assert evaluate.unimodal_metrics(emb, labels, mesh=m, block_size=1) == pytest.approx(
+    assert protocol.unimodal_metrics(emb, labels, mesh=m, block_size=1) == pytest.approx(
         dict(r1=0.0, r5=100.0, r10=100.0, medr=3.0, meanr=3.5, num_queries=4))
 
 
@@ -206,8 +207,8 @@ def test_text_matching_matches_numpy(mesh):
   for q, row in enumerate(sim):
     order = np.argsort(-row, kind='stable')[:-1]  # the query itself sorts last
     ranks.append(np.flatnonzero(index[order] == index[q]).min() + 1)
-  expected = evaluate.rank_summary(ranks) | {'num_queries': len(texts)}
-  got = evaluate.unimodal_metrics(texts, index, mesh=mesh, block_size=8)
+  expected = protocol.rank_summary(ranks) | {'num_queries': len(texts)}
+  got = protocol.unimodal_metrics(texts, index, mesh=mesh, block_size=8)
   assert got == pytest.approx(expected)
   assert 0 < got['r1'] < 100
 
@@ -246,8 +247,8 @@ def tiny_model_and_data():
   config = default_config('tiny')
   config.model.vision.image_size = 16
   # Initialised under jit: eager NNX init of even the tiny model takes ~10 s on 2 cores.
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: step.init_model(config.model, seed=0)))
-  params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(step.init_model(config.model, 0))))()
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: models.init_model(config.model, seed=0)))
+  params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(models.init_model(config.model, 0))))()
   rng = np.random.default_rng(0)
   counts = [1, 3, 2, 5, 1, 2, 4, 2, 1, 3, 2]
   index = np.repeat(np.arange(len(counts)), counts).astype(np.int32)
@@ -266,10 +267,10 @@ def tiny_model_and_data():
 def test_sharded_encoders_equal_direct_model_calls(mesh, tiny_model_and_data):
   (graphdef, params), data, want_img, want_txt = tiny_model_and_data
   model = nnx.merge(graphdef, params)
-  got_img = evaluate.encode_images(model, data.image_batches(), mesh)
+  got_img = protocol.encode_images(model, data.image_batches(), mesh)
   # Global jax.Array batches, and a (graphdef, params) pair instead of the module.
   global_batches = (sharding.to_global(mesh, b) for b in data.text_batches())
-  got_txt = evaluate.encode_texts((graphdef, params), global_batches, mesh, progress=True)
+  got_txt = protocol.encode_texts((graphdef, params), global_batches, mesh, progress=True)
   assert got_img.shape == (11, 32) and got_txt.shape == (26, 32)
   np.testing.assert_allclose(got_img, want_img, atol=1e-5)
   np.testing.assert_allclose(got_txt, want_txt, atol=1e-5)
@@ -277,9 +278,9 @@ def test_sharded_encoders_equal_direct_model_calls(mesh, tiny_model_and_data):
 
 def test_evaluate_retrieval_equals_metrics_of_direct_embeddings(mesh, tiny_model_and_data):
   (graphdef, params), data, images, texts = tiny_model_and_data
-  got = evaluate.evaluate_retrieval(graphdef, params, data, mesh=mesh)
+  got = protocol.evaluate_retrieval(graphdef, params, data, mesh=mesh)
   want = _reference_metrics(images, texts, data.caption_image_index)
-  matching = evaluate.unimodal_metrics(texts, data.caption_image_index)
+  matching = protocol.unimodal_metrics(texts, data.caption_image_index)
   want.update({f't2t_{k}': v for k, v in matching.items()})
   assert got == pytest.approx(want)
   assert matching['num_queries'] == 26 - 3  # the three single-caption images' captions
@@ -293,8 +294,8 @@ def test_block_topk_two_stage_is_exact_with_many_ties(group):
   s = rng.integers(0, 6, size=(64, 256)).astype(np.float32)
   s[:, 200:] = -np.inf  # padding at the end of a block, as in the last one
   idx = np.arange(1000, 1256, dtype=np.int32)
-  top_s, top_i = jax.jit(retrieval.block_topk, static_argnums=(2, 3))(s, idx, 10, group)
+  top_s, top_i = jax.jit(search.block_topk, static_argnums=(2, 3))(s, idx, 10, group)
   ref = np.argsort(-s, axis=1, kind='stable')[:, :10]
   np.testing.assert_array_equal(top_i, idx[ref])
   np.testing.assert_array_equal(top_s, np.take_along_axis(s, ref, 1))
-  assert retrieval.group_size(4096, 10) == 16 and retrieval.group_size(100, 10) == 2
+  assert search.group_size(4096, 10) == 16 and search.group_size(100, 10) == 2

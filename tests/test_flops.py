@@ -73,7 +73,7 @@ def test_every_method_option_is_counted():
   loss.momentum.queue_size = 64
   loss.cluster.weight, loss.concept.weight, loss.concept.num_concepts = 0.5, 0.5, 8
   vocab = config.model.text.vocab_size
-  constants = {  # the tables `objectives.mine_constants` mines, here made up
+  constants = {  # the tables `objectives.loss_constants` returns, here made up
       'token_group': np.where(np.arange(vocab) < 8, np.arange(vocab) // 4, -1).astype(np.int32),
       'group_members': np.arange(8, dtype=np.int32).reshape(2, 4),
       'concept_ids': np.arange(8, 16, dtype=np.int32),

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from cookie_jax import checkpoint as ckpt_lib
-from cookie_jax import goodput, metrics as metrics_lib, train
+from cookie_jax import goodput, metric_writer, train
 from cookie_jax.config import ConfigError, default_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -174,9 +174,9 @@ def test_drop_records_after_keeps_each_step_once(tmp_path):
           {'step': 2, 'time/total': 3.0}, {'step': 3, 'train/loss': 3.0}]
   with open(path, 'w', encoding='utf-8') as f:
     f.write(''.join(json.dumps(r) + '\n' for r in rows) + '{"step": 4, "tr')
-  assert metrics_lib.drop_records_after(path, 2) == 4
+  assert metric_writer.drop_records_after(path, 2) == 4
   assert _records(str(tmp_path)) == rows[:3]
-  assert metrics_lib.drop_records_after(path, 2) == 0
+  assert metric_writer.drop_records_after(path, 2) == 0
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from cookie_jax import evaluate
+from cookie_jax.eval import protocol
 from cookie_jax.config import ConfigError
 from cookie_jax.data import pipeline, sources
 from cookie_jax.eval import encoder as encoder_lib
@@ -44,7 +44,7 @@ def setup(tmp_path_factory):
   (folder / 'readme.txt').write_text('not an image')
   enc = encoder_lib.from_run(str(run.workdir))
   data = pipeline.eval_data(cfg.data, 'test', image_size=16, batch_size=16)
-  images = evaluate.encode_images(enc.model, data.image_batches(), enc.mesh)
+  images = protocol.encode_images(enc.model, data.image_batches(), enc.mesh)
   return dict(run=run, folder=folder, keys=keys, enc=enc, builder=builder, images=images,
               captions=data.captions, caption_image=np.asarray(data.caption_image_index))
 
@@ -89,7 +89,7 @@ def test_build_and_query_a_folder_with_a_corrupt_file(setup, tmp_path):
   _, rows = index.search(texts, 5, mesh=setup['enc'].mesh)
   image_of = np.asarray([setup['keys'].index(k) for k in index.keys])
   share = 100 * np.mean(np.any(image_of[rows] == setup['caption_image'][:, None], axis=1))
-  metrics = evaluate.retrieval_metrics(setup['images'], texts, setup['caption_image'],
+  metrics = protocol.retrieval_metrics(setup['images'], texts, setup['caption_image'],
                                        mesh=setup['enc'].mesh)
   assert share == pytest.approx(metrics['t2i_r5'])
 

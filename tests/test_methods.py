@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cookie_jax import checkpoint as ckpt_lib
-from cookie_jax import objectives, sharding, step
+from cookie_jax import models, objectives, sharding, step
 from cookie_jax.config import ConfigError, default_config, validate_config
 from cookie_jax.models import l2_normalize
 from cookie_jax.models.presets import fully_shared
@@ -173,7 +173,7 @@ def test_fully_shared_model_shares_every_layer():
   assert (config.model.vision.depth, config.model.text.depth, config.model.shared.depth) == (
       0, 0, 3)
   validate_config(config)
-  model = step.init_model(config.model, 0)
+  model = models.init_model(config.model, 0)
   assert len(model.vision.layer) == 0 and len(model.text.layer) == 0
   batch = _batches(1)[0]
   img = model.encode_image(jnp.asarray(batch['image']))
@@ -213,7 +213,7 @@ def test_chunked_loss_with_extra_negatives_is_refused():
 
 
 def test_temperature_fixed_or_learned():
-  model = step.init_model(_config().model, 0)
+  model = models.init_model(_config().model, 0)
   learned = objectives.cross_modal_scale(model, _config().loss)
   assert float(learned) == pytest.approx(1 / 0.07, rel=1e-5)
   fixed = objectives.cross_modal_scale(model, _config(**{

@@ -58,12 +58,9 @@ def _metrics(workdir):
 def _params(workdir, config):
   mesh = sharding.make_mesh(config.mesh)
   state, setup = step_lib.create_train_state(config, mesh)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), config.checkpoint)
-  try:
-    restored, data_state, _ = ckpt.restore(
-        ckpt.latest_step(), ckpt_lib.abstract_with_shardings(state, setup.state_shardings))
-  finally:
-    ckpt.close()
+  restored, data_state, _ = ckpt_lib.restore_latest(
+      workdir, ckpt_lib.abstract_with_shardings(state, setup.state_shardings),
+      config.checkpoint)
   return jax.device_get(restored), data_state
 
 

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from cookie_jax import optim, sharding, step
+from cookie_jax import models, optim, sharding, step
 from cookie_jax.config import default_config, validate_config
 
 
@@ -107,7 +107,7 @@ def test_parameters_and_optimizer_state_are_sharded_by_logical_axes():
 def test_weight_decay_mask():
   config = _config()
   abstract = jax.eval_shape(lambda: step.nnx.to_pure_dict(step.nnx.state(
-      step.init_model(config.model, 0))))
+      models.init_model(config.model, 0))))
   flat = jax.tree_util.tree_flatten_with_path(optim.decay_mask(abstract))[0]
   decayed = {'/'.join(str(getattr(k, 'key', k)) for k in path) for path, m in flat if m}
   assert 'text/layer/0/intermediate/kernel' in decayed

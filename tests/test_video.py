@@ -16,7 +16,8 @@ from PIL import Image
 import pytest
 
 from cookie_jax import checkpoint as ckpt_lib
-from cookie_jax import evaluate, sharding, step
+from cookie_jax import models, sharding, step
+from cookie_jax.eval import protocol
 from cookie_jax.config import ConfigError, default_config, validate_config
 from cookie_jax.data import augment, defaults, pipeline, sources
 from cookie_jax.data.builders import frames as frames_lib
@@ -312,8 +313,8 @@ def test_sharded_clip_encoder_on_8_devices_equals_one_device(temporal):
   batches = [dict(image=clips[i:i + 8], mask=np.ones(len(clips[i:i + 8]), bool))
              for i in range(0, 20, 8)]
   mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
-  got = evaluate.encode_images(model, batches, mesh)
-  one = evaluate.encode_images(model, batches, sharding.make_mesh(
+  got = protocol.encode_images(model, batches, mesh)
+  one = protocol.encode_images(model, batches, sharding.make_mesh(
       dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]))
   np.testing.assert_allclose(got, one, rtol=0, atol=1e-6)
   assert got.shape == (20, 32) and np.abs(got[0] - got[1]).max() > 1e-3
@@ -334,7 +335,7 @@ def test_msrvtt1k_layout_on_a_hand_made_similarity_matrix():
     texts[i, (i + np.arange(1, r)) % n] = 2.0
   index = np.arange(n, dtype=np.int32)
   mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
-  got = evaluate.metrics_from_embeddings(videos, texts, index, mesh=mesh, layout='msrvtt1k',
+  got = protocol.metrics_from_embeddings(videos, texts, index, mesh=mesh, layout='msrvtt1k',
                                          visual='video')
   assert (got['t2v_r1'], got['t2v_r5'], got['t2v_r10'], got['t2v_medr']) == (
       40.0, 70.0, 85.0, 3.0)
@@ -348,7 +349,7 @@ def test_msrvtt1k_layout_on_a_hand_made_similarity_matrix():
                                           for k in (1, 5, 10)))
   assert not any(key.startswith(('i2t', 't2i', 't2t')) for key in got)
   with pytest.raises(ValueError, match='exactly one caption'):
-    evaluate.retrieval_metrics(videos, np.concatenate([texts, texts[:1]]),
+    protocol.retrieval_metrics(videos, np.concatenate([texts, texts[:1]]),
                                np.concatenate([index, [0]]), layout='msrvtt1k')
 
 
@@ -357,7 +358,7 @@ def test_msrvtt1k_layout_on_a_hand_made_similarity_matrix():
 
 def _params(model_cfg, seed):
   """Random values in the model's parameter tree (nothing to compile), and its abstract."""
-  abstract = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(step.init_model(model_cfg, 0))))
+  abstract = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(models.init_model(model_cfg, 0))))
   rng = np.random.default_rng(seed)
   params = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), abstract)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

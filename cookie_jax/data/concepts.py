@@ -1,6 +1,6 @@
 """Concepts mined from the training captions, and the word groups of composed negatives.
 
-Two methods of issue 9 read the training text:
+Two methods read the training text:
 
 * CODER (Wang et al., ECCV 2022, "CODER: Coupled Diversity-Sensitive Momentum Contrastive
   Learning for Image-Text Retrieval") builds a concept-level branch on concepts mined from
@@ -10,6 +10,9 @@ Two methods of issue 9 read the training text:
   node feature can be the text tower's own embedding row of that token
   (`ConceptVocab.token_ids`). The graph counts captions that hold both words
   (`ConceptVocab.cooccurrence`); `models/concept.py` normalises it.
+
+`mine_tables` mines, once per run, what the configured options need; `train.py` hands the
+tables to the objectives (`objectives.loss_constants`), which never read files.
 * VLDeformer (Zhang et al., 2021, "VLDeformer: Vision-Language Decomposed Transformer for
   Fast Cross-Modal Retrieval") composes hard negative captions by swapping nouns or
   attributes for others from the data's vocabulary. `word_groups` says which words may
@@ -280,3 +283,28 @@ def swap_tables(tokenizer: Tokenizer,
   for g, ids in enumerate(kept):
     members[g, :len(ids)] = ids
   return token_group, members
+
+
+def mine_tables(data_cfg, loss_cfg) -> dict[str, np.ndarray]:
+  """What the options of `objectives.needs_constants` mine from the training captions:
+  the concept token ids and co-occurrence counts (`loss.concept`) and the word-swap
+  tables of composed negative captions (`loss.hard_negatives.captions`). A function of
+  the data and config only, so a resumed run mines the same tables."""
+  from cookie_jax.data import pipeline  # pylint: disable=g-import-not-at-top  # TF here
+  tokenizer = pipeline.load_tokenizer(data_cfg)
+  captions = training_captions(data_cfg, limit=loss_cfg.concept.captions)
+  vocab = mine_concepts(captions, tokenizer, loss_cfg.concept.num_concepts)
+  tables = {}
+  if loss_cfg.concept.weight > 0:
+    tables['concept_ids'] = np.asarray(vocab.token_ids, np.int32)
+    tables['concept_cooccurrence'] = np.asarray(vocab.cooccurrence)
+  if loss_cfg.hard_negatives.captions:
+    groups = word_groups(data_cfg, vocab, groups_file=loss_cfg.hard_negatives.word_groups)
+    token_group, members = swap_tables(tokenizer, groups)
+    if not members.size:
+      raise ValueError('loss.hard_negatives.captions: no group of interchangeable '
+                       'single-token words was found; give loss.hard_negatives.word_groups '
+                       '(a JSON list of word lists) or turn the option off.')
+    tables['token_group'] = token_group
+    tables['group_members'] = members
+  return tables

@@ -10,9 +10,36 @@ OWN_VOCAB_BUILDERS = ('synthetic', 'synthetic_video')
 # config.data.tokenizer naming the synthetic image set's vocabulary rather than a path.
 SYNTHETIC_VOCAB = 'synthetic'
 
+# The generated datasets' sizes: the defaults of config.data.synthetic / synthetic_video
+# and of their builder configs (builders/synthetic.py, builders/synthetic_video.py).
+SYNTHETIC_SIZES = dict(
+    train_images=10_000,
+    train_captions=3,  # per training image (at most 7): 30k pairs
+    eval_images=1000,  # per eval split (val and test)
+    eval_captions=5,  # per eval image, as in COCO / Flickr30K (at most 7)
+    image_size=64,  # stored resolution; the pipeline resizes to the model's
+    seed=0,  # the dataset's own seed, independent of the training seed
+    vocab_size=1024,  # upper bound of the trained WordPiece vocabulary (tiny model: 1024)
+)
+SYNTHETIC_VIDEO_SIZES = dict(
+    train_clips=6000,
+    train_captions=3,  # per training clip (at most 6)
+    eval_clips=1000,  # per eval split (val and test)
+    eval_captions=5,  # per eval clip (at most 6)
+    frames=4,
+    image_size=32,  # stored frame size
+    seed=0,  # the dataset's own seed, independent of the training seed
+    vocab_size=512,  # upper bound of the trained WordPiece vocabulary
+)
+
 
 def data_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(dict(**_source_keys(), **_input_keys()))
+
+
+def _source_keys() -> dict:
+  """What is read: the builder, its files and splits, the tokenizer."""
+  return dict(
       # 'synthetic' (embedded, generated), 'karpathy' (COCO/Flickr30K from local files),
       # 'tfds' (any tfds dataset with an image and a text feature), 'img2dataset'
       # (img2dataset's webdataset or parquet shards, built once into ArrayRecord), and for video
@@ -30,7 +57,6 @@ def data_config() -> ml_collections.ConfigDict:
       tokenizer='',
       # Lowercase before WordPiece; used for a bare vocab.txt (tokenizer.json says itself).
       lowercase=True,
-
       # builder='karpathy': the folder with dataset_<name>.json and the images;
       # builder='msrvtt': the MSRVTT folder (annotations and videos; see builders/msrvtt.py);
       # builder='img2dataset': the folder img2dataset wrote (*.tar or *.parquet shards; a
@@ -53,15 +79,7 @@ def data_config() -> ml_collections.ConfigDict:
 
       # builder='synthetic': sizes of the generated dataset (each size set is its own
       # tfds config, so changing one builds a new copy once and never overwrites).
-      synthetic=dict(
-          train_images=10_000,
-          train_captions=3,  # per training image (at most 7)
-          eval_images=1000,  # per eval split (val and test)
-          eval_captions=5,  # per eval image, as in COCO / Flickr30K (at most 7)
-          image_size=64,  # stored resolution; the pipeline resizes to the model's
-          seed=0,  # the dataset's own seed, independent of the training seed
-          vocab_size=1024,  # upper bound of the trained WordPiece vocabulary
-      ),
+      synthetic=dict(SYNTHETIC_SIZES),
 
       # builder='img2dataset': how the shards are built into a tfds dataset (see
       # builders/img2dataset.py). name, max_side, quality and val_fraction name the built
@@ -96,17 +114,14 @@ def data_config() -> ml_collections.ConfigDict:
           image_size=224,  # stored frame size: shorter side resized, centre-cropped
       ),
       # builder='synthetic_video': sizes of the generated clips (see builders/motion.py).
-      synthetic_video=dict(
-          train_clips=6000,
-          train_captions=3,  # per training clip (at most 6)
-          eval_clips=1000,  # per eval split (val and test)
-          eval_captions=5,  # per eval clip (at most 6)
-          frames=4,
-          image_size=32,  # stored frame size
-          seed=0,  # the dataset's own seed, independent of the training seed
-          vocab_size=512,  # upper bound of the trained WordPiece vocabulary
-      ),
+      synthetic_video=dict(SYNTHETIC_VIDEO_SIZES),
 
+  )
+
+
+def _input_keys() -> dict:
+  """How it is read: mixtures, caching, augmentation, parallelism."""
+  return dict(
       # A weighted mixture of training datasets: entries (overrides, weight), each
       # overrides a dict of the builder keys above (builder, manual_dir, train_split,
       # tfds_name, synthetic, ...) applied on top of this section; ({}, w) is this
@@ -136,7 +151,7 @@ def data_config() -> ml_collections.ConfigDict:
       # Global batches a background thread puts on the devices ahead of the training
       # step (cookie_jax/data/prefetch.py); 0 = none, the loop's thread does it.
       device_prefetch=2,
-  ))
+  )
 
 
 def _require(cond, key, value, expected):
@@ -220,41 +235,8 @@ def eval_data_config(data_cfg, overrides) -> ml_collections.ConfigDict:
   return cfg
 
 
-def validate_data_config(data_cfg) -> None:
-  """Raises ValueError naming `config.data.<key>`, the value and the fix."""
-  d = data_cfg
-  if d.mixture:
-    for i, (cfg, _) in enumerate(mixture_components(d)):
-      try:
-        validate_data_config(cfg)
-      except ValueError as e:
-        raise ValueError(f'config.data.mixture[{i}]: {e}') from None
-  _require(d.builder in BUILDERS, 'builder', d.builder, f'use one of {list(BUILDERS)}.')
-  _require(d.max_len >= 2, 'max_len', d.max_len,
-           'needs room for [CLS] and [SEP]; use e.g. 32.')
-  if d.builder == 'karpathy':
-    _require(bool(d.manual_dir), 'manual_dir', d.manual_dir,
-             'builder=karpathy needs the folder with dataset_<name>.json and the images.')
-    _require(d.karpathy_dataset in ('coco', 'flickr30k'), 'karpathy_dataset',
-             d.karpathy_dataset, "use 'coco' or 'flickr30k'.")
-  if d.builder == 'img2dataset':
-    _require(bool(d.manual_dir), 'manual_dir', d.manual_dir,
-             'builder=img2dataset needs the folder of img2dataset shards (.tar or .parquet).')
-  if d.builder == 'msrvtt':
-    _require(bool(d.manual_dir), 'manual_dir', d.manual_dir,
-             'builder=msrvtt needs the MSRVTT folder with MSRVTT_data.json, '
-             'MSRVTT_JSFUSION_test.csv and the videos.')
-  if d.builder == 'img2dataset':
-    validate_img2dataset(d)
-  if d.builder == 'tfds':
-    _require(bool(d.tfds_name), 'tfds_name', d.tfds_name,
-             "builder=tfds needs a prepared dataset's name, e.g. 'coco_captions'.")
-  if d.builder not in OWN_VOCAB_BUILDERS:
-    _require(bool(d.tokenizer), 'tokenizer', d.tokenizer,
-             'only the synthetic datasets ship a vocabulary; give a local folder with '
-             'tokenizer.json or vocab.txt (e.g. of bert-base-uncased).')
-  _require(d.num_frames >= 0, 'num_frames', d.num_frames,
-           'must be >= 0 (0 = every stored frame of a clip).')
+def _check_generated_sizes(d) -> None:
+  """The stored frames of the video builders and the sizes of the generated sets."""
   if d.builder == 'msrvtt':
     m = d.msrvtt
     _require(m.train_list in ('9k', '7k'), 'msrvtt.train_list', m.train_list,
@@ -291,6 +273,44 @@ def validate_data_config(data_cfg) -> None:
     _require(not d.flip, 'flip', d.flip,
              "the synthetic captions say 'left of' / 'right of', which a flip makes "
              'false; set flip=False.')
+
+
+def validate_data_config(data_cfg) -> None:
+  """Raises ValueError naming `config.data.<key>`, the value and the fix."""
+  d = data_cfg
+  if d.mixture:
+    for i, (cfg, _) in enumerate(mixture_components(d)):
+      try:
+        validate_data_config(cfg)
+      except ValueError as e:
+        raise ValueError(f'config.data.mixture[{i}]: {e}') from None
+  _require(d.builder in BUILDERS, 'builder', d.builder, f'use one of {list(BUILDERS)}.')
+  _require(d.max_len >= 2, 'max_len', d.max_len,
+           'needs room for [CLS] and [SEP]; use e.g. 32.')
+  if d.builder == 'karpathy':
+    _require(bool(d.manual_dir), 'manual_dir', d.manual_dir,
+             'builder=karpathy needs the folder with dataset_<name>.json and the images.')
+    _require(d.karpathy_dataset in ('coco', 'flickr30k'), 'karpathy_dataset',
+             d.karpathy_dataset, "use 'coco' or 'flickr30k'.")
+  if d.builder == 'img2dataset':
+    _require(bool(d.manual_dir), 'manual_dir', d.manual_dir,
+             'builder=img2dataset needs the folder of img2dataset shards (.tar or .parquet).')
+  if d.builder == 'msrvtt':
+    _require(bool(d.manual_dir), 'manual_dir', d.manual_dir,
+             'builder=msrvtt needs the MSRVTT folder with MSRVTT_data.json, '
+             'MSRVTT_JSFUSION_test.csv and the videos.')
+  if d.builder == 'img2dataset':
+    validate_img2dataset(d)
+  if d.builder == 'tfds':
+    _require(bool(d.tfds_name), 'tfds_name', d.tfds_name,
+             "builder=tfds needs a prepared dataset's name, e.g. 'coco_captions'.")
+  if d.builder not in OWN_VOCAB_BUILDERS:
+    _require(bool(d.tokenizer), 'tokenizer', d.tokenizer,
+             'only the synthetic datasets ship a vocabulary; give a local folder with '
+             'tokenizer.json or vocab.txt (e.g. of bert-base-uncased).')
+  _require(d.num_frames >= 0, 'num_frames', d.num_frames,
+           'must be >= 0 (0 = every stored frame of a clip).')
+  _check_generated_sizes(d)
   _require(d.cache_mb >= 0, 'cache_mb', d.cache_mb, 'must be >= 0 (0 = no cache).')
   _require(_range_ok(d.crop_scale, 0.0, 1.0), 'crop_scale', d.crop_scale,
            'must be (min, max) with 0 < min <= max <= 1, e.g. (0.8, 1.0).')

@@ -16,6 +16,8 @@ from etils import epath
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from cookie_jax.errors import TokenizerMismatchError  # pylint: disable=unused-import
+
 SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
 
 
@@ -153,10 +155,6 @@ def encode(tok: Tokenizer, texts: Sequence[str]) -> dict[str, np.ndarray]:
 # give wrong numbers without any error.
 
 RUN_TOKENIZER = 'tokenizer.json'
-
-
-class TokenizerMismatchError(ValueError):
-  """The dataset's tokenizer is not the one a run was trained with."""
 
 
 def run_root(path: str) -> str:

@@ -3,7 +3,7 @@ parameters of a training run's checkpoint, or of an export folder, placed on a m
 the run's tokenizer and image preprocessing.
 
 Both sources give an `Encoder`; its `encode_texts` and `encode_images` are
-`cookie_jax.evaluate`'s sharded encoders (one jit over the mesh, batches padded and
+`cookie_jax.eval.protocol`'s sharded encoders (one jit over the mesh, batches padded and
 masked), so every embedding equals what `launch/eval.py` computes for the same input.
 """
 
@@ -14,12 +14,14 @@ import os
 import pathlib
 from typing import Any, Iterable, Mapping, Sequence
 
-from flax import nnx
 import jax
 import ml_collections
 import numpy as np
 
-from cookie_jax import evaluate, sharding
+from cookie_jax import checkpoint as ckpt_lib
+from cookie_jax import sharding
+from cookie_jax.eval import protocol
+from cookie_jax.models import abstract_model
 from cookie_jax.config import ConfigError, config_from_dict, validate_config
 from cookie_jax.data import tokenizer as tok_lib
 
@@ -71,14 +73,14 @@ class Encoder:
     """L2-normalised [len(texts), D]; every process gets all rows."""
     if not texts:
       raise ValueError('No texts to encode.')
-    return evaluate.encode_texts(self.model, self.text_batches(texts), self.mesh,
+    return protocol.encode_texts(self.model, self.text_batches(texts), self.mesh,
                                  progress=progress,
                                  total=math.ceil(len(texts) / self.batch_size))
 
   def encode_images(self, batches: Iterable[Mapping[str, Any]], *, progress: bool = False,
                     total: int | None = None) -> np.ndarray:
     """L2-normalised embeddings of the batch rows whose `mask` is True."""
-    return evaluate.encode_images(self.model, batches, self.mesh, progress=progress,
+    return protocol.encode_images(self.model, batches, self.mesh, progress=progress,
                                   total=total)
 
 
@@ -94,9 +96,9 @@ def run_config(workdir: str, *, step: int | None = None,
                config: ml_collections.ConfigDict | None = None
                ) -> tuple[int, ml_collections.ConfigDict]:
   """(step, config) of the checkpoint `from_run` would load, without loading it."""
-  from cookie_jax import evaluate_run  # pylint: disable=g-import-not-at-top
-  directory = evaluate_run.checkpoint_directory(workdir)
-  step, saved = evaluate_run.resolve_step(directory, step)
+  from cookie_jax.eval import run as eval_run  # pylint: disable=g-import-not-at-top
+  directory = ckpt_lib.find_checkpoints(workdir)
+  step, saved = eval_run.resolve_step(directory, step)
   return step, validate_config(saved if config is None else config,
                                num_devices=jax.device_count())
 
@@ -106,12 +108,12 @@ def from_run(workdir: str, *, step: int | None = None,
              batch_size: int | None = None) -> Encoder:
   """Step `step` (default: the latest) of the run in `workdir`, with the config saved
   with it (or `config`, whose model must be the checkpoint's)."""
-  from cookie_jax import evaluate_run  # pylint: disable=g-import-not-at-top
+  from cookie_jax.eval import run as eval_run  # pylint: disable=g-import-not-at-top
   from cookie_jax.data import pipeline  # pylint: disable=g-import-not-at-top  # TF here
-  directory = evaluate_run.checkpoint_directory(workdir)
+  directory = ckpt_lib.find_checkpoints(workdir)
   step, config = run_config(workdir, step=step, config=config)
   mesh = sharding.make_mesh(config.mesh)
-  graphdef, params = evaluate_run.restore_params(config, directory, step, mesh)
+  graphdef, params = eval_run.restore_params(config, directory, step, mesh)
   size = _check_batch(config, batch_size or config.eval.batch_size)
   tokenizer = pipeline.load_tokenizer(config.data)
   tok_lib.check_run_tokenizer(workdir, tokenizer, 'encoding with this run')
@@ -141,12 +143,11 @@ def from_export(path, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Encoder:
   """The model of an export folder (`launch/export_torch.py --output=PATH`), read back
   into JAX (`hf_export.read_export`), with its tokenizer (PATH/tokenizer.json)."""
   from cookie_jax.interop import hf_export  # pylint: disable=g-import-not-at-top
-  from cookie_jax.step import init_model  # pylint: disable=g-import-not-at-top
   config = export_config(path)
   config.eval.batch_size = batch_size
   validate_config(config, num_devices=jax.device_count())
   mesh = sharding.make_mesh(config.mesh)
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: init_model(config.model, 0)))
+  graphdef, abstract = abstract_model(config.model)
   shardings = sharding.param_shardings(abstract, mesh)
   params = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s),
                         hf_export.read_export(path), shardings)

@@ -18,7 +18,7 @@ unreadable image is skipped, counted and named (skipped.json), never fatal.
 
 `Index.search` finds the top-k images of query embeddings with faiss (`IndexFlatIP`,
 exact inner products) when the index has a faiss file and faiss is importable, else
-exactly in JAX over the mesh (`retrieval.sharded_topk`, equal scores in index order).
+exactly in JAX over the mesh (`search.sharded_topk`, equal scores in index order).
 """
 
 import dataclasses
@@ -32,7 +32,7 @@ from absl import logging
 import jax
 import numpy as np
 
-from cookie_jax import retrieval
+from cookie_jax.eval import search
 from cookie_jax.config import ConfigError
 
 FORMAT = 'cookie_jax.index/1'
@@ -63,29 +63,29 @@ class Source:
   keys: list
 
   def batches(self, lo: int, hi: int, encoder):
-    from cookie_jax.data import images  # pylint: disable=g-import-not-at-top  # TF here
+    from cookie_jax.data import image_files  # pylint: disable=g-import-not-at-top  # TF here
     view = dict(size=encoder.image_size, mean=encoder.mean, std=encoder.std,
                 batch_size=encoder.batch_size)
     if 'images' in self.spec:
       root = pathlib.Path(self.spec['images'])
-      return images.file_batches([root / k for k in self.keys[lo:hi]], **view)
+      return image_files.file_batches([root / k for k in self.keys[lo:hi]], **view)
     s = self.spec
-    builder = images.tfds_builder(s['tfds'], s['data_dir'])
-    return images.tfds_batches(builder, s['split'], s['image_key'], lo, hi, **view)
+    builder = image_files.tfds_builder(s['tfds'], s['data_dir'])
+    return image_files.tfds_batches(builder, s['split'], s['image_key'], lo, hi, **view)
 
   def picture(self, key: str) -> np.ndarray:
     """uint8 [h, w, 3] of one image as stored (for the result grid)."""
-    from cookie_jax.data import images  # pylint: disable=g-import-not-at-top
+    from cookie_jax.data import image_files  # pylint: disable=g-import-not-at-top
     if 'images' in self.spec:
-      return images.read_rgb(pathlib.Path(self.spec['images']) / key)
+      return image_files.read_rgb(pathlib.Path(self.spec['images']) / key)
     s = self.spec
-    return images.tfds_image(images.tfds_builder(s['tfds'], s['data_dir']), s['split'],
+    return image_files.tfds_image(image_files.tfds_builder(s['tfds'], s['data_dir']), s['split'],
                              s['image_key'], int(key.rsplit('/', 1)[1]))
 
 
 def folder_source(root) -> Source:
-  from cookie_jax.data import images  # pylint: disable=g-import-not-at-top
-  keys = images.list_images(root)
+  from cookie_jax.data import image_files  # pylint: disable=g-import-not-at-top
+  keys = image_files.list_images(root)
   if not keys:
     raise FileNotFoundError(f'--images={str(root)!r} holds no .jpg, .jpeg, .png or .webp '
                             'file (searched recursively).')
@@ -93,13 +93,13 @@ def folder_source(root) -> Source:
 
 
 def tfds_source(name: str, split: str, data_dir: str = '', image_key: str = '') -> Source:
-  from cookie_jax.data import images  # pylint: disable=g-import-not-at-top
-  builder = images.tfds_builder(name, data_dir)
+  from cookie_jax.data import image_files  # pylint: disable=g-import-not-at-top
+  builder = image_files.tfds_builder(name, data_dir)
   if split not in builder.info.splits:
     raise ConfigError(f'--split={split!r} is not a split of {name}; it has '
                       f'{sorted(builder.info.splits)}.')
   try:
-    key = images.image_feature(builder, image_key)
+    key = image_files.image_feature(builder, image_key)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   n = builder.info.splits[split].num_examples
@@ -298,12 +298,12 @@ class Index:
     if backend == 'faiss' and (faiss is None or not (self.directory / FAISS).is_file()):
       raise ConfigError('--search=faiss: faiss is not installed (pip install faiss-cpu) or '
                         'the index was built without it; rebuild, or use --search=jax.')
-    q = retrieval.as_embeddings(queries, 'query embeddings')
+    q = search.as_embeddings(queries, 'query embeddings')
     if faiss is not None and (self.directory / FAISS).is_file():
       scores, rows = faiss.read_index(str(self.directory / FAISS)).search(
           np.ascontiguousarray(q), k)
       return scores, rows
-    return retrieval.sharded_topk(q, self.embeddings, k, mesh=mesh)
+    return search.sharded_topk(q, self.embeddings, k, mesh=mesh)
 
 
 def encoder_of(manifest: dict, *, workdir: str = '', step: int | None = None,
@@ -352,7 +352,7 @@ THUMBNAIL = 256  # pixels, the longer side of a result in the grid
 def draw_results(path: str, index: Index, results: list[dict]) -> None:
   """A PNG grid: one row per query, its top-k images (thumbnails) with scores and keys."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from cookie_jax import eval_pictures as pictures  # pylint: disable=g-import-not-at-top
+  from cookie_jax.eval import pictures  # pylint: disable=g-import-not-at-top
   source = Source(index.manifest['source'], [])
 
   def thumb(key):

@@ -4,7 +4,7 @@
   the C x T prompts are encoded as text, each class's T prompt embeddings are averaged
   and the mean is L2-normalised again: one unit vector per class (the ensemble).
 * **Prediction.** An image's class scores are dot products with those vectors; its top-k
-  classes come from `retrieval.sharded_topk` (the class vectors are the gallery, sharded
+  classes come from `search.sharded_topk` (the class vectors are the gallery, sharded
   over the mesh), which orders equal scores by class index.
 * **Reports.** Top-1 and top-5 accuracy (percent of images whose class is among their
   first 1 / 5 predictions; top-5 is top-min(5, C)), mean per-class recall (the top-1
@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from cookie_jax import retrieval
+from cookie_jax.eval import search
 
 CLASS_NAME_FILES = {'imagenet': 'imagenet_classes.txt'}
 TEMPLATE_FILES = {'clip': 'clip_templates.txt', 'single': 'single_template.txt',
@@ -74,7 +74,7 @@ def prompts(class_names: Sequence[str], templates: Sequence[str]) -> list[str]:
 def ensemble(prompt_embeddings, num_classes: int) -> np.ndarray:
   """[C, D] unit class vectors: the mean of each class's prompt embeddings (class-major
   rows, as `prompts` orders them), L2-normalised."""
-  emb = retrieval.as_embeddings(prompt_embeddings, 'prompt embeddings')
+  emb = search.as_embeddings(prompt_embeddings, 'prompt embeddings')
   if num_classes < 1 or emb.shape[0] % num_classes:
     raise ValueError(f'{emb.shape[0]} prompt embeddings do not split into {num_classes} '
                      'classes of equal template counts.')
@@ -90,9 +90,9 @@ def classify(image_embeddings, class_embeddings, *, k: int = TOP_K, mesh=None
              ) -> tuple[np.ndarray, np.ndarray]:
   """(scores [N, k'], classes [N, k']) with k' = min(k, C), best first, for every image;
   the class vectors are sharded over `mesh` (None = one device)."""
-  classes = retrieval.as_embeddings(class_embeddings, 'class embeddings')
-  gallery = retrieval.prepare_gallery(classes, mesh)
-  return retrieval.sharded_topk(image_embeddings, gallery, min(k, classes.shape[0]))
+  classes = search.as_embeddings(class_embeddings, 'class embeddings')
+  gallery = search.prepare_gallery(classes, mesh)
+  return search.sharded_topk(image_embeddings, gallery, min(k, classes.shape[0]))
 
 
 def accuracy(top_classes, labels, num_classes: int) -> dict:

@@ -26,7 +26,7 @@ import numpy as np
 from cookie_jax.config import ConfigError
 from cookie_jax.eval import encoder as encoder_lib
 from cookie_jax.eval import zeroshot
-from cookie_jax.metrics import write_json
+from cookie_jax.metric_writer import write_json
 
 CONFUSIONS_SHOWN = 6
 EXAMPLES_PER_CONFUSION = 5
@@ -132,7 +132,7 @@ def _examples(out, confusions):
 
 
 def _draw(path, data, config, out, confusions, title):
-  from cookie_jax import eval_pictures as pictures  # pylint: disable=g-import-not-at-top
+  from cookie_jax.eval import pictures  # pylint: disable=g-import-not-at-top
   chosen = _examples(out, confusions)
   pixels = data.images_at([r for wrong, right in chosen for r in wrong + [right]
                            if r is not None])

@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from cookie_jax.interop import hf_automodel, keys
+from cookie_jax.models import abstract_model
 
 FORMAT = 'cookie_jax.torch/1'
 COOKIE_CONFIG = 'cookie_config.json'
@@ -231,22 +232,6 @@ def read_export(output) -> dict:
 # Whole runs ---------------------------------------------------------------------------
 
 
-def _checkpoint_dir(workdir: str) -> str:
-  workdir = os.fspath(workdir)
-  if not os.path.isdir(workdir):
-    raise FileNotFoundError(f'--workdir={workdir!r} does not exist; give the workdir of a '
-                            'training run (the folder holding checkpoints/).')
-  sub = os.path.join(workdir, 'checkpoints')
-  return sub if os.path.isdir(sub) else workdir
-
-
-def _run_config(ckpt, step: int) -> ml_collections.ConfigDict:
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from cookie_jax.config import config_from_dict, validate_config  # pylint: disable=g-import-not-at-top
-  restored = ckpt.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  return validate_config(config_from_dict(dict(restored['config'])))
-
-
 def _load_tokenizer(data_cfg):
   try:
     if data_cfg.tokenizer and data_cfg.tokenizer != 'synthetic':
@@ -282,23 +267,11 @@ def _run_tokenizer(workdir: str, data_cfg):
 def export_run(workdir: str, output: str, step: int | None = None) -> dict:
   """Exports step `step` (default: the latest) of a training run's workdir to `output`."""
   from cookie_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from cookie_jax.config import default_config  # pylint: disable=g-import-not-at-top
-  from cookie_jax.step import init_model  # pylint: disable=g-import-not-at-top
-  directory = _checkpoint_dir(workdir)
-  ckpt = ckpt_lib.Checkpointer(directory, default_config().checkpoint)
-  try:
-    steps = ckpt.all_steps()
-    if not steps:
-      raise FileNotFoundError(f'{directory} holds no finished checkpoint; train first, or '
-                              'give the workdir of a run that saved one.')
-    step = max(steps) if step is None else step
-    if step not in steps:
-      raise FileNotFoundError(f'--step={step}: {directory} has checkpoints at steps '
-                              f'{sorted(steps)} only.')
-    config = _run_config(ckpt, step)
-  finally:
-    ckpt.close()
-  abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: init_model(config.model, 0))))
+  from cookie_jax.config import config_from_dict, validate_config  # pylint: disable=g-import-not-at-top
+  directory = ckpt_lib.find_checkpoints(workdir, accept_checkpoint_dir=True)
+  step = ckpt_lib.resolve_step(directory, step)
+  config = validate_config(config_from_dict(ckpt_lib.saved_config(directory, step)))
+  abstract = nnx.to_pure_dict(abstract_model(config.model)[1])
   device = jax.sharding.SingleDeviceSharding(jax.local_devices(backend='cpu')[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           abstract)

@@ -1,7 +1,12 @@
-"""Loss registry: each configured term maps a pair of embeddings (and a replicated
-argument: a logit scale, or the prototypes) to a scalar over the global batch.
+"""The losses: each configured term maps a pair of embeddings (and a replicated argument:
+a logit scale, or the prototypes) to a scalar over the global batch.
 
-`compute_losses` runs inside `jax.shard_map` (or on one device with `axis_name=None`).
+  contrastive  InfoNCE (local logits, global negatives; chunked; negative weighting)
+  clustering   CODER's Sinkhorn codes and swapped prediction
+  (here)       the registry of terms and `compute_losses`, for one device's shard inside
+               `jax.shard_map` (or on one device with `axis_name=None`)
+  sharded      `sharded_losses`: every term inside shard_map over the batch axes, and
+               `weighted_total`, the loss of a step
 """
 
 import functools
@@ -19,20 +24,24 @@ LOSSES: dict[str, Callable[..., jax.Array]] = {
     'cross_modal': info_nce,
     'visual': info_nce,
     'textual': info_nce,
+    # CODER's online-clustering pseudo-label prediction.
+    'cluster': swapped_prediction,
     # CODER's concept branch: concept-level image and text embeddings, aligned like
     # the cross-modal pair.
     'concept': info_nce,
-    # CODER's online-clustering pseudo-label prediction.
-    'cluster': swapped_prediction,
 }
+# The one list of loss terms (config.loss.<name>), in the order they are computed and
+# summed.
+LOSS_NAMES = tuple(LOSSES)
 
 
 def compute_losses(pairs: Mapping[str, tuple[jax.Array, jax.Array]],
-                   scales: Mapping[str, jax.Array], axis_name: AxisName = None,
+                   replicated: Mapping[str, jax.Array], axis_name: AxisName = None,
                    chunk_size: int = 0, negatives: Mapping[str, Any] | None = None,
                    options: Mapping[str, Mapping[str, Any]] | None = None
                    ) -> dict[str, jax.Array]:
-  """{term: loss} for every term in `pairs`, each over the global batch.
+  """{term: loss} for every term in `pairs`, each over the global batch. `replicated[term]`
+  is the term's replicated argument: its logit scale, or for `cluster` the prototypes.
 
   `chunk_size > 0` (config `loss.chunk_size`) computes every plain InfoNCE term in chunks
   of that many negatives: same value and gradients, less memory at large batch.
@@ -51,8 +60,13 @@ def compute_losses(pairs: Mapping[str, tuple[jax.Array, jax.Array]],
     if chunk_size and LOSSES[name] is info_nce and not kwargs:
       return functools.partial(info_nce_chunked, chunk_size=chunk_size)
     return functools.partial(LOSSES[name], **kwargs)
-  return {name: fn(name)(a, b, scales[name], axis_name) for name, (a, b) in pairs.items()}
+  return {name: fn(name)(a, b, replicated[name], axis_name)
+          for name, (a, b) in pairs.items()}
 
 
-__all__ = ['LOSSES', 'NegativeWeighting', 'compute_losses', 'info_nce', 'info_nce_chunked',
-           'sinkhorn', 'swapped_prediction']
+# After compute_losses, which the shard_map'd form calls.
+from cookie_jax.losses.sharded import sharded_losses, weighted_total  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+__all__ = ['LOSSES', 'LOSS_NAMES', 'NegativeWeighting', 'compute_losses', 'info_nce',
+           'info_nce_chunked', 'sharded_losses', 'sinkhorn', 'swapped_prediction',
+           'weighted_total']

@@ -142,3 +142,14 @@ class CookieModel(nnx.Module):
                         temperature: float) -> jax.Array:
     """Normalised concept-level embedding: `embedding` [B, D] attending over descriptors."""
     return l2_normalize(attend_concepts(embedding, descriptors, temperature))
+
+
+def init_model(model_cfg, seed: int) -> CookieModel:
+  """The model of `model_cfg`, its parameters initialised from `seed`."""
+  return CookieModel(model_cfg, rngs=nnx.Rngs(params=jax.random.key(seed)))
+
+
+def abstract_model(model_cfg) -> tuple[nnx.GraphDef, nnx.State]:
+  """(graphdef, abstract state) of the model of `model_cfg`, allocating nothing: the
+  shapes and logical axes that restoring or sharding its parameters needs."""
+  return nnx.split(nnx.eval_shape(lambda: init_model(model_cfg, 0)))

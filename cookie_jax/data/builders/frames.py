@@ -98,3 +98,15 @@ def sample_frames(path: str, num_frames: int, size: int) -> list[bytes]:
   if not total:
     raise UnreadableVideo(f'{path}: no frames decode')
   return [square_jpeg(picked[i], size) for i in segment_centres(total, num_frames)]
+
+
+def clip_features(frames: int, image_size: int, encoding_format: str, **extra):
+  """The tfds features of a video-text example: `frames` square frames of `image_size`,
+  the captions and the clip's integer id, then the builder's own `extra` features."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # builders only
+  return tfds.features.FeaturesDict({
+      'frames': tfds.features.Video(shape=(frames, image_size, image_size, 3),
+                                    encoding_format=encoding_format),
+      'captions': tfds.features.Sequence(tfds.features.Text()),
+      'image_id': tfds.features.Scalar(dtype=np.int64),
+      **extra})

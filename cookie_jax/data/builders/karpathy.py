@@ -26,7 +26,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from cookie_jax.data import tf_env  # pylint: disable=unused-import  # hides GPUs before any TF op
-from cookie_jax.data.builders import images
+from cookie_jax.data.builders import upright
 
 JSON_NAMES = {'coco': 'dataset_coco.json', 'flickr30k': 'dataset_flickr30k.json'}
 IMAGE_DIRS = {'coco': (), 'flickr30k': ('flickr30k-images', 'images')}
@@ -75,7 +75,7 @@ def inspect_image(path: str) -> str:
     return 'missing'
   try:
     with Image.open(path) as img:
-      fmt, mode, turn = img.format, img.mode, images.orientation(img)
+      fmt, mode, turn = img.format, img.mode, upright.orientation(img)
       if fmt == 'JPEG':
         # DCT-domain downscaling: every byte is still entropy-decoded, so truncation and
         # corruption are still caught, at a fraction of the cost of a full decode.
@@ -89,7 +89,7 @@ def inspect_image(path: str) -> str:
 def load_image(path: str, status: str) -> bytes:
   data = pathlib.Path(path).read_bytes()
   # EXIF rotation applied (TF's decoder ignores it), RGB, full size, JPEG quality 95.
-  return data if status == 'jpeg' else images.upright_jpeg(data, 0, 95)[0]
+  return data if status == 'jpeg' else upright.upright_jpeg(data, 0, 95)[0]
 
 
 def clean_caption(sentence: dict) -> tuple[str | None, str | None]:

@@ -36,7 +36,6 @@ import os
 import pathlib
 import re
 
-import numpy as np
 import tensorflow_datasets as tfds
 
 from cookie_jax.data import tf_env  # pylint: disable=unused-import  # hides GPUs before any TF op
@@ -220,14 +219,9 @@ class Msrvtt(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     cfg = self.builder_config
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            'frames': tfds.features.Video(
-                shape=(cfg.frames, cfg.image_size, cfg.image_size, 3),
-                encoding_format='jpeg'),
-            'captions': tfds.features.Sequence(tfds.features.Text()),
-            'image_id': tfds.features.Scalar(dtype=np.int64),  # N of 'videoN'
-            'video_id': tfds.features.Text(),
-        }),
+        # image_id: N of 'videoN'.
+        features=frames_lib.clip_features(cfg.frames, cfg.image_size, 'jpeg',
+                                          video_id=tfds.features.Text()),
         # Filled while building: {'skipped': {kind: count}, 'skipped_examples': {...}}.
         metadata=tfds.core.MetadataDict(),
         homepage='https://www.microsoft.com/en-us/research/publication/msr-vtt-a-large-'

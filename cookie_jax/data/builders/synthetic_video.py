@@ -12,24 +12,25 @@ alike) and `kind` (the event).
 
 import dataclasses
 
-import numpy as np
 import tensorflow_datasets as tfds
 
 from cookie_jax.data import tf_env  # pylint: disable=unused-import  # hides GPUs before any TF op
+from cookie_jax.data.builders import frames as frames_lib
 from cookie_jax.data.builders import generated, motion
-from cookie_jax.data.tokenizer import train_wordpiece
+from cookie_jax.data.defaults import SYNTHETIC_VIDEO_SIZES
 
 
 @dataclasses.dataclass(eq=False)
 class SyntheticVideoConfig(tfds.core.BuilderConfig):
-  train_clips: int = 6000
-  train_captions: int = 3
-  eval_clips: int = 1000  # each of val and test
-  eval_captions: int = 5
-  frames: int = 4
-  image_size: int = 32
-  seed: int = 0
-  vocab_size: int = 512
+  # Defaults (and their meaning): data/defaults.py, SYNTHETIC_VIDEO_SIZES.
+  train_clips: int = SYNTHETIC_VIDEO_SIZES['train_clips']
+  train_captions: int = SYNTHETIC_VIDEO_SIZES['train_captions']
+  eval_clips: int = SYNTHETIC_VIDEO_SIZES['eval_clips']
+  eval_captions: int = SYNTHETIC_VIDEO_SIZES['eval_captions']
+  frames: int = SYNTHETIC_VIDEO_SIZES['frames']
+  image_size: int = SYNTHETIC_VIDEO_SIZES['image_size']
+  seed: int = SYNTHETIC_VIDEO_SIZES['seed']
+  vocab_size: int = SYNTHETIC_VIDEO_SIZES['vocab_size']
 
 
 DEFAULT = SyntheticVideoConfig(name='default',
@@ -45,59 +46,34 @@ def generate(cfg: SyntheticVideoConfig, split: str, count: int) -> list:
 class SyntheticVideo(generated.Generated, tfds.core.GeneratorBasedBuilder):
   """Shapes that move, appear, disappear or change colour, with captions that say so."""
 
-  VERSION = tfds.core.Version('1.1.0')
-  RELEASE_NOTES = {
-      '1.0.0': 'First release.',
-      '1.1.0': 'Written as ArrayRecord, for random access by the training input; a '
-               'deterministic WordPiece vocabulary (the same on every build). The '
-               'examples are unchanged.',
-  }
   BUILDER_CONFIGS = [DEFAULT]
-  code_path = None  # see SyntheticShapes: no checksums lookup, nothing is downloaded
+  generate = staticmethod(generate)
+
+  @staticmethod
+  def _counts(cfg):
+    return cfg.train_clips, cfg.eval_clips
 
   def _info(self) -> tfds.core.DatasetInfo:
     cfg = self.builder_config
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            'frames': tfds.features.Video(
-                shape=(cfg.frames, cfg.image_size, cfg.image_size, 3),
-                encoding_format='png'),
-            'captions': tfds.features.Sequence(tfds.features.Text()),
-            'image_id': tfds.features.Scalar(dtype=np.int64),
-            'kind': tfds.features.ClassLabel(names=list(motion.KINDS)),
-        }),
+        features=frames_lib.clip_features(
+            cfg.frames, cfg.image_size, 'png',
+            kind=tfds.features.ClassLabel(names=list(motion.KINDS))),
         # Filled while building: {'vocab': [tokens in id order]}.
         metadata=tfds.core.MetadataDict(),
         homepage='https://github.com/cookie-jax',
     )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager  # nothing to download: everything is generated
-    cfg = self.builder_config
-    data = {'train': generate(cfg, 'train', cfg.train_clips),
-            'val': generate(cfg, 'val', cfg.eval_clips),
-            'test': generate(cfg, 'test', cfg.eval_clips)}
-    self.info.metadata['vocab'] = train_wordpiece(
-        (c for row in data['train'] for c in row[2]), cfg.vocab_size)
-    return {split: self._generate_examples(rows) for split, rows in data.items()}
 
   def _generate_examples(self, rows):
     for i, pngs, caps, kind in rows:
       yield i, {'frames': pngs, 'captions': caps, 'image_id': i, 'kind': kind}
 
 
-def synthetic_video_config(train_clips=6000, train_captions=3, eval_clips=1000,
-                           eval_captions=5, frames=4, image_size=32, seed=0,
-                           vocab_size=512) -> SyntheticVideoConfig:
-  """The builder config for these sizes, named by them so each lives in its own folder."""
-  kw = dict(train_clips=train_clips, train_captions=train_captions, eval_clips=eval_clips,
-            eval_captions=eval_captions, frames=frames, image_size=image_size, seed=seed,
-            vocab_size=vocab_size)
-  if all(getattr(DEFAULT, k) == v for k, v in kw.items()):
-    return DEFAULT
-  name = (f'tr{train_clips}x{train_captions}_ev{eval_clips}x{eval_captions}'
-          f'_f{frames}_px{image_size}_s{seed}_v{vocab_size}')
-  configs = SyntheticVideo.builder_configs
-  if name not in configs:
-    configs[name] = SyntheticVideoConfig(name=name, description='custom sizes', **kw)
-  return configs[name]
+def synthetic_video_config(**sizes) -> SyntheticVideoConfig:
+  """The builder config for these sizes (keys of `SyntheticVideoConfig`; the rest
+  default)."""
+  return generated.sized_config(
+      SyntheticVideo, DEFAULT,
+      lambda c: (f'tr{c.train_clips}x{c.train_captions}_ev{c.eval_clips}x'
+                 f'{c.eval_captions}_f{c.frames}_px{c.image_size}_s{c.seed}'
+                 f'_v{c.vocab_size}'), **sizes)

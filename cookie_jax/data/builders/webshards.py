@@ -17,7 +17,8 @@ import tarfile
 
 from etils import epath
 
-from cookie_jax.data.builders import images
+from cookie_jax.data.builders import upright
+from cookie_jax.errors import ShardLayoutError
 
 IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')
 PARQUET_IMAGE_COLUMNS = ('jpg', 'png', 'webp')  # img2dataset's --encode_format names it
@@ -42,10 +43,6 @@ config.data.manual_dir must be an img2dataset output folder, either
   --output_format parquet: 00000.parquet, ... with an image column 'jpg' (bytes) and a
       caption column 'caption' (or 'txt'), plus 'key', 'url', ... as img2dataset writes.
 """
-
-
-class ShardLayoutError(ValueError):
-  """A shard that is not laid out as img2dataset writes it; the message names it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,7 +277,7 @@ def shard_examples(shard_index: int, kind: str, path: str, settings: Settings, s
       skips.add(reason, order, where)
       continue
     try:
-      jpeg, h, w = images.upright_jpeg(image, settings.max_side, settings.quality)
+      jpeg, h, w = upright.upright_jpeg(image, settings.max_side, settings.quality)
     except Exception:  # pylint: disable=broad-except  # any unreadable image is skipped
       skips.add('corrupt_image', order, where)
       continue

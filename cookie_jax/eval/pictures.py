@@ -1,6 +1,6 @@
 """Pictures of a retrieval evaluation: example queries with their results, and R@K curves.
 
-matplotlib is imported inside the drawing functions, so `import cookie_jax.evaluate_run`
+matplotlib is imported inside the drawing functions, so `import cookie_jax.eval.run`
 costs nothing when no picture is drawn. Figures are built with the object-oriented API
 (`Figure`, no pyplot), which renders with Agg and never touches the global backend of a
 notebook or GUI the caller may be running.

@@ -8,7 +8,7 @@ The protocol is the standard one of VSE++ / CLIP / COOKIE:
   ranks are 1-based; medr is the floor of the median rank (VSE++'s convention) and meanr
   the mean rank.
 * Ties are pessimistic: a negative scoring exactly as high as the best ground truth is
-  ranked before it (see cookie_jax/retrieval.py).
+  ranked before it (see cookie_jax/eval/search.py).
 * Layouts: 'full' ranks against the whole split (COCO 5K, Flickr30K 1K, MSRVTT's full
   2,990-video test with 20 captions each); 'coco1k' averages every metric over 5 folds of
   consecutive images with their captions (COCO 1K, folds of 1000 when the split has
@@ -23,7 +23,7 @@ the same image are the positives) and image retrieval (image -> image, images sh
 label are positives); the query itself is excluded from the gallery.
 
 Ranks are exact and computed block by block over a gallery sharded across the mesh
-(`retrieval.positive_ranks`), so no device ever holds the full queries x gallery matrix.
+(`search.positive_ranks`), so no device ever holds the full queries x gallery matrix.
 """
 
 import functools
@@ -35,7 +35,8 @@ import jax
 from jax.sharding import Mesh
 import numpy as np
 
-from cookie_jax import retrieval, sharding
+from cookie_jax import sharding
+from cookie_jax.eval import search
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +95,8 @@ def _check_split(image_emb, text_emb, caption_image_index):
     raise ValueError(
         f'Empty evaluation split: {n_img} images and {n_txt} captions. Retrieval needs at '
         'least one of each; check the split name and that the data were built.')
-  images = retrieval.as_embeddings(image_emb, 'image embeddings')
-  texts = retrieval.as_embeddings(text_emb, 'text embeddings')
+  images = search.as_embeddings(image_emb, 'image embeddings')
+  texts = search.as_embeddings(text_emb, 'text embeddings')
   if images.shape[1] != texts.shape[1]:
     raise ValueError(f'Image embeddings have dimension {images.shape[1]} but text '
                      f'embeddings {texts.shape[1]}; both must come from one model.')
@@ -116,12 +117,12 @@ def _check_split(image_emb, text_emb, caption_image_index):
 
 def _cross_modal(images, texts, index, mesh, block_size, query_block_size):
   ids = np.arange(images.shape[0], dtype=np.int32)
-  text_gallery = retrieval.prepare_gallery(texts, mesh, labels=index, block_size=block_size)
-  i2t = retrieval.positive_ranks(images, ids, text_gallery,
+  text_gallery = search.prepare_gallery(texts, mesh, labels=index, block_size=block_size)
+  i2t = search.positive_ranks(images, ids, text_gallery,
                                  query_block_size=query_block_size)
   del text_gallery
-  image_gallery = retrieval.prepare_gallery(images, mesh, labels=ids, block_size=block_size)
-  t2i = retrieval.positive_ranks(texts, index, image_gallery,
+  image_gallery = search.prepare_gallery(images, mesh, labels=ids, block_size=block_size)
+  t2i = search.positive_ranks(texts, index, image_gallery,
                                  query_block_size=query_block_size)
   out = rank_summary(i2t, 'i2t_') | rank_summary(t2i, 't2i_')
   out['rsum'] = sum(out[f'{d}_r{k}'] for d in ('i2t', 't2i') for k in RECALL_KS)
@@ -130,8 +131,8 @@ def _cross_modal(images, texts, index, mesh, block_size, query_block_size):
 
 def retrieval_metrics(image_emb, text_emb, caption_image_index, *, mesh: Mesh | None = None,
                       layout: str = 'full',
-                      block_size: int = retrieval.DEFAULT_BLOCK_SIZE,
-                      query_block_size: int = retrieval.DEFAULT_QUERY_BLOCK_SIZE
+                      block_size: int = search.DEFAULT_BLOCK_SIZE,
+                      query_block_size: int = search.DEFAULT_QUERY_BLOCK_SIZE
                       ) -> dict[str, float]:
   """Image<->text retrieval metrics of one split.
 
@@ -160,8 +161,8 @@ def retrieval_metrics(image_emb, text_emb, caption_image_index, *, mesh: Mesh | 
 
 def retrieval_metrics_folds(image_emb, text_emb, caption_image_index, *, num_folds: int,
                             mesh: Mesh | None = None,
-                            block_size: int = retrieval.DEFAULT_BLOCK_SIZE,
-                            query_block_size: int = retrieval.DEFAULT_QUERY_BLOCK_SIZE
+                            block_size: int = search.DEFAULT_BLOCK_SIZE,
+                            query_block_size: int = search.DEFAULT_QUERY_BLOCK_SIZE
                             ) -> dict[str, float]:
   """Every metric averaged over `num_folds` folds of consecutive images.
 
@@ -188,8 +189,8 @@ def retrieval_metrics_folds(image_emb, text_emb, caption_image_index, *, num_fol
 
 
 def unimodal_metrics(emb, labels, *, mesh: Mesh | None = None,
-                     block_size: int = retrieval.DEFAULT_BLOCK_SIZE,
-                     query_block_size: int = retrieval.DEFAULT_QUERY_BLOCK_SIZE
+                     block_size: int = search.DEFAULT_BLOCK_SIZE,
+                     query_block_size: int = search.DEFAULT_QUERY_BLOCK_SIZE
                      ) -> dict[str, float]:
   """Retrieval within one modality: items sharing a label are positives, the query itself
   is excluded. Text matching: `labels = caption_image_index`; image retrieval: the images'
@@ -202,13 +203,13 @@ def unimodal_metrics(emb, labels, *, mesh: Mesh | None = None,
   if n == 0:
     raise ValueError('Empty evaluation split: 0 items; check the split name and that the '
                      'data were built.')
-  x = retrieval.as_embeddings(emb, 'embeddings')
+  x = search.as_embeddings(emb, 'embeddings')
   lab = np.asarray(labels)
   if lab.shape != (n,) or not np.issubdtype(lab.dtype, np.integer) or lab.min() < 0:
     raise ValueError(f'labels must be non-negative integers of shape ({n},); got '
                      f'{lab.dtype} {lab.shape}.')
-  gallery = retrieval.prepare_gallery(x, mesh, labels=lab, block_size=block_size)
-  ranks = retrieval.positive_ranks(x, lab, gallery, exclude_self=True,
+  gallery = search.prepare_gallery(x, mesh, labels=lab, block_size=block_size)
+  ranks = search.positive_ranks(x, lab, gallery, exclude_self=True,
                                    query_block_size=query_block_size)
   ranked = ranks[ranks > 0]
   if ranked.size == 0:
@@ -292,7 +293,7 @@ def _encode(side: str, model_or_params, batches: Iterable[Mapping[str, Any]], me
   chunks = []
   for batch in batches:
     emb, keep = fn(params, _place(batch, _SIDE_KEYS[side], mesh))
-    emb, keep = retrieval.to_numpy(emb), retrieval.to_numpy(keep)
+    emb, keep = search.to_numpy(emb), search.to_numpy(keep)
     chunks.append(emb[keep.astype(bool)])
   if not chunks:
     return np.zeros((0, 0), np.float32)
@@ -319,7 +320,7 @@ def encode_texts(model_or_params, batches: Iterable[Mapping[str, Any]], mesh: Me
 
 def evaluate_retrieval(graphdef, params, eval_data, *, mesh: Mesh, layout: str = 'full',
                        text_matching: bool = True, progress: bool = False,
-                       block_size: int = retrieval.DEFAULT_BLOCK_SIZE) -> dict[str, float]:
+                       block_size: int = search.DEFAULT_BLOCK_SIZE) -> dict[str, float]:
   """Encodes a split once per side and returns its retrieval metrics.
 
   `eval_data` is `cookie_jax.data.pipeline.eval_data(...)` or anything with
@@ -347,7 +348,7 @@ def evaluate_retrieval(graphdef, params, eval_data, *, mesh: Mesh, layout: str =
 
 def metrics_from_embeddings(images, texts, caption_image_index, *, mesh: Mesh,
                             layout: str = 'full', text_matching: bool = True,
-                            block_size: int = retrieval.DEFAULT_BLOCK_SIZE,
+                            block_size: int = search.DEFAULT_BLOCK_SIZE,
                             visual: str = 'image') -> dict[str, float]:
   """The metrics of `evaluate_retrieval`, from embeddings already encoded; `visual`
   ('image' or 'video') names them (see `name_metrics`)."""

@@ -118,6 +118,41 @@ class MetricWriter:
       self._mirror.close()
 
 
+class DelayedFetch:
+  """The device metrics of the last logging step, held until the step after it is queued
+  on the devices and only then fetched, so that fetching them never leaves the devices
+  idle; and the throughput clock between two fetches."""
+
+  def __init__(self, start_step: int):
+    self._pending = None
+    self._tick, self._tick_step = time.perf_counter(), start_step
+
+  def hold(self, step: int, metrics: Mapping[str, jax.Array]) -> None:
+    for value in metrics.values():
+      value.copy_to_host_async()
+    self._pending = (step, metrics)
+
+  def fetch(self) -> tuple[int, dict] | None:
+    """(step, metrics on the host) of what `hold` kept, or None; waits for that step
+    only."""
+    if self._pending is None:
+      return None
+    step, metrics = self._pending
+    self._pending = None
+    return step, jax.device_get(metrics)
+
+  def steps_per_sec(self, step: int) -> float:
+    """Steps per second since the previous call (or the start, or `restart_clock`)."""
+    now = time.perf_counter()
+    rate = (step - self._tick_step) / (now - self._tick)
+    self._tick, self._tick_step = now, step
+    return rate
+
+  def restart_clock(self) -> None:
+    """After an evaluation: its time is not training throughput."""
+    self._tick = time.perf_counter()
+
+
 def drop_records_after(path: str, step: int) -> int:
   """Rewrites the metrics.jsonl at `path` without the records a run starting at `step`
   will write again: those past `step`, and at `step` the test results and the closing

@@ -6,27 +6,28 @@ It writes into WORKDIR/eval/ (process 0 only), as retrieval-<split>-<layout>-<st
   ...-examples.png   image queries with their top-5 captions and caption queries with
                      their top-5 images, ground truth marked.
 
-Each side of the split is encoded once. The metrics come from `evaluate.metrics_from_embeddings`
-on those embeddings (so they equal `evaluate.evaluate_retrieval`, which would encode
-again), the curve from exact ranks (`retrieval.positive_ranks`) and the examples from
-`retrieval.sharded_topk`.
+Each side of the split is encoded once. The metrics come from `protocol.metrics_from_embeddings`
+on those embeddings (so they equal `protocol.evaluate_retrieval`, which would encode
+again), the curve from exact ranks (`search.positive_ranks`) and the examples from
+`search.sharded_topk`.
 """
 
 import os
 import re
 
 from absl import logging
-from etils import epath
 from flax import nnx
 import jax
 import ml_collections
 import numpy as np
 
 from cookie_jax import checkpoint as ckpt_lib
-from cookie_jax import evaluate, retrieval, sharding
+from cookie_jax import sharding
+from cookie_jax.eval import protocol, search
 from cookie_jax.config import ConfigError, config_from_dict, validate_config
 from cookie_jax.data import tokenizer as tok_lib
-from cookie_jax.metrics import write_json
+from cookie_jax.metric_writer import write_json
+from cookie_jax.models import abstract_model
 
 EXAMPLE_IMAGE_QUERIES = 6
 EXAMPLE_TEXT_QUERIES = 4
@@ -47,74 +48,24 @@ def output_paths(workdir: str, split: str, step: int, *, layout: str = 'full',
           'examples': f'{base}-examples.png'}
 
 
-def checkpoint_directory(workdir: str) -> str:
-  """WORKDIR/checkpoints, checked to exist (`resolve_step` checks what it holds)."""
-  workdir = os.fspath(workdir)
-  if not epath.Path(workdir).is_dir():
-    raise FileNotFoundError(f'--workdir={workdir!r} does not exist; give the workdir of a '
-                            'training run (the folder holding checkpoints/).')
-  directory = os.path.join(workdir, 'checkpoints')
-  # Checked here, since orbax would report a missing folder in its own terms.
-  if not epath.Path(directory).is_dir():
-    raise FileNotFoundError(f'{workdir} holds no checkpoints/ folder, so no checkpoint to '
-                            'evaluate; train first with launch/train.py --workdir=' +
-                            workdir)
-  return directory
-
-
-def _open(directory: str):
-  """A manager that knows every item (orbax warns of items it has no handler for) and
-  never creates or deletes anything: it is only read from."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  return ocp.CheckpointManager(
-      directory, item_handlers={'state': ocp.PyTreeCheckpointHandler(),
-                                'data': ocp.JsonCheckpointHandler(),
-                                'config': ocp.JsonCheckpointHandler()},
-      options=ocp.CheckpointManagerOptions(create=False))
-
-
 def resolve_step(directory: str, step: int | None) -> tuple[int, ml_collections.ConfigDict]:
   """The step to evaluate (default: the latest) and the config saved with it."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  manager = _open(directory)
-  try:
-    steps = sorted(manager.all_steps())
-    if not steps:
-      raise FileNotFoundError(f'{directory} holds no finished checkpoint; train first, or '
-                              'give the workdir of a run that saved one.')
-    step = steps[-1] if step is None else int(step)
-    if step not in steps:
-      raise FileNotFoundError(f'--step={step}: {directory} has checkpoints at steps '
-                              f'{steps} only.')
-    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  finally:
-    manager.close()
-  if not saved['config']:
+  step = ckpt_lib.resolve_step(directory, step)
+  saved = ckpt_lib.saved_config(directory, step)
+  if not saved:
     raise FileNotFoundError(f'{directory}/{step} has no saved config; pass --config with '
                             'the config the run was trained with.')
-  return step, config_from_dict(dict(saved['config']))
+  return step, config_from_dict(saved)
 
 
 def restore_params(config: ml_collections.ConfigDict, directory: str, step: int, mesh):
   """(graphdef, params) of `step`: the parameters alone (no optimiser state, which is
   twice their size), restored straight into their shardings on `mesh`."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from cookie_jax.step import init_model  # pylint: disable=g-import-not-at-top
-  graphdef, abstract_state = nnx.split(
-      nnx.eval_shape(lambda: init_model(config.model, config.seed)))
+  graphdef, abstract_state = abstract_model(config.model)
   abstract = ckpt_lib.abstract_with_shardings(
       nnx.to_pure_dict(abstract_state), sharding.param_shardings(abstract_state, mesh))
-  manager = _open(directory)
-  try:
-    stored = manager.item_metadata(step)['state']['params']
-    ckpt_lib.check_compatible(stored, abstract, f'The checkpoint {directory}/{step}')
-    target = {'params': abstract}
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True)))
-  finally:
-    manager.close()
-  return graphdef, restored['state']['params']
+  params, _ = ckpt_lib.load_params(directory, abstract, step)
+  return graphdef, params
 
 
 def _eval_data(pipeline, config, split: str, layout: str):
@@ -134,13 +85,13 @@ def _eval_data(pipeline, config, split: str, layout: str):
   # pictures can read the pixels back without a gather.
   data = pipeline.eval_data(data_cfg, split, image_size=config.model.vision.image_size,
                             batch_size=config.eval.batch_size)
-  if layout == 'coco1k' and data.num_images % evaluate.COCO1K_FOLDS:
-    raise ConfigError(f'--layout=coco1k splits the images into {evaluate.COCO1K_FOLDS} '
+  if layout == 'coco1k' and data.num_images % protocol.COCO1K_FOLDS:
+    raise ConfigError(f'--layout=coco1k splits the images into {protocol.COCO1K_FOLDS} '
                       f'equal folds, but split {split!r} has {data.num_images} images; '
                       "use --layout=full.")
   if layout == 'msrvtt1k':
     try:
-      evaluate.check_msrvtt1k(data.num_images, data.caption_image_index)
+      protocol.check_msrvtt1k(data.num_images, data.caption_image_index)
     except ValueError as e:
       raise ConfigError(f'--layout=msrvtt1k --split={split!r}: {e}') from None
   return data
@@ -153,7 +104,7 @@ def recall_curve(images, texts, index, *, mesh, layout: str = 'full',
   With layout 'coco1k' the curve is the mean of the folds' curves, as the metrics are, so
   its values at K = 1, 5, 10 are the reported R@1/5/10.
   """
-  folds = evaluate.COCO1K_FOLDS if layout == 'coco1k' else 1
+  folds = protocol.COCO1K_FOLDS if layout == 'coco1k' else 1
   size = len(images) // folds
   # Up to the caption gallery's size: beyond the image gallery's, text->image is 100.
   ks = np.arange(1, min(max_k, len(texts) // folds) + 1)
@@ -162,10 +113,10 @@ def recall_curve(images, texts, index, *, mesh, layout: str = 'full',
     lo, hi = f * size, (f + 1) * size
     sel = (index >= lo) & (index < hi)
     fold_index, ids = index[sel] - lo, np.arange(size, dtype=np.int32)
-    text_gallery = retrieval.prepare_gallery(texts[sel], mesh, labels=fold_index)
-    i2t = retrieval.positive_ranks(images[lo:hi], ids, text_gallery)
-    image_gallery = retrieval.prepare_gallery(images[lo:hi], mesh, labels=ids)
-    t2i = retrieval.positive_ranks(texts[sel], fold_index, image_gallery)
+    text_gallery = search.prepare_gallery(texts[sel], mesh, labels=fold_index)
+    i2t = search.positive_ranks(images[lo:hi], ids, text_gallery)
+    image_gallery = search.prepare_gallery(images[lo:hi], mesh, labels=ids)
+    t2i = search.positive_ranks(texts[sel], fold_index, image_gallery)
     for name, ranks in (('i2t', i2t), ('t2i', t2i)):
       curves[name].append(100.0 * np.mean(ranks[:, None] <= ks[None], axis=0))
   return {'k': ks.tolist(),
@@ -188,7 +139,7 @@ def _topk_as_ranked(queries, labels, placed, gallery_labels, k: int):
   """
   fetch = min(placed.size, 2 * k)
   while True:
-    scores, top = retrieval.sharded_topk(queries, placed, fetch)
+    scores, top = search.sharded_topk(queries, placed, fetch)
     if fetch == placed.size or np.all(scores[:, -1] < scores[:, k - 1]):
       break
     fetch = min(placed.size, 2 * fetch)
@@ -215,10 +166,10 @@ def example_results(images, texts, index, *, mesh, top_k: int = EXAMPLE_TOP_K,
       # Half a step later, so that caption queries come from other images.
       ('t2i', texts, index, images, ids, num_text_queries, 0.5)):
     chosen = _spread(len(queries), count, offset)
-    placed = retrieval.prepare_gallery(gallery, mesh, labels=gallery_labels)
+    placed = search.prepare_gallery(gallery, mesh, labels=gallery_labels)
     scores, top = _topk_as_ranked(queries[chosen], labels[chosen], placed, gallery_labels,
                                   min(top_k, len(gallery)))
-    ranks = retrieval.positive_ranks(queries[chosen], labels[chosen], placed)
+    ranks = search.positive_ranks(queries[chosen], labels[chosen], placed)
     truths = []
     for q in chosen:
       positives = np.flatnonzero(gallery_labels == labels[q])
@@ -248,7 +199,7 @@ def _picture(pixels: np.ndarray) -> np.ndarray:
 
 
 def _draw(data, config, examples, curve, paths, title) -> None:
-  from cookie_jax import eval_pictures as pictures  # pylint: disable=g-import-not-at-top
+  from cookie_jax.eval import pictures  # pylint: disable=g-import-not-at-top
   if data.process_count > 1:
     # This process's batches hold only its rows; read the whole split here.
     from cookie_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -286,7 +237,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict | None, workdir: str, 
     config: the config to evaluate with; None = the one saved with the checkpoint. Its
       model must be the checkpoint's (checked); data and eval settings may differ.
     split: 'val', 'test' (config.data.val_split / test_split) or a tfds split.
-    layout: 'full', 'coco1k' or 'msrvtt1k' (see cookie_jax/evaluate.py).
+    layout: 'full', 'coco1k' or 'msrvtt1k' (see cookie_jax/eval/protocol.py).
     pictures: also draw the example and Recall@K PNGs.
   Returns:
     What the JSON file (`output_paths`) holds: the metrics of `evaluate_retrieval`
@@ -294,9 +245,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict | None, workdir: str, 
     split's sizes and `recall_curve` ({'k', 'i2t', 't2i'} or {'k', 'v2t', 't2v'}); and
     `files`, the paths written.
   """
-  if layout not in evaluate.LAYOUTS:
-    raise ConfigError(f'--layout={layout!r}: use one of {list(evaluate.LAYOUTS)}.')
-  directory = checkpoint_directory(workdir)
+  if layout not in protocol.LAYOUTS:
+    raise ConfigError(f'--layout={layout!r}: use one of {list(protocol.LAYOUTS)}.')
+  directory = ckpt_lib.find_checkpoints(workdir)
   step, saved = resolve_step(directory, step)
   config = validate_config(saved if config is None else config,
                            num_devices=jax.device_count())
@@ -309,15 +260,15 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict | None, workdir: str, 
                data.split, data.num_images, data.num_captions)
 
   model = (graphdef, params)
-  images = evaluate.encode_images(model, data.image_batches(), mesh, progress=progress,
+  images = protocol.encode_images(model, data.image_batches(), mesh, progress=progress,
                                   total=data.num_image_batches)
-  texts = evaluate.encode_texts(model, data.text_batches(), mesh, progress=progress,
+  texts = protocol.encode_texts(model, data.text_batches(), mesh, progress=progress,
                                 total=data.num_text_batches)
   index = np.asarray(data.caption_image_index)
   visual = getattr(data, 'visual', 'image')
-  result = evaluate.metrics_from_embeddings(images, texts, index, mesh=mesh, layout=layout,
+  result = protocol.metrics_from_embeddings(images, texts, index, mesh=mesh, layout=layout,
                                             visual=visual)
-  curve = evaluate.name_metrics(recall_curve(images, texts, index, mesh=mesh,
+  curve = protocol.name_metrics(recall_curve(images, texts, index, mesh=mesh,
                                              layout=layout), visual)
   result.update(step=step, split=split, layout=layout, num_images=data.num_images,
                 num_captions=data.num_captions, recall_curve=curve)
@@ -338,9 +289,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict | None, workdir: str, 
 def summary(result: dict) -> str:
   """A few lines for the console: the headline metrics and the files written."""
   def direction(prefix):
-    return ', '.join(f'R@{k} {result[f"{prefix}_r{k}"]:.1f}' for k in evaluate.RECALL_KS)
+    return ', '.join(f'R@{k} {result[f"{prefix}_r{k}"]:.1f}' for k in protocol.RECALL_KS)
   visual = 'video' if 'v2t_r1' in result else 'image'
-  to_v, from_v = evaluate.DIRECTIONS[visual]
+  to_v, from_v = protocol.DIRECTIONS[visual]
   lines = [f"{result['split']} split, step {result['step']}, layout {result['layout']} "
            f"({result['num_images']} {visual}s, {result['num_captions']} captions)",
            f"  {visual}->text  {direction(to_v)}, medr {result[f'{to_v}_medr']:.0f}",

@@ -27,8 +27,10 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 import numpy as np
+
+from cookie_jax import sharding
 
 DEFAULT_BLOCK_SIZE = 4096
 DEFAULT_QUERY_BLOCK_SIZE = 1024
@@ -41,7 +43,7 @@ def single_device_mesh() -> Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def _global(mesh: Mesh, spec: P, host: np.ndarray) -> jax.Array:
+def _global(mesh: Mesh, spec, host: np.ndarray) -> jax.Array:
   # make_array_from_callback works in multi-process runs, where every process holds the
   # same host copy and each device takes its own slice.
   return jax.make_array_from_callback(host.shape, NamedSharding(mesh, spec),
@@ -123,7 +125,7 @@ def prepare_gallery(embeddings, mesh: Mesh | None = None, *, labels=None,
   if total != size:
     emb = np.concatenate([emb, np.zeros((total - size, emb.shape[1]), np.float32)])
     lab = np.concatenate([lab, np.full(total - size, _NO_LABEL, np.int32)])
-  spec = P(mesh.axis_names)
+  spec = sharding.gallery_spec(mesh)
   return Gallery(embeddings=_global(mesh, spec, emb), labels=_global(mesh, spec, lab),
                  layout=Layout(mesh, size, rows, block))
 
@@ -231,8 +233,9 @@ def _topk_program(layout: Layout, k: int, approx: bool, recall_target: float):
     top_s, pos = jax.lax.top_k(cand_s, k)
     return top_s, jnp.take_along_axis(cand_i, pos, axis=1)
 
-  return jax.jit(jax.shard_map(local, mesh=layout.mesh, in_specs=(P(), P(axes), P(axes)),
-                               out_specs=(P(), P())))
+  rows, rep = sharding.gallery_spec(layout.mesh), sharding.REPLICATED
+  return jax.jit(jax.shard_map(local, mesh=layout.mesh, in_specs=(rep, rows, rows),
+                               out_specs=(rep, rep)))
 
 
 @functools.lru_cache(maxsize=64)
@@ -271,8 +274,8 @@ def _ranks_program(layout: Layout):
     return jnp.where(best > -jnp.inf, count + 1, 0)
 
   return jax.jit(jax.shard_map(
-      local, mesh=layout.mesh, in_specs=(P(), P(), P(), P(axes), P(axes)),
-      out_specs=P()))
+      local, mesh=layout.mesh, in_specs=(sharding.REPLICATED,) * 3 +
+      (sharding.gallery_spec(layout.mesh),) * 2, out_specs=sharding.REPLICATED))
 
 
 def _query_chunks(n: int, query_block_size: int):
@@ -327,7 +330,7 @@ def sharded_topk(queries, gallery, k: int, *, mesh: Mesh | None = None,
   chunk, spans = _query_chunks(q.shape[0], query_block_size)
   scores, indices = [], []
   for lo, hi in spans:
-    qc = _global(g.mesh, P(), _padded(q[lo:hi], chunk, 0.0))
+    qc = _global(g.mesh, sharding.REPLICATED, _padded(q[lo:hi], chunk, 0.0))
     s, i = program(qc, g.embeddings, g.labels)
     scores.append(to_numpy(s)[:hi - lo])
     indices.append(to_numpy(i)[:hi - lo])
@@ -361,7 +364,7 @@ def positive_ranks(queries, query_labels, gallery: Gallery, *, exclude_self: boo
   chunk, spans = _query_chunks(q.shape[0], query_block_size)
   ranks = []
   for lo, hi in spans:
-    args = [_global(gallery.mesh, P(), _padded(x[lo:hi], chunk, fill))
+    args = [_global(gallery.mesh, sharding.REPLICATED, _padded(x[lo:hi], chunk, fill))
             for x, fill in ((q, 0.0), (q_lab, -2), (q_self, -1))]
     ranks.append(to_numpy(program(*args, gallery.embeddings, gallery.labels))[:hi - lo])
   return np.concatenate(ranks).astype(np.int64)

@@ -3,7 +3,7 @@
 A folder of pictures is read with PIL, which knows JPEG, PNG and WebP (TensorFlow's
 decoder has no WebP) and lets a bad file be named instead of failing the whole pass.
 Pictures are turned upright by their EXIF orientation, and converted to 8-bit RGB as the
-Karpathy builder does (`builders.images.to_rgb`: 16-bit scaled, transparency over white). The
+Karpathy builder does (`builders.upright.to_rgb`: 16-bit scaled, transparency over white). The
 decoded pixels then take exactly the evaluation view of the tfds path
 (`augment.eval_resize_crop` + `augment.normalize`), so a PNG gives the same model input
 from a folder as from a tfds split.
@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 import tensorflow_datasets as tfds
 
 from cookie_jax.data import augment, sources
-from cookie_jax.data.builders.images import to_rgb
+from cookie_jax.data.builders.upright import to_rgb
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp')
 
