@@ -15,6 +15,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 import ml_collections
 import optax
 
+from cookie_jax import freeze as freeze_lib
 from cookie_jax import losses as losses_lib
 from cookie_jax import objectives, optim, sharding
 from cookie_jax.models import CookieModel
@@ -62,7 +63,7 @@ def train_state_setup(config: ml_collections.ConfigDict, mesh: Mesh):
   abstract_model = nnx.eval_shape(lambda: init_model(config.model, config.seed))
   graphdef, abstract_state = nnx.split(abstract_model)
   param_shardings = sharding.param_shardings(abstract_state, mesh)
-  tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
+  tx, schedule = optim.make_optimizer(config.optim, config.train.steps, config.train.freeze)
 
   def init_fn():
     params = nnx.to_pure_dict(nnx.state(init_model(config.model, config.seed)))
@@ -170,18 +171,22 @@ def make_grad_fn(config: ml_collections.ConfigDict, setup: Setup, constants=None
                      '(see cookie_jax.data.concepts); pass `constants`.')
   constants = None if constants is None else jax.tree.map(jnp.asarray, dict(constants))
 
+  # Locked parameters (train.freeze) are cut from autodiff before the model runs.
+  locked = lambda params: freeze_lib.stop_frozen(params, config.train.freeze)
+
   def inputs_fn(params, batch, rng):
-    return objectives.loss_inputs(nnx.merge(setup.graphdef, params), batch, rng, loss_cfg,
-                                  constants)
+    return objectives.loss_inputs(nnx.merge(setup.graphdef, locked(params)), batch, rng,
+                                  loss_cfg, constants)
 
   def scales_fn(params):
-    return objectives.loss_scales(nnx.merge(setup.graphdef, params), loss_cfg)
+    return objectives.loss_scales(nnx.merge(setup.graphdef, locked(params)), loss_cfg)
 
   def total_of(terms):
     return sum(loss_cfg[name].weight * value for name, value in terms.items())
 
   def reported_scale(scales):
-    return scales.get('cross_modal')
+    scale = scales.get('cross_modal')
+    return scale[0] if isinstance(scale, tuple) else scale  # sigmoid form: (t, c)
 
   if num_micro == 1:
     compute = sharded_losses(setup.mesh, chunk_size=loss_cfg.chunk_size, options=options)
