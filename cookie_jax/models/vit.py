@@ -68,7 +68,9 @@ class ViT(nnx.Module):
     b, n = x.shape[0], x.shape[1] - 1
     noise = jax.random.uniform(rng, (b // group, n))
     keep = jnp.sort(jax.lax.top_k(noise, self.keep_count(n))[1], axis=1)
-    keep = jnp.repeat(keep, group, axis=0)
+    # Pinned like the tokens, so that each device gathers its own images' patches.
+    keep = layers.constrain(jnp.repeat(keep, group, axis=0), ('batch', None))
+    x = layers.constrain(x, ('batch', 'length', 'embed'))
     patches = jnp.take_along_axis(x[:, 1:], keep[..., None], axis=1)
     return jnp.concatenate([x[:, :1], patches], axis=1)
 
