@@ -139,6 +139,7 @@ def test_sigmoid_train_step_with_patch_dropout_on_8_devices_equals_one():
   runs = []
   for layout, devices in (((1, 1, 1), jax.devices()[:1]), ((2, 2, 2), jax.devices())):
     config = _config()
+    config.loss.visual.weight = config.loss.textual.weight = 0.0  # a smaller compile
     config.loss.cross_modal.form = 'sigmoid'
     config.model.logit_bias = True
     config.model.temperature_init = 0.1
@@ -146,9 +147,10 @@ def test_sigmoid_train_step_with_patch_dropout_on_8_devices_equals_one():
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = layout
     runs.append(_train(config, devices, _batches(3)))
   (s1, h1, _), (s8, h8, _) = runs
-  for name in ('loss', 'loss/cross_modal', 'loss/visual', 'temperature'):
+  for name in ('loss', 'loss/cross_modal', 'grad_norm', 'temperature'):
+    tol = dict(rtol=1e-5, atol=0) if name == 'grad_norm' else dict(rtol=0, atol=1e-5)
     np.testing.assert_allclose([float(h[name]) for h in h8], [float(h[name]) for h in h1],
-                               rtol=0, atol=1e-5, err_msg=name)
+                               err_msg=name, **tol)
   assert float(h1[0]['temperature']) == pytest.approx(0.1, rel=1e-5)
   for p, q in zip(jax.tree.leaves(s8.params), jax.tree.leaves(s1.params)):
     np.testing.assert_allclose(p, q, rtol=0, atol=1e-5)
