@@ -36,7 +36,7 @@ def default_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       # form: 'softmax' (the InfoNCE above) | 'sigmoid' (SigLIP's pairwise sigmoid loss
       # with a learned scale and bias, computed as a ring over the batch devices; needs
       # model.logit_bias=True; SigLIP's init: model.temperature_init=0.1,
-      # model.logit_bias_init=-10; see losses/sigmoid.py and configs/base.py:siglip).
+      # model.logit_bias_init=-10; see losses/sigmoid.py).
       cross_modal=dict(weight=1.0, temperature=0.0, negative_weighting='none',
                        diversity_beta=0.0, topk=16, form='softmax'),
       # image<->image: each image embedding against its partner view (see losses/contrastive.py).
@@ -346,8 +346,7 @@ def _check_cost_levers(config):
   if cm.form == 'sigmoid' and cm.weight > 0:
     _require(m.logit_bias, 'model.logit_bias', m.logit_bias,
              "loss.cross_modal.form='sigmoid' learns a logit bias: set model.logit_bias="
-             'True (SigLIP: model.temperature_init=0.1, model.logit_bias_init=-10), or '
-             'use configs/base.py:siglip.')
+             'True (SigLIP: model.temperature_init=0.1, model.logit_bias_init=-10).')
     refused = (('loss.momentum.queue_size', losses.momentum.queue_size, 0,
                 "CODER's momentum queue adds softmax negatives"),
                ('loss.cross_modal.negative_weighting', cm.negative_weighting, 'none',
