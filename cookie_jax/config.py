@@ -47,8 +47,12 @@ def _loss_config() -> ml_collections.ConfigDict:
       # 'topk' (in-batch hard-negative mining: only the `topk` most similar negatives).
       # temperature: 0 = learned (model.temperature_init); > 0 = fixed, e.g. VLDeformer's
       # sharp 0.02. See losses/contrastive.py.
+      # form: 'softmax' (the InfoNCE above) | 'sigmoid' (SigLIP's pairwise sigmoid loss
+      # with a learned scale and bias, computed as a ring over the batch devices; needs
+      # model.logit_bias=True; SigLIP's init: model.temperature_init=0.1,
+      # model.logit_bias_init=-10; see losses/sigmoid.py).
       cross_modal=dict(weight=1.0, temperature=0.0, negative_weighting='none',
-                       diversity_beta=0.0, topk=16),
+                       diversity_beta=0.0, topk=16, form='softmax'),
       # image<->image: each image embedding against its partner view (see losses/contrastive.py).
       # partner: 'augmented' (a second augmented view through the same path) or 'external'
       # (a fixed partner embedding supplied with the batch as `image_partner`).
@@ -113,6 +117,12 @@ def _train_config() -> ml_collections.ConfigDict:
       init_from='',
       # Which step of `init_from`; -1 = its latest.
       init_step=-1,
+      # Locked parameters (LiT): regular expressions over '/'-joined parameter paths, each
+      # matching whole leading path components, e.g. ('vision',) for the image tower or
+      # ('text/layer/[0-3]',) for four text layers (cookie_jax/freeze.py). Frozen
+      # parameters get no gradient (stop_gradient before the loss), no optimiser state
+      # and no weight decay. () = train everything.
+      freeze=(),
       # Show a console progress bar (process 0).
       progress_bar=True,
       # Peak matmul FLOP/s of one device, for train/mfu; 0 = from the table in
@@ -342,6 +352,48 @@ def _check_method_options(config):
   _require(co.captions >= 1, 'loss.concept.captions', co.captions, 'must be >= 1.')
 
 
+def _check_cost_levers(config):
+  """SigLIP's sigmoid form, locked parameters (LiT) and patch dropout (FLIP)."""
+  losses, m = config.loss, config.model
+  cm = losses.cross_modal
+  _require(cm.form in ('softmax', 'sigmoid'), 'loss.cross_modal.form', cm.form,
+           "use 'softmax' (InfoNCE) or 'sigmoid' (SigLIP).")
+  if cm.form == 'sigmoid' and cm.weight > 0:
+    _require(m.logit_bias, 'model.logit_bias', m.logit_bias,
+             "loss.cross_modal.form='sigmoid' learns a logit bias: set model.logit_bias="
+             'True (SigLIP: model.temperature_init=0.1, model.logit_bias_init=-10).')
+    refused = (('loss.momentum.queue_size', losses.momentum.queue_size, 0,
+                "CODER's momentum queue adds softmax negatives"),
+               ('loss.cross_modal.negative_weighting', cm.negative_weighting, 'none',
+                'negative weighting re-weights the softmax over negatives'),
+               ('loss.hard_negatives.captions', losses.hard_negatives.captions, False,
+                'composed hard negatives are extra softmax negatives'),
+               ('loss.hard_negatives.images', losses.hard_negatives.images, False,
+                'composed hard negatives are extra softmax negatives'),
+               ('loss.concept.weight', losses.concept.weight, 0.0,
+                "CODER's concept term shares the softmax form's temperature"))
+    for key, value, off, why in refused:
+      _require(value == off, key, value,
+               f"not with loss.cross_modal.form='sigmoid' ({why}, which SigLIP's pairwise "
+               f"loss has none of): set {key.split('.', 1)[1]}={off!r} or use "
+               "form='softmax'.")
+  if m.logit_bias:
+    _require(cm.form == 'sigmoid', 'model.logit_bias', m.logit_bias,
+             "only loss.cross_modal.form='sigmoid' uses the logit bias; set it to False, "
+             "or set loss.cross_modal.form='sigmoid'.")
+  pd = m.vision.patch_dropout
+  _require(isinstance(pd, (int, float)) and 0.0 <= pd < 1.0, 'model.vision.patch_dropout',
+           pd, 'must be in [0, 1): the fraction of patch tokens dropped in training, e.g. '
+           '0.5 (FLIP); 0 = off.')
+  freeze = config.train.freeze
+  _require(isinstance(freeze, (tuple, list)) and all(isinstance(p, str) and p
+                                                     for p in freeze),
+           'train.freeze', freeze, "must be a tuple of parameter-path patterns, e.g. "
+           "('vision',) or ('text/layer/[0-3]',); () = train everything.")
+  from cookie_jax.freeze import check_patterns  # pylint: disable=g-import-not-at-top
+  check_patterns(freeze)
+
+
 def _check_video(config):
   v = config.model.video
   _require(v.num_frames >= 0, 'model.video.num_frames', v.num_frames,
@@ -420,6 +472,7 @@ def _check_losses(config) -> None:
            'loss.cross_modal.weight', losses.cross_modal.weight,
            'at least one loss weight must be positive.')
   _check_method_options(config)
+  _check_cost_levers(config)
   _require(losses.chunk_size >= 0, 'loss.chunk_size', losses.chunk_size,
            'must be >= 0 (0 = unchunked).')
   for name in ('visual', 'textual'):

@@ -57,7 +57,10 @@ def replicated_args(model: CookieModel, loss_cfg) -> dict[str, jax.Array]:
   the prototypes."""
   replicated = {}
   for name in active_terms(loss_cfg):
-    if name in ('cross_modal', 'concept'):
+    if name == 'cross_modal' and loss_cfg.cross_modal.form == 'sigmoid':
+      # SigLIP's (t, c): the logit scale and the learned bias (losses/sigmoid.py).
+      replicated[name] = (cross_modal_scale(model, loss_cfg), model.logit_bias[...])
+    elif name in ('cross_modal', 'concept'):
       replicated[name] = cross_modal_scale(model, loss_cfg)
     elif name == 'cluster':
       replicated[name] = model.prototypes[...]
@@ -70,6 +73,8 @@ def loss_options(loss_cfg) -> dict[str, dict[str, Any]]:
   """Static keyword options of the terms (see `compute_losses`)."""
   cm = loss_cfg.cross_modal
   options = {}
+  if cm.form == 'sigmoid':
+    options['cross_modal'] = {'form': 'sigmoid'}
   if cm.negative_weighting != 'none':
     weighting = NegativeWeighting(cm.negative_weighting, beta=float(cm.diversity_beta),
                                   topk=int(cm.topk))
@@ -172,6 +177,8 @@ def config_summary(loss_cfg: ml_collections.ConfigDict) -> str:
     parts.append(f'hard_negatives(captions={hn.captions}, images={hn.images})')
   if loss_cfg.momentum.queue_size:
     parts.append(f'queue={loss_cfg.momentum.queue_size}@{loss_cfg.momentum.momentum:g}')
+  if loss_cfg.cross_modal.form != 'softmax':
+    parts.append(f'cross_modal.form={loss_cfg.cross_modal.form}')
   if loss_cfg.cross_modal.negative_weighting != 'none':
     parts.append(f'weighting={loss_cfg.cross_modal.negative_weighting}')
   return ', '.join(parts)

@@ -45,12 +45,18 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, freeze=()
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW (+ clipping) and its schedule; `freeze` (config `train.freeze`) locks the
+  parameters it matches: no update, no optimiser state, no decay (cookie_jax/freeze.py)."""
   schedule = learning_rate_schedule(cfg, total_steps)
   parts = []
   if cfg.clip_norm > 0:
     parts.append(optax.clip_by_global_norm(cfg.clip_norm))
   parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                            weight_decay=cfg.weight_decay, mask=decay_mask))
-  return optax.chain(*parts), schedule
+  tx = optax.chain(*parts)
+  if freeze:
+    from cookie_jax import freeze as freeze_lib  # pylint: disable=g-import-not-at-top
+    tx = freeze_lib.locked_optimizer(tx, tuple(freeze))
+  return tx, schedule

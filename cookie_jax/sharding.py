@@ -156,9 +156,27 @@ def batch_shards(mesh: Mesh) -> int:
 def opt_state_shardings(tx, opt_state_shapes, param_shardings, mesh: Mesh):
   """Optimiser-state leaves shaped like a parameter take that parameter's sharding."""
   import optax  # pylint: disable=g-import-not-at-top
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)
+  if any(is_masked(x) for x in jax.tree.leaves(opt_state_shapes, is_leaf=is_masked)):
+    # Locked parameters (train.freeze): the moments exist for the trained leaves only.
+    return _by_param_path(opt_state_shapes, param_shardings, mesh)
   return optax.tree_map_params(
       tx, lambda _, s: s, opt_state_shapes, param_shardings,
       transform_non_params=lambda _: replicated(mesh))
+
+
+def _by_param_path(opt_state_shapes, param_shardings, mesh: Mesh):
+  """Each state leaf whose path ends with a parameter's full path (AdamW's mu and nu of
+  it) takes that parameter's sharding; every other leaf (counts) is replicated."""
+  params = dict(jax.tree_util.tree_leaves_with_path(param_shardings))
+  lengths = sorted({len(p) for p in params}, reverse=True)
+
+  def pick(path, unused_leaf):
+    for n in lengths:
+      if n <= len(path) and tuple(path[-n:]) in params:
+        return params[tuple(path[-n:])]
+    return replicated(mesh)
+  return jax.tree_util.tree_map_with_path(pick, opt_state_shapes)
 
 
 def describe(shardings) -> dict[str, str]:

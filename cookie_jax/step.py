@@ -15,6 +15,7 @@ from jax.sharding import Mesh
 import ml_collections
 import optax
 
+from cookie_jax import freeze as freeze_lib
 from cookie_jax import losses as losses_lib
 from cookie_jax import momentum as momentum_lib
 from cookie_jax import objectives, optim, sharding
@@ -58,7 +59,7 @@ def train_state_setup(config: ml_collections.ConfigDict, mesh: Mesh):
   `create_train_state` runs, and what compiling a step for a large model needs."""
   graphdef, abstract_state = abstract_model(config.model)
   param_shardings = sharding.param_shardings(abstract_state, mesh)
-  tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
+  tx, schedule = optim.make_optimizer(config.optim, config.train.steps, config.train.freeze)
 
   def init_fn():
     params = nnx.to_pure_dict(nnx.state(init_model(config.model, config.seed)))
@@ -123,15 +124,19 @@ def make_grad_fn(config: ml_collections.ConfigDict, setup: Setup, constants=None
                      '(see cookie_jax.data.concepts); pass `constants`.')
   constants = None if constants is None else jax.tree.map(jnp.asarray, dict(constants))
 
+  # Locked parameters (train.freeze) are cut from autodiff before the model runs.
+  locked = lambda params: freeze_lib.stop_frozen(params, config.train.freeze)
+
   def inputs_fn(params, batch, rng):
-    return objectives.loss_inputs(nnx.merge(setup.graphdef, params), batch, rng, loss_cfg,
-                                  constants)
+    return objectives.loss_inputs(nnx.merge(setup.graphdef, locked(params)), batch, rng,
+                                  loss_cfg, constants)
 
   def replicated_fn(params):
-    return objectives.replicated_args(nnx.merge(setup.graphdef, params), loss_cfg)
+    return objectives.replicated_args(nnx.merge(setup.graphdef, locked(params)), loss_cfg)
 
   def reported_scale(replicated):
-    return replicated.get('cross_modal')
+    scale = replicated.get('cross_modal')
+    return scale[0] if isinstance(scale, tuple) else scale  # sigmoid form: (t, c)
 
   if num_micro == 1:
     compute = losses_lib.sharded_losses(setup.mesh, chunk_size=loss_cfg.chunk_size,

@@ -355,6 +355,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                              resuming=ckpt.latest_step() is not None,
                              init_from=config.train.init_from, write=jax.process_index() == 0)
   state, setup = step_lib.create_train_state(config, mesh)
+  if config.train.freeze:
+    from cookie_jax import freeze as freeze_lib  # pylint: disable=g-import-not-at-top
+    logging.info('%s', freeze_lib.summary(state.params, config.train.freeze))
   state, data_state = clock.call('restore', restore_or_initialise, config, ckpt, state,
                                  setup)
   if data_state is not None:

@@ -136,6 +136,7 @@ def export_config(path) -> ml_collections.ConfigDict:
   config = config_from_dict({'model': saved['model'], 'data': saved.get('data', {})})
   config.model.num_prototypes = 0  # hf_export.TRAINING_ONLY: not in the export
   config.model.concept_gcn_depth = 0
+  config.model.logit_bias = False  # SigLIP's bias: training-only too
   return config
 
 

@@ -159,7 +159,7 @@ def _preprocessor_config(vision_cfg, data_cfg) -> dict:
 
 
 # Parameters that shape training only and are left out of an export.
-TRAINING_ONLY = ('prototypes', 'concept_gcn')
+TRAINING_ONLY = ('prototypes', 'concept_gcn', 'logit_bias')
 
 
 def export_params(params, model_cfg, output, *, tokenizer=None, data_cfg=None,

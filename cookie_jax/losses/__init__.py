@@ -17,6 +17,7 @@ import jax
 from cookie_jax.losses.clustering import sinkhorn, swapped_prediction
 from cookie_jax.losses.contrastive import (AxisName, NegativeWeighting, info_nce,
                                            info_nce_chunked)
+from cookie_jax.losses.sigmoid import sigmoid_loss, sigmoid_loss_all_gather
 
 # name -> fn(a, b, replicated, axis_name, **options) -> global-mean scalar. `replicated`
 # is the logit scale for the InfoNCE terms and the prototypes for 'cluster'.
@@ -46,7 +47,9 @@ def compute_losses(pairs: Mapping[str, tuple[jax.Array, jax.Array]],
   `chunk_size > 0` (config `loss.chunk_size`) computes every plain InfoNCE term in chunks
   of that many negatives: same value and gradients, less memory at large batch.
   `negatives[term]` are extra negatives of an InfoNCE term and `options[term]` its keyword
-  options (see `info_nce`, `swapped_prediction`).
+  options (see `info_nce`, `swapped_prediction`); `{'form': 'sigmoid'}` makes the term
+  SigLIP's sigmoid loss (`sigmoid_loss`, a ring over devices, chunked by `chunk_size`
+  too), whose replicated argument is (scale, bias).
   """
   unknown = set(pairs) - set(LOSSES)
   if unknown:
@@ -55,6 +58,13 @@ def compute_losses(pairs: Mapping[str, tuple[jax.Array, jax.Array]],
 
   def fn(name):
     kwargs = dict(options.get(name, {}))
+    if kwargs.pop('form', 'softmax') == 'sigmoid':
+      # SigLIP's pairwise loss (losses/sigmoid.py); `replicated` is (scale, bias).
+      if name in negatives or kwargs:
+        raise ValueError(f'The sigmoid form of {name!r} takes no extra negatives and no '
+                         f'negative weighting (options {sorted(kwargs)}, extra negatives: '
+                         f'{name in negatives}).')
+      return functools.partial(sigmoid_loss, chunk_size=chunk_size)
     if name in negatives:
       kwargs['negatives'] = negatives[name]
     if chunk_size and LOSSES[name] is info_nce and not kwargs:
@@ -68,5 +78,5 @@ def compute_losses(pairs: Mapping[str, tuple[jax.Array, jax.Array]],
 from cookie_jax.losses.sharded import sharded_losses, weighted_total  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 __all__ = ['LOSSES', 'LOSS_NAMES', 'NegativeWeighting', 'compute_losses', 'info_nce',
-           'info_nce_chunked', 'sharded_losses', 'sinkhorn', 'swapped_prediction',
-           'weighted_total']
+           'info_nce_chunked', 'sharded_losses', 'sigmoid_loss', 'sigmoid_loss_all_gather',
+           'sinkhorn', 'swapped_prediction', 'weighted_total']

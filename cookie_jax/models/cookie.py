@@ -7,7 +7,8 @@ r"""COOKIE: two towers, a weight-sharing transformer on top, pooling, projection
 With `shared.depth == 0` it is a plain dual encoder (tower outputs are pooled directly).
 Video clips [B, T, H, W, 3] take the image path, with a temporal step between the ViT
 and the shared transformer (models/video.py).
-The temperature is learned as a log logit scale and clamped at `max_logit_scale`.
+The temperature is learned as a log logit scale and clamped at `max_logit_scale`; with
+`logit_bias` the model also learns SigLIP's logit bias (losses/sigmoid.py).
 """
 
 import math
@@ -68,6 +69,9 @@ class CookieModel(nnx.Module):
                                   rngs=rngs, use_bias=False)
     self.log_logit_scale = nnx.Param(jnp.asarray(math.log(1.0 / cfg.temperature_init),
                                                  jnp.float32), logical_axes=())
+    # SigLIP's learned logit bias (the sigmoid loss's c); only models built for it have one.
+    self.logit_bias = (nnx.Param(jnp.asarray(cfg.logit_bias_init, jnp.float32),
+                                 logical_axes=()) if cfg.logit_bias else None)
     # Heads into an external partner's embedding space for the knowledge-sharing losses.
     self.image_partner_head = (
         layers.dense(cfg.embed_dim, cfg.image_partner_dim, (None, None), dtype=dtype,
@@ -92,6 +96,10 @@ class CookieModel(nnx.Module):
   def logit_scale(self) -> jax.Array:
     """1 / temperature, clamped."""
     return jnp.exp(jnp.minimum(self.log_logit_scale[...], self.max_log_scale))
+
+  def sigmoid_params(self) -> tuple[jax.Array, jax.Array]:
+    """(t, c) of the sigmoid loss: the clamped logit scale and the learned bias."""
+    return self.logit_scale(), self.logit_bias[...]
 
   def embed_image(self, images: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
     """Unnormalised image embeddings [B, embed_dim], fp32; clips [B, T, H, W, 3] too."""

@@ -11,7 +11,10 @@ import ml_collections
 
 def _vit(image_size, patch_size, width, depth, heads, mlp_dim, dropout=0.0):
   return dict(image_size=image_size, patch_size=patch_size, width=width, depth=depth,
-              heads=heads, mlp_dim=mlp_dim, dropout=dropout, attention_dropout=dropout)
+              heads=heads, mlp_dim=mlp_dim, dropout=dropout, attention_dropout=dropout,
+              # FLIP's patch dropout: the fraction of patch tokens dropped per image (per
+              # clip for video) at training time, in [0, 1); evaluation keeps all.
+              patch_dropout=0.0)
 
 
 def _bert(width, depth, heads, mlp_dim, vocab_size=30522, max_positions=512, dropout=0.1):
@@ -92,6 +95,11 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       temperature_init=0.07,
       # Upper bound of the logit scale 1/temperature (CLIP's clamp).
       max_logit_scale=100.0,
+      # A learned logit bias, initialised at `logit_bias_init`: the c of SigLIP's sigmoid
+      # loss (loss.cross_modal.form='sigmoid' needs it; SigLIP: temperature_init=0.1,
+      # logit_bias_init=-10).
+      logit_bias=False,
+      logit_bias_init=-10.0,
       # Compute dtype of matmuls: 'float32' or 'bfloat16'. Parameters stay fp32.
       dtype='float32',
       # Rematerialise each transformer block in the backward pass (saves activation memory).

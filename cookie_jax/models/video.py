@@ -85,7 +85,9 @@ def clip_tokens(vision, temporal, clips: jax.Array, *, num_frames: int,
         'clip to build the video path, or feed [B, H, W, 3] images.')
   r_tower, r_temporal = layers.split_rng(rng, 2)
   b, t = clips.shape[:2]
-  tokens = vision(clips.reshape(b * t, *clips.shape[2:]), rng=r_tower)
+  # Under patch dropout the frames of a clip keep the same patch positions, so that the
+  # temporal step still pairs each token with the same place in the other frames.
+  tokens = vision(clips.reshape(b * t, *clips.shape[2:]), rng=r_tower, group=t)
   tokens = tokens.reshape(b, t, *tokens.shape[1:])
   if temporal is None:
     return jnp.mean(tokens, axis=1)
