@@ -128,7 +128,7 @@ def _sigmoid_config():
 def test_model_learns_siglip_scale_and_bias_from_their_init():
   config = _sigmoid_config()
   model = step.init_model(config.model, 0)
-  t, c = objectives.loss_scales(model, config.loss)['cross_modal']
+  t, c = objectives.replicated_args(model, config.loss)['cross_modal']
   assert float(t) == pytest.approx(10.0, rel=1e-6) and float(c) == -10.0
   # The default model has no bias parameter at all.
   assert step.init_model(default_config('tiny').model, 0).logit_bias is None
