@@ -58,8 +58,10 @@ class ViT(nnx.Module):
     return jnp.tanh(self.pooler(hidden[:, 0]).astype(jnp.float32))
 
   def keep_count(self, num_patches: int) -> int:
-    """Patch tokens an image keeps under patch dropout (open_clip's rounding: floor, >= 1)."""
-    return max(1, int(num_patches * (1.0 - self.patch_dropout)))
+    """Patch tokens an image keeps under patch dropout: floor(N * (1 - rate)), at least 1,
+    as open_clip rounds, but of the exact product: in floats 100 * (1 - 0.9) is
+    9.999999999999998, which open_clip's int() floors to 9 instead of 10."""
+    return max(1, int(num_patches * (1.0 - self.patch_dropout) + 1e-6))
 
   def drop_patches(self, x: jax.Array, rng: jax.Array, group: int = 1) -> jax.Array:
     """[B, 1 + N, d] -> [B, 1 + keep_count(N), d]: CLS and a random subset of patches,
