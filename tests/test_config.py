@@ -31,7 +31,7 @@ def test_every_variant_validates(variant):
     with pytest.raises(ConfigError, match=r'config\.eval\.data: config\.data\.manual_dir'):
       validate_config(config)
     config.eval.data.manual_dir = '/data/coco'
-  small = variant in ('tiny', 'demo', 'vldeformer', 'coder', 'video_demo')
+  small = variant in ('tiny', 'demo', 'vldeformer', 'coder', 'video_demo', 'lit')
   validate_config(config, num_devices=8 if small else 256)
 
 

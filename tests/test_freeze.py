@@ -165,3 +165,55 @@ def test_frozen_checkpoint_restores_onto_another_mesh_resumes_and_inits(tmp_path
   for p, q in zip(jax.tree.leaves(jax.device_get(params)),
                   jax.tree.leaves(jax.device_get(state8.params))):
     np.testing.assert_array_equal(p, q)
+
+
+def _recipe(name):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      'base_recipes', os.path.join(os.path.dirname(__file__), '..', 'configs', 'base.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(name)
+
+
+def test_lit_recipe_imports_minilm_locks_it_and_trains_the_image_tower():
+  """configs/base.py:lit as train.py sets it up (sizes from the checkpoint, validation,
+  the state, the MiniLM weights), then 2 real train steps on 8 devices: every text-tower
+  leaf is bit-identical to MiniLM's, the image tower moves."""
+  from cookie_jax.interop import hf_import  # pylint: disable=g-import-not-at-top
+  config = _recipe('lit')
+  assert config.train.freeze == ('text',) and config.model.image_init == ''
+  hf_import.configure_pretrained_towers(config)
+  assert (config.model.text.width, config.model.text.depth) == (384, 6)  # MiniLM's
+  config.train.batch_size = 8  # the recipe's 64 pairs, cut for the test
+  validate_config(config, num_devices=8)
+  mesh = sharding.make_mesh(config.mesh)
+  state, setup = step.create_train_state(config, mesh)
+  state = step.with_params(state, hf_import.apply_pretrained_towers(config, state.params))
+  before = _names(jax.device_get(state.params))
+  _, minilm = hf_import.tower_weights(config.model.text_init, 'text')
+  minilm = {'text/' + '/'.join(map(str, p)): v for p, v in minilm.items()}
+  assert len(minilm) > 90
+  for name, value in minilm.items():
+    np.testing.assert_array_equal(before[name], value, err_msg=name)
+
+  rng = np.random.default_rng(0)
+  size, length = config.model.vision.image_size, config.data.max_len
+  train_step = step.make_train_step(config, setup)
+  for _ in range(2):
+    mask = (np.arange(length)[None] < rng.integers(3, length, size=(8, 1))).astype(np.int32)
+    batch = dict(image=rng.normal(size=(8, size, size, 3)).astype(np.float32),
+                 image_view2=rng.normal(size=(8, size, size, 3)).astype(np.float32),
+                 input_ids=(rng.integers(1000, 30522, size=(8, length)) * mask
+                            ).astype(np.int32), attention_mask=mask)
+    state, metrics = train_step(state, sharding.to_global(mesh, batch))
+    assert np.isfinite(float(metrics['loss']))
+  after = _names(jax.device_get(state.params))
+  text = [n for n in before if n.startswith('text/')]
+  assert sorted(text) == sorted(minilm)  # the locked set is exactly the MiniLM tower
+  for name in text:
+    assert np.array_equal(after[name], before[name]), name
+  vision = [n for n in before if n.startswith('vision/')]
+  moved = [n for n in vision if np.abs(after[n] - before[n]).max() > 0]
+  assert len(moved) >= 0.9 * len(vision), sorted(set(vision) - set(moved))
+  assert np.abs(after['text_head/kernel'] - before['text_head/kernel']).max() > 0
