@@ -15,8 +15,10 @@ from cookie_jax import flops, sharding, step as step_lib
 from cookie_jax.config import default_config, validate_config
 
 
-def _xla_flops(config, constants=None) -> float:
-  """XLA's FLOPs of the jitted train step (the lowered program: no compilation)."""
+def _xla_flops(config, constants=None, compiled=False) -> float:
+  """XLA's FLOPs of the jitted train step: of the lowered program (no compilation), or
+  `compiled`, after XLA removed dead code (what a locked tower's custom-VJP matmuls
+  compute for it and autodiff then drops)."""
   b, s, t = config.train.batch_size, config.model.vision.image_size, config.data.max_len
   frames = (config.data.num_frames,) if config.model.video.num_frames else ()
   batch = {'image': np.zeros((b, *frames, s, s, 3), np.float32),
@@ -28,7 +30,7 @@ def _xla_flops(config, constants=None) -> float:
   state, setup = jax.eval_shape(lambda: step_lib.create_train_state(config, mesh))
   lowered = step_lib.make_train_step(config, setup, constants).lower(
       state, sharding.to_global(mesh, batch))
-  cost = lowered.cost_analysis()
+  cost = (lowered.compile() if compiled else lowered).cost_analysis()
   return float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
 
 
@@ -129,6 +131,76 @@ def test_flops_by_hand_and_the_passes_of_the_cookie_losses():
   # Both towers run twice; three InfoNCE terms.
   assert both['total'] == 3 * (2 * image + 2 * text + 3 * loss) + 2 * 2 * patch
   assert both['image/patch_embedding'] == 2 * 2 * patch
+
+
+def test_patch_dropout_runs_the_image_blocks_on_the_kept_tokens():
+  config = _wide(_cookie())
+  config.model.vision.patch_dropout = 0.75   # 16 patches: CLS + 4 in training
+  parts, full = flops.train_step_flops(config), flops.train_step_flops(_wide(_cookie()))
+  v, s, b = config.model.vision, config.model.shared, 16
+  # Two image passes (the visual term's second view), forward + backward.
+  assert parts['image/vision_blocks'] == 2 * 3 * flops.block_flops(b, 5, v.width, v.mlp_dim)
+  assert parts['image/shared_blocks'] == 2 * 3 * flops.block_flops(b, 5, s.width, s.mlp_dim)
+  assert parts['image/shared_in'] == 2 * 3 * 2 * b * 5 * v.width * s.width
+  # Every patch is still embedded; the text side is untouched.
+  for name in ('image/patch_embedding', 'image/head', 'text/text_blocks'):
+    assert parts[name] == full[name], name
+  # Evaluation (no rng) keeps all tokens.
+  assert flops.embed_image_flops(config.model, b) == flops.embed_image_flops(
+      _wide(_cookie()).model, b)
+  xla = _xla_flops(config)
+  assert 0.97 * xla < parts['total'] < xla, (parts['total'], xla)
+
+
+def _locked(patterns, text_depth=1):
+  config = _wide(_cookie())
+  config.loss.textual.weight = 0.0  # one text pass: a smaller program
+  config.model.text.depth = text_depth
+  config.train.freeze = patterns
+  return config
+
+
+TEXT_EMBEDDINGS = ('text/word_embeddings', 'text/position_embeddings',
+                   'text/token_type_embeddings', 'text/embeddings_norm')
+
+
+@pytest.mark.parametrize('patterns,text_depth', [
+    (('vision',), 1),                         # LiT: the image tower locked whole
+    (('text',), 1),                           # configs/base.py:lit's side
+    (('text/layer/0',), 2),                   # a locked block above trained embeddings
+    (TEXT_EMBEDDINGS + ('text/layer/0',), 2),  # a locked bottom, a trained block above
+])
+def test_locked_parameters_count_only_the_backward_autodiff_runs(patterns, text_depth):
+  config = _locked(patterns, text_depth)
+  parts = flops.train_step_flops(config)
+  full = flops.train_step_flops(_locked((), text_depth))
+  v, t, s, b, n = config.model.vision, config.model.text, config.model.shared, 16, 16
+  dense, attention, qkv = (2 * b * n * (4 * t.width ** 2 + 2 * t.width * t.mlp_dim),
+                           4 * b * n * n * t.width, 2 * b * n * 3 * t.width ** 2)
+  forward = dense + attention
+  if patterns == ('vision',):  # forward only; the shared input projection: dW, no dx
+    assert parts['image/vision_blocks'] == full['image/vision_blocks'] / 3
+    assert parts['image/patch_embedding'] == full['image/patch_embedding'] / 2
+    assert parts['image/shared_in'] == full['image/shared_in'] * 2 / 3
+  elif patterns == ('text',):
+    assert parts['text/text_blocks'] == forward
+    assert parts['text/shared_in'] == 2 * 2 * b * n * t.width * s.width
+  elif len(patterns) == 1:  # block 0: the input's gradient only (attention: both operands)
+    assert parts['text/text_blocks'] == (forward + dense + 2 * attention) + 3 * forward
+  else:  # block 0 forward only; block 1 all but its input's gradient
+    assert parts['text/text_blocks'] == forward + (3 * forward - qkv)
+  assert parts['total'] < full['total']
+  xla = _xla_flops(config, compiled=True)
+  assert 0.97 * xla < parts['total'] < xla, (patterns, parts['total'], xla)
+
+
+def test_sigmoid_form_counts_one_pair_matrix():
+  config = _cookie()
+  config.loss.cross_modal.form = 'sigmoid'
+  config.model.logit_bias = True
+  b, e = 16, config.model.embed_dim
+  assert flops.train_step_flops(config)['loss/cross_modal'] == 3 * 2 * b * b * e
+  assert flops.train_step_flops(_cookie())['loss/cross_modal'] == 3 * 2 * 2 * b * b * e
 
 
 @pytest.mark.parametrize('kind,dtype,peak', [

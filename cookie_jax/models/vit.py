@@ -19,6 +19,13 @@ from cookie_jax.models import layers
 PATCH_DROPOUT_STREAM = 0x50445250  # fold_in constant of the patch-dropout key
 
 
+def keep_count(num_patches: int, rate: float) -> int:
+  """Patch tokens an image keeps under patch dropout `rate`: floor(N * (1 - rate)), at
+  least 1, as open_clip rounds, but of the exact product: in floats 100 * (1 - 0.9) is
+  9.999999999999998, which open_clip's int() floors to 9 instead of 10."""
+  return max(1, int(num_patches * (1.0 - rate) + 1e-6))
+
+
 class ViT(nnx.Module):
   """Conv patch embedding, CLS token, learned positions, pre-LN blocks, final LayerNorm.
 
@@ -58,10 +65,7 @@ class ViT(nnx.Module):
     return jnp.tanh(self.pooler(hidden[:, 0]).astype(jnp.float32))
 
   def keep_count(self, num_patches: int) -> int:
-    """Patch tokens an image keeps under patch dropout: floor(N * (1 - rate)), at least 1,
-    as open_clip rounds, but of the exact product: in floats 100 * (1 - 0.9) is
-    9.999999999999998, which open_clip's int() floors to 9 instead of 10."""
-    return max(1, int(num_patches * (1.0 - self.patch_dropout) + 1e-6))
+    return keep_count(num_patches, self.patch_dropout)
 
   def drop_patches(self, x: jax.Array, rng: jax.Array, group: int = 1) -> jax.Array:
     """[B, 1 + N, d] -> [B, 1 + keep_count(N), d]: CLS and a random subset of patches,
