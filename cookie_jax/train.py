@@ -110,13 +110,30 @@ def _announce_compile(train_step):
   return call
 
 
-def _evaluate(pipeline, config, setup, params, split):
-  from cookie_jax import evaluate  # pylint: disable=g-import-not-at-top
-  data = pipeline.eval_data(eval_data_config(config.data, config.eval.data), split,
+def _eval_data(pipeline, config, setup, split):
+  return pipeline.eval_data(eval_data_config(config.data, config.eval.data), split,
                             image_size=config.model.vision.image_size,
                             batch_size=config.eval.batch_size, mesh=setup.mesh)
+
+
+def _evaluate(pipeline, config, setup, params, split, data=None):
+  from cookie_jax import evaluate  # pylint: disable=g-import-not-at-top
+  data = data or _eval_data(pipeline, config, setup, split)
   return evaluate.evaluate_retrieval(setup.graphdef, params, data, mesh=setup.mesh,
                                      progress=False)
+
+
+def _test_summary(data, result, workdir) -> str:
+  """The test figures beside chance and the split's ceiling, and where to look next."""
+  from cookie_jax import evaluate_run  # pylint: disable=g-import-not-at-top
+  from cookie_jax.eval import ceiling  # pylint: disable=g-import-not-at-top
+  pictures = evaluate_run.output_paths(workdir, 'test', result['step'])
+  return ceiling.summary(
+      result, ceiling.chance_of(data), ceiling.retrieval_ceiling_of(data),
+      split=data.split, files=[
+          ('figures', os.path.join(workdir, 'test_retrieval.json')),
+          ('pictures (python launch/eval.py --workdir=' + workdir + ')',
+           pictures['examples'] + ', ' + pictures['recall'])])
 
 
 def _eval_splits(pipeline, config) -> tuple[bool, bool]:
@@ -255,7 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                   metrics=metrics, force=force):
       last_saved = step
 
-  result, logged = {}, {}
+  result, logged, summary_text = {}, {}, ''
   bad = _BadRecords()
   # The device metrics of the last logging step, fetched by `flush` once the step after
   # it is queued on the devices, so that fetching them never leaves the devices idle.
@@ -322,13 +339,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if ckpt.preempted(step):  # asked to stop in the last step: the test waits for a re-run
       raise _stopped(step, ckpt)
     if test:
+      test_data = clock.call('eval', _eval_data, pipeline, config, setup,
+                             config.data.test_split)
       result = clock.call('eval', _evaluate, pipeline, config, setup, state.params,
-                          config.data.test_split)
+                          config.data.test_split, test_data)
       result['step'] = step
       writer.write(step, result, prefix='test/')
       metrics_lib.write_json(os.path.join(workdir, 'test_retrieval.json'), result)
       logging.info('Test retrieval at step %d: %s', step,
                    ', '.join(f'{k}={v:.2f}' for k, v in result.items()))
+      summary_text = _test_summary(test_data, result, workdir)
   finally:
     profiler.close()
     if hasattr(train_iter, 'close'):
@@ -340,4 +360,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.write(step, record.metrics())
     writer.close()
     logging.info('%s', goodput_lib.GoodputRecord.line(summary))
+  if summary_text:  # last, so that it is what the console ends with
+    logging.info('%s', summary_text)
   return {'step': step, 'train': logged, 'test': result}

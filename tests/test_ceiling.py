@@ -165,3 +165,36 @@ def test_summary_lines():
   # (355 - 3.19) / (537.5 - 3.19) = 65.8%
   assert 'has 66% of the way from chance' in lines[5]
   assert lines[6:] == ['  metrics: /w/test_retrieval.json', '  pictures: /w/eval/x.png']
+
+
+def test_a_run_ends_with_the_summary(tmp_path, caplog):
+  import json  # pylint: disable=g-import-not-at-top
+  import logging  # pylint: disable=g-import-not-at-top
+  from cookie_jax import train  # pylint: disable=g-import-not-at-top
+  from cookie_jax.config import default_config  # pylint: disable=g-import-not-at-top
+  config = default_config('tiny')
+  config.model.vision.image_size = 16
+  config.model.vision.depth = config.model.text.depth = 1
+  config.data.data_dir = str(tmp_path / 'tfds')
+  config.data.max_len = 12
+  config.data.synthetic.train_images = 64
+  config.data.synthetic.eval_images = 16
+  config.data.synthetic.image_size = 16
+  config.train.batch_size = 16
+  config.train.steps = 2
+  config.train.progress_bar = False
+  config.eval.batch_size = 16
+  workdir = str(tmp_path / 'run')
+  with caplog.at_level(logging.INFO):
+    train.train_and_evaluate(config, workdir)
+  last = caplog.records[-1].getMessage().splitlines()
+  with open(f'{workdir}/test_retrieval.json', encoding='utf-8') as f:
+    result = json.load(f)
+  assert last[0].startswith('test retrieval, step 2')
+  model = [float(v) for v in last[3].split()[1:]]
+  assert model == pytest.approx([round(result[f'{d}_r{k}'], 1) for d in ('i2t', 't2i')
+                                 for k in (1, 5, 10)] + [round(result['rsum'], 1)])
+  assert last[2].split()[0] == 'chance' and last[4].split()[0] == 'ceiling'
+  assert last[-2] == f'  figures: {workdir}/test_retrieval.json'
+  assert last[-1].endswith(f'{workdir}/eval/retrieval-test-full-2-examples.png, '
+                           f'{workdir}/eval/retrieval-test-full-2-recall.png')
