@@ -196,6 +196,17 @@ def restore_or_initialise(config, ckpt, state, setup):
   return state, None
 
 
+def restored_state(config: ml_collections.ConfigDict, workdir: str):
+  """(train state, data state) of the latest checkpoint in `workdir`, restored onto
+  `config`'s mesh and fetched to host memory: a finished or interrupted run, for a
+  notebook or a test to inspect. Allocates no initial parameters."""
+  _, abstract, setup = step_lib.train_state_setup(config, sharding.make_mesh(config.mesh))
+  restored, data_state, _ = ckpt_lib.restore_latest(
+      workdir, ckpt_lib.abstract_with_shardings(abstract, setup.state_shardings),
+      config.checkpoint)
+  return jax.device_get(restored), data_state
+
+
 def _wandb_mirror(config, workdir):
   if not config.train.wandb_project:
     return None
