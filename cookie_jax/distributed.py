@@ -5,7 +5,7 @@ process runs the same program; what differs between them is handled elsewhere:
 
 * data: each process reads its own disjoint part of the split (data/pipeline.py) and
   contributes its rows of every global batch (`jax.make_array_from_process_local_data`);
-* metrics and result files: written by process 0 only (metrics.py);
+* metrics and result files: written by process 0 only (metric_writer.py);
 * checkpoints: orbax writes each array's shards from the process that holds them and
   process 0 writes the metadata and finalises the step (checkpoint.py); every process
   must call save and restore.

@@ -105,13 +105,29 @@ class _AnnounceCompile:
     return out
 
 
-def _evaluate(pipeline, config, setup, params, split):
-  from cookie_jax.eval import protocol  # pylint: disable=g-import-not-at-top
-  data = pipeline.eval_data(eval_data_config(config.data, config.eval.data), split,
+def _eval_data(pipeline, config, setup, split):
+  return pipeline.eval_data(eval_data_config(config.data, config.eval.data), split,
                             image_size=config.model.vision.image_size,
                             batch_size=config.eval.batch_size, mesh=setup.mesh)
+
+
+def _evaluate(pipeline, config, setup, params, split, data=None):
+  from cookie_jax.eval import protocol  # pylint: disable=g-import-not-at-top
+  data = data or _eval_data(pipeline, config, setup, split)
   return protocol.evaluate_retrieval(setup.graphdef, params, data, mesh=setup.mesh,
                                      progress=False)
+
+
+def _test_summary(data, result, workdir) -> str:
+  """The test figures beside chance and the split's ceiling, and where to look next."""
+  from cookie_jax.eval import ceiling, run  # pylint: disable=g-import-not-at-top
+  pictures = run.output_paths(workdir, 'test', result['step'])
+  return ceiling.summary(
+      result, ceiling.chance_of(data), ceiling.retrieval_ceiling_of(data),
+      split=data.split, files=[
+          ('figures', os.path.join(workdir, 'test_retrieval.json')),
+          ('pictures (python launch/eval.py --workdir=' + workdir + ')',
+           pictures['examples'] + ', ' + pictures['recall'])])
 
 
 def _eval_splits(pipeline, config) -> tuple[bool, bool]:
@@ -180,6 +196,17 @@ def restore_or_initialise(config, ckpt, state, setup):
   return state, None
 
 
+def restored_state(config: ml_collections.ConfigDict, workdir: str):
+  """(train state, data state) of the latest checkpoint in `workdir`, restored onto
+  `config`'s mesh and fetched to host memory: a finished or interrupted run, for a
+  notebook or a test to inspect. Allocates no initial parameters."""
+  _, abstract, setup = step_lib.train_state_setup(config, sharding.make_mesh(config.mesh))
+  restored, data_state, _ = ckpt_lib.restore_latest(
+      workdir, ckpt_lib.abstract_with_shardings(abstract, setup.state_shardings),
+      config.checkpoint)
+  return jax.device_get(restored), data_state
+
+
 def _wandb_mirror(config, workdir):
   if not config.train.wandb_project:
     return None
@@ -229,7 +256,7 @@ class _Loop:
                                                 override=config.train.peak_flops)
     self.fetch = metric_writer.DelayedFetch(self.step)
     self.bad = _BadRecords()
-    self.logged, self.result = {}, {}
+    self.logged, self.result, self.summary = {}, {}, ''
 
   def run(self, train_step, validate: bool, test: bool) -> dict:
     # The first batch waits for the pipeline to start (start-up); the first call of the
@@ -248,6 +275,8 @@ class _Loop:
       self._finish(test)
     finally:
       self._close()
+    if self.summary:  # last, so that it is what the console ends with
+      logging.info('%s', self.summary)
     return {'step': self.step, 'train': self.logged, 'test': self.result}
 
   def _after_step(self, metrics, validate: bool) -> None:
@@ -297,9 +326,9 @@ class _Loop:
                        force=force):
       self.last_saved = self.step
 
-  def _evaluate(self, split: str) -> dict:
+  def _evaluate(self, split: str, data=None) -> dict:
     return self.clock.call('eval', _evaluate, self.pipeline, self.config, self.setup,
-                           self.state.params, split)
+                           self.state.params, split, data)
 
   def _validate(self) -> dict:
     self._flush()
@@ -316,12 +345,15 @@ class _Loop:
       raise _stopped(self.step, self.ckpt)
     if not test:
       return
-    self.result = self._evaluate(self.config.data.test_split)
+    split = self.config.data.test_split
+    data = self.clock.call('eval', _eval_data, self.pipeline, self.config, self.setup, split)
+    self.result = self._evaluate(split, data)
     self.result['step'] = self.step
     self.writer.write(self.step, self.result, prefix='test/')
     metric_writer.write_json(os.path.join(self.workdir, 'test_retrieval.json'), self.result)
     logging.info('Test retrieval at step %d: %s', self.step,
                  ', '.join(f'{k}={v:.2f}' for k, v in self.result.items()))
+    self.summary = _test_summary(data, self.result, self.workdir)
 
   def _close(self) -> None:
     self.profiler.close()

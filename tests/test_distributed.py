@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from cookie_jax import checkpoint as ckpt_lib
-from cookie_jax import sharding, step as step_lib, train
+from cookie_jax import sharding, train
 from cookie_jax.config import default_config
 from cookie_jax.data import pipeline
 from cookie_jax.losses import contrastive
@@ -142,14 +141,6 @@ def _metrics(workdir):
   return [r for r in rows if 'train/loss' in r]
 
 
-def _restore(workdir, config):
-  mesh = sharding.make_mesh(config.mesh)
-  state, setup = step_lib.create_train_state(config, mesh)
-  restored, data_state, _ = ckpt_lib.restore_latest(
-      workdir, ckpt_lib.abstract_with_shardings(state, setup.state_shardings),
-      config.checkpoint)
-  return jax.device_get(restored), data_state
-
 
 @pytest.mark.slow
 def test_two_processes_train_and_resume_like_one(tmp_path, monkeypatch):
@@ -176,8 +167,8 @@ def test_two_processes_train_and_resume_like_one(tmp_path, monkeypatch):
       np.testing.assert_allclose(got[key], ref[key], rtol=1e-5, err_msg=key)
 
   config = _config(data_dir, steps=4)
-  ref_state, _ = _restore(reference, config)
-  multi_state, data_state = _restore(multi, config)
+  ref_state, _ = train.restored_state(config, reference)
+  multi_state, data_state = train.restored_state(config, multi)
   assert int(multi_state.step) == 4 and data_state['process_count'] == 2
   assert data_state['step'] == 4
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),

@@ -55,14 +55,6 @@ def _metrics(workdir):
   return {r['step']: r for r in rows if 'train/loss' in r}
 
 
-def _params(workdir, config):
-  mesh = sharding.make_mesh(config.mesh)
-  state, setup = step_lib.create_train_state(config, mesh)
-  restored, data_state, _ = ckpt_lib.restore_latest(
-      workdir, ckpt_lib.abstract_with_shardings(state, setup.state_shardings),
-      config.checkpoint)
-  return jax.device_get(restored), data_state
-
 
 def test_sigterm_then_resume_is_identical_to_an_uninterrupted_run(tmp_path, data_dir,
                                                                    monkeypatch):
@@ -108,8 +100,8 @@ def test_sigterm_then_resume_is_identical_to_an_uninterrupted_run(tmp_path, data
     for key in ('train/loss', 'train/loss/cross_modal', 'train/loss/textual',
                 'train/grad_norm', 'train/learning_rate'):
       assert abs(a[s][key] - b[s][key]) <= 1e-6 * max(1.0, abs(a[s][key])), (s, key)
-  state_a, data_a = _params(straight, config)
-  state_b, data_b = _params(interrupted, config)
+  state_a, data_a = train.restored_state(config, straight)
+  state_b, data_b = train.restored_state(config, interrupted)
   assert data_a == data_b and int(state_a.step) == int(state_b.step) == 6
   for p, q in zip(jax.tree.leaves(state_a.params), jax.tree.leaves(state_b.params)):
     np.testing.assert_allclose(p, q, rtol=0, atol=1e-6)

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from cookie_jax.data import augment, images, sources
+from cookie_jax.data import augment, image_files, sources
 
 # File order on every read, so that images and labels pair by position.
 _WNID = re.compile(r'^n\d{8}$')
@@ -151,7 +151,7 @@ class ImageFolder:
                      and not d.name.startswith('.'))
     self.keys, labels = [], []
     for c, name in enumerate(classes):
-      found = images.list_images(base / name)
+      found = image_files.list_images(base / name)
       self.keys += [f'{name}/{f}' for f in found]
       labels += [c] * len(found)
     if not self.keys:
@@ -174,7 +174,7 @@ class ImageFolder:
     return math.ceil(self.num_images / self.batch_size)
 
   def _batches(self, keys):
-    return images.file_batches([self.root / k for k in keys], size=self.image_size,
+    return image_files.file_batches([self.root / k for k in keys], size=self.image_size,
                                mean=self.mean, std=self.std, batch_size=self.batch_size,
                                num_parallel_calls=self._parallel)
 

@@ -107,6 +107,11 @@ class EvalData:
     self._tokens = tok_lib.encode(load_tokenizer(data_cfg), captions)
 
   @property
+  def tokens(self) -> dict[str, np.ndarray]:
+    """{'input_ids', 'attention_mask'} of every caption row, as the text tower reads them."""
+    return self._tokens
+
+  @property
   def num_image_batches(self) -> int:
     return math.ceil(self.num_images / self.batch_size)
 

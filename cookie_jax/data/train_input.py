@@ -6,9 +6,9 @@ those records are fetched by index from the ArrayRecord files; TF threads decode
 augment them; one Rust call per batch tokenises the captions.
 """
 
-import logging
 import math
 
+from absl import logging
 import jax
 import numpy as np
 
@@ -18,7 +18,6 @@ from cookie_jax.data import tokenizer as tok_lib
 from cookie_jax.data.defaults import mixture_components
 from cookie_jax.data.tf_env import tf
 
-log = logging.getLogger(__name__)
 _FOREVER = 2**62
 # A record that fails to decode is replaced by the next one of its epoch's permutation,
 # up to this many in a row; then the dataset is broken and training stops, saying so.
@@ -165,7 +164,7 @@ class TrainIterator:
                        'broken. Check or rebuild it.')
     self._bad_logged += 1
     if self._bad_logged <= _LOGGED_BAD or self._bad_logged % 1000 == 0:
-      log.warning('Record %d of %s failed to decode (position %d); reading record %d '
+      logging.warning('Record %d of %s failed to decode (position %d); reading record %d '
                   'instead (%d so far; counted in train/bad_records).', failed, p.name,
                   int(g), record, self._bad_logged)
     return sources.fetch(p.source, [record])[0]
@@ -291,7 +290,7 @@ class TrainIterator:
           counts[row] = len(row_caps)
       bad = p.size - int(good[offset:offset + p.size].sum())
       if bad:
-        log.warning('%d records of %s failed to decode; the rows that draw them read the '
+        logging.warning('%d records of %s failed to decode; the rows that draw them read the '
                     'next record of the permutation (counted in train/bad_records).', bad,
                     p.name)
       offset += p.size
@@ -397,7 +396,7 @@ class TrainIterator:
     # The batches depend on (seed, global batch size, step) only: not on process_count.
     for key in ('seed', 'global_batch_size'):
       if key in state and state[key] != getattr(self, key):
-        log.warning('Restoring a data position saved with %s=%s into an iterator with '
+        logging.warning('Restoring a data position saved with %s=%s into an iterator with '
                     '%s=%s: the batches will differ from an uninterrupted run.',
                     key, state[key], key, getattr(self, key))
     self._step = int(state['step'])

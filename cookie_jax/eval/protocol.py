@@ -27,9 +27,9 @@ Ranks are exact and computed block by block over a gallery sharded across the me
 """
 
 import functools
-import logging
 from typing import Any, Iterable, Mapping
 
+from absl import logging
 from flax import nnx
 import jax
 from jax.sharding import Mesh
@@ -38,7 +38,6 @@ import numpy as np
 from cookie_jax import sharding
 from cookie_jax.eval import search
 
-log = logging.getLogger(__name__)
 
 RECALL_KS = (1, 5, 10)
 LAYOUTS = ('full', 'coco1k', 'msrvtt1k')
@@ -73,7 +72,7 @@ def check_msrvtt1k(num_videos: int, caption_image_index) -> None:
         "1k-A split (msrvtt's 'test', from MSRVTT_JSFUSION_test.csv) or use layout "
         "'full' (e.g. for 'test_full').")
   if num_videos != MSRVTT1K_VIDEOS:
-    log.info('msrvtt1k layout on %d videos (the 1k-A test has %d).', num_videos,
+    logging.info('msrvtt1k layout on %d videos (the 1k-A test has %d).', num_videos,
              MSRVTT1K_VIDEOS)
 
 
@@ -176,7 +175,7 @@ def retrieval_metrics_folds(image_emb, text_emb, caption_image_index, *, num_fol
     raise ValueError(f'{n_img} images cannot be split into num_folds={num_folds} equal '
                      'folds; COCO 1K needs the 5000 test images and num_folds=5.')
   if n_img != 5000 and num_folds == COCO1K_FOLDS:
-    log.info('Fold evaluation of %d images in %d folds of %d (COCO 1K has 5000).',
+    logging.info('Fold evaluation of %d images in %d folds of %d (COCO 1K has 5000).',
              n_img, num_folds, n_img // num_folds)
   size = n_img // num_folds
   folds = []
@@ -356,7 +355,7 @@ def metrics_from_embeddings(images, texts, caption_image_index, *, mesh: Mesh,
   metrics = retrieval_metrics(images, texts, index, mesh=mesh, layout=layout,
                               block_size=block_size)
   if text_matching and np.bincount(index).max() < 2:
-    log.info('Text matching skipped: no image has two captions, so no caption has a '
+    logging.info('Text matching skipped: no image has two captions, so no caption has a '
              'positive.')
   elif text_matching:
     matching = unimodal_metrics(texts, index, mesh=mesh, block_size=block_size)

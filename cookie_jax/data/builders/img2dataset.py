@@ -19,19 +19,17 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import json
-import logging
 import multiprocessing
 import os
 import re
 
+from absl import logging
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
 from cookie_jax.data import tf_env  # pylint: disable=unused-import  # hides GPUs before any TF op
 from cookie_jax.data.builders import webshards
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(eq=False)
@@ -116,7 +114,7 @@ class Img2dataset(tfds.core.GeneratorBasedBuilder):
         path.unlink()
     self.info.metadata.update(self._skips.metadata())
     for reason, n in sorted(self._skips.counts.items()):
-      log.warning('%s: skipped %d %s, e.g. %s', self.name, n,
+      logging.warning('%s: skipped %d %s, e.g. %s', self.name, n,
                   webshards.SKIP_REASONS[reason], self.info.metadata['skipped_examples'][reason])
 
   def _split_generators(self, dl_manager):

@@ -17,10 +17,10 @@ import collections
 import concurrent.futures
 import dataclasses
 import json
-import logging
 import os
 import pathlib
 
+from absl import logging
 import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
@@ -48,7 +48,6 @@ The JSON files are in Karpathy's caption_datasets.zip
 (cs.stanford.edu/people/karpathy/deepimagesent).
 """
 
-log = logging.getLogger(__name__)
 
 
 def annotations_path(manual_dir, dataset: str) -> pathlib.Path:
@@ -130,7 +129,7 @@ class SkipLog:
 
   def warn(self, name: str):
     for reason, n in sorted(self.counts.items()):
-      log.warning('%s: skipped %d %s, e.g. %s', name, n, SKIP_REASONS[reason],
+      logging.warning('%s: skipped %d %s, e.g. %s', name, n, SKIP_REASONS[reason],
                   self.examples[reason])
 
 
@@ -232,7 +231,7 @@ class KarpathyCaptions(tfds.core.GeneratorBasedBuilder):
           if image is None:
             skipped = self.info.metadata['skipped']
             skipped['corrupt'] = skipped.get('corrupt', 0) + 1
-            log.warning('%s became unreadable while building; skipped.', file)
+            logging.warning('%s became unreadable while building; skipped.', file)
             continue
           yield f'{image_id}:{file}', {'image': image, 'captions': caps,
                                        'image_id': image_id,

@@ -31,11 +31,11 @@ import concurrent.futures
 import csv
 import dataclasses
 import json
-import logging
 import os
 import pathlib
 import re
 
+from absl import logging
 import tensorflow_datasets as tfds
 
 from cookie_jax.data import tf_env  # pylint: disable=unused-import  # hides GPUs before any TF op
@@ -58,7 +58,6 @@ msrvtt_data/{TEST_1K} (and optionally {TRAIN_LISTS['9k']} / {TRAIN_LISTS['7k']})
 videos/all/video<N>.mp4: the layout of CLIP4Clip's msrvtt_data.zip and MSRVTT videos.
 """
 
-log = logging.getLogger(__name__)
 
 
 def _find(root: pathlib.Path, subdirs, name: str) -> pathlib.Path | None:
@@ -140,7 +139,7 @@ def split_lists(files: dict, train_list: str):
                         if (s in ('train', 'validate') if train_list == '7k'
                             else vid not in held_out)),
                        key=lambda v: _numeric_id(v, 0))
-    log.info('msrvtt: %s not found; train_list=%r derived from the annotations: %d '
+    logging.info('msrvtt: %s not found; train_list=%r derived from the annotations: %d '
              'videos.', TRAIN_LISTS[train_list], train_list, len(train_ids))
   by_split = lambda name: sorted((v for v, s in splits.items() if s == name),
                                  key=lambda v: _numeric_id(v, 0))
@@ -182,7 +181,7 @@ class SkipLog:
   def warn(self, name: str, reasons=None):
     for reason in sorted(reasons or self.counts):
       if self.counts.get(reason):
-        log.warning('%s: skipped %d %s, e.g. %s', name, self.counts[reason],
+        logging.warning('%s: skipped %d %s, e.g. %s', name, self.counts[reason],
                     SKIP_REASONS[reason], self.examples[reason])
 
 
