@@ -15,7 +15,7 @@ import pytest
 
 from cookie_jax import sharding, train
 from cookie_jax.data import defaults, pipeline
-from test_distributed import _config, _config_file, _free_port, _restore, _run_two_processes
+from test_distributed import _config, _config_file, _free_port, _run_two_processes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 5
@@ -110,7 +110,7 @@ def test_two_processes_checkpointed_at_step_3_resume_on_one_like_an_uninterrupte
       "'checkpoint.every': 2", "'checkpoint.every': 3")
   pathlib.Path(config_file).write_text(text)
   _run_two_processes(config_file, run, tmp_path)
-  _, saved = _restore(run, _config(data_dir, steps=3))
+  _, saved = train.restored_state(_config(data_dir, steps=3), run)
   assert saved['step'] == 3 and saved['process_count'] == 2
   train.train_and_evaluate(config, run)
 
@@ -121,8 +121,8 @@ def test_two_processes_checkpointed_at_step_3_resume_on_one_like_an_uninterrupte
                 'train/grad_norm'):
       np.testing.assert_allclose(got[step][key], ref[step][key], rtol=1e-6, atol=1e-6,
                                  err_msg=f'{key} at step {step}')
-  ref_state, _ = _restore(uninterrupted, config)
-  got_state, data_state = _restore(run, config)
+  ref_state, _ = train.restored_state(config, uninterrupted)
+  got_state, data_state = train.restored_state(config, run)
   assert int(got_state.step) == 6 and data_state['step'] == 6
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6),
                got_state.params, ref_state.params)
