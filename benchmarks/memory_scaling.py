@@ -2,7 +2,7 @@ r"""Per-device memory of the `base` train step under FSDP on 1, 2, 4 and 8 devic
 the cross-modal loss with and without chunking at a large global batch.
 
   python benchmarks/memory_scaling.py [--batch_size=64] [--devices=1,2,4,8]
-      [--loss_batch=65536] [--chunk_size=1024]
+      [--loss_batch=65536] [--chunk_size=1024] [--sigmoid]
 
 Nothing is allocated or run: the state and batch are abstract (`jax.eval_shape`, then
 `ShapeDtypeStruct`s carrying their shardings), and the numbers come from XLA's memory
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cookie_jax import models, optim, sharding, step as step_lib
-from cookie_jax.losses import contrastive
+from cookie_jax.losses import contrastive, sigmoid
 
 MIB = 2**20
 
@@ -101,14 +101,24 @@ def train_step_memory(config, num_devices, batch_size, compile_step=True):
   return {**sizes, 'temp': mem.temp_size_in_bytes, 'compile_s': seconds}
 
 
-def loss_memory(global_batch, dim, chunk_size, num_devices=8):
-  """Temp bytes per device of the cross-modal loss and its gradients, 8-way data parallel."""
+def loss_memory(global_batch, dim, chunk_size, num_devices=8, form='info_nce'):
+  """Temp bytes per device of the cross-modal loss and its gradients, 8-way data parallel.
+
+  form: 'info_nce' (the softmax form), 'sigmoid_ring' (SigLIP's loss as a ppermute ring)
+  or 'sigmoid_all_gather' (the same loss against the all-gathered batch; no chunking).
+  """
   mesh = sharding.make_mesh({'data': num_devices, 'fsdp': 1, 'tensor': 1},
                             devices=jax.devices()[:num_devices])
   spec = NamedSharding(mesh, P(sharding.BATCH_AXES))
   emb = jax.ShapeDtypeStruct((global_batch, dim), jnp.float32, sharding=spec)
   scale = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
-  if chunk_size:
+  if form != 'info_nce':
+    scale = (scale, scale)  # the sigmoid's logit scale and bias
+  if form == 'sigmoid_ring':
+    fn = lambda a, b, s, ax: sigmoid.sigmoid_loss(a, b, s, ax, chunk_size=chunk_size)
+  elif form == 'sigmoid_all_gather':
+    fn = sigmoid.sigmoid_loss_all_gather
+  elif chunk_size:
     fn = lambda a, b, s, ax: contrastive.info_nce_chunked(a, b, s, ax, chunk_size)
   else:
     fn = contrastive.info_nce
@@ -129,6 +139,9 @@ def main():
                       help='Parameter and optimiser bytes only: no compile (seconds).')
   parser.add_argument('--loss_batch', type=int, default=65536)
   parser.add_argument('--chunk_size', type=int, default=1024)
+  parser.add_argument('--sigmoid', action='store_true',
+                      help="also SigLIP's sigmoid loss: the ring, unchunked and chunked, "
+                      'and the all-gather peer, at --loss_batch')
   args = parser.parse_args()
 
   from configs import base  # pylint: disable=g-import-not-at-top
@@ -143,9 +156,16 @@ def main():
           f'8 devices data parallel (B_local = {args.loss_batch // 8}):\n')
     print('| loss | temporaries MiB/device |')
     print('|---|---:|')
-    for chunk in (0, args.chunk_size):
-      name = 'unchunked (`info_nce`)' if not chunk else f'chunked, chunk_size={chunk}'
-      print(f'| {name} | {loss_memory(args.loss_batch, dim, chunk) / MIB:.1f} |', flush=True)
+    rows = [('unchunked (`info_nce`)', 'info_nce', 0),
+            (f'chunked, chunk_size={args.chunk_size}', 'info_nce', args.chunk_size)]
+    if args.sigmoid:
+      rows += [('sigmoid, all-gather (`sigmoid_loss_all_gather`)', 'sigmoid_all_gather', 0),
+               ('sigmoid, ring (`sigmoid_loss`)', 'sigmoid_ring', 0),
+               (f'sigmoid, ring, chunk_size={args.chunk_size}', 'sigmoid_ring',
+                args.chunk_size)]
+    for name, form, chunk in rows:
+      temp = loss_memory(args.loss_batch, dim, chunk, form=form)
+      print(f'| {name} | {temp / MIB:.1f} |', flush=True)
   print()
   print('| devices | params MiB/device | optimiser state MiB/device | temporaries MiB/device '
         '| total MiB/device | compile s |')
