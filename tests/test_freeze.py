@@ -132,7 +132,7 @@ def test_freeze_must_be_a_tuple_of_patterns():
     validate_config(config)
 
 
-def test_frozen_checkpoint_restores_onto_another_mesh_resumes_and_inits(tmp_path):
+def test_frozen_checkpoint_restores_onto_another_mesh_resumes_inits_and_exports(tmp_path):
   config = _frozen_config()
   _, state8, _ = _run(config, (8, 1, 1), steps=2)
   ckpt = ckpt_lib.Checkpointer(str(tmp_path / 'ckpt'), config.checkpoint)
@@ -165,6 +165,15 @@ def test_frozen_checkpoint_restores_onto_another_mesh_resumes_and_inits(tmp_path
   for p, q in zip(jax.tree.leaves(jax.device_get(params)),
                   jax.tree.leaves(jax.device_get(state8.params))):
     np.testing.assert_array_equal(p, q)
+
+  # Export: the locked run leaves as a transformers folder like any other, whole and exact.
+  from cookie_jax.interop import hf_export  # pylint: disable=g-import-not-at-top
+  hf_export.export_params(jax.device_get(state8.params), config.model, str(tmp_path / 'out'))
+  back = hf_export.read_export(str(tmp_path / 'out'))
+  want = jax.device_get(state8.params)
+  assert jax.tree.structure(back) == jax.tree.structure(want)
+  for p, q in zip(jax.tree.leaves(back), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(p), np.asarray(q))
 
 
 def _recipe(name):
