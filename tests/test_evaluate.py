@@ -267,10 +267,11 @@ def tiny_model_and_data():
 def test_sharded_encoders_equal_direct_model_calls(mesh, tiny_model_and_data):
   (graphdef, params), data, want_img, want_txt = tiny_model_and_data
   model = nnx.merge(graphdef, params)
-  got_img = protocol.encode_images(model, data.image_batches(), mesh)
-  # Global jax.Array batches, and a (graphdef, params) pair instead of the module.
+  got_img = protocol.encode_images(protocol.Weights.of(model), data.image_batches(), mesh)
+  # Global jax.Array batches, and Weights built from the pair instead of the module.
   global_batches = (sharding.to_global(mesh, b) for b in data.text_batches())
-  got_txt = protocol.encode_texts((graphdef, params), global_batches, mesh, progress=True)
+  got_txt = protocol.encode_texts(protocol.Weights(graphdef, params), global_batches, mesh,
+                                  progress=True)
   assert got_img.shape == (11, 32) and got_txt.shape == (26, 32)
   np.testing.assert_allclose(got_img, want_img, atol=1e-5)
   np.testing.assert_allclose(got_txt, want_txt, atol=1e-5)

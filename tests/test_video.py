@@ -313,8 +313,8 @@ def test_sharded_clip_encoder_on_8_devices_equals_one_device(temporal):
   batches = [dict(image=clips[i:i + 8], mask=np.ones(len(clips[i:i + 8]), bool))
              for i in range(0, 20, 8)]
   mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
-  got = protocol.encode_images(model, batches, mesh)
-  one = protocol.encode_images(model, batches, sharding.make_mesh(
+  got = protocol.encode_images(protocol.Weights.of(model), batches, mesh)
+  one = protocol.encode_images(protocol.Weights.of(model), batches, sharding.make_mesh(
       dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]))
   np.testing.assert_allclose(got, one, rtol=0, atol=1e-6)
   assert got.shape == (20, 32) and np.abs(got[0] - got[1]).max() > 1e-3

@@ -40,8 +40,8 @@ class Encoder:
   source: dict  # {'workdir', 'step'} or {'export'}: where the weights came from
 
   @property
-  def model(self):
-    return (self.graphdef, self.params)
+  def model(self) -> protocol.Weights:
+    return protocol.Weights(self.graphdef, self.params)
 
   @property
   def image_size(self) -> int:

@@ -27,7 +27,7 @@ Ranks are exact and computed block by block over a gallery sharded across the me
 """
 
 import functools
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, NamedTuple
 
 from absl import logging
 from flax import nnx
@@ -220,14 +220,23 @@ def unimodal_metrics(emb, labels, *, mesh: Mesh | None = None,
 # --- Encoding --------------------------------------------------------------------------
 
 
-def _split_model(model_or_params) -> tuple[Any, Any]:
-  if isinstance(model_or_params, nnx.Module):
-    graphdef, state = nnx.split(model_or_params)
-    return graphdef, nnx.to_pure_dict(state)
-  if isinstance(model_or_params, tuple) and len(model_or_params) == 2:
-    return model_or_params
-  raise TypeError(f'Expected a CookieModel or a (graphdef, params) pair; got '
-                  f'{type(model_or_params).__name__}.')
+class Weights(NamedTuple):
+  """What the encoders run: a model's graph and its parameters (a pure dict), the form a
+  checkpoint restores to. `Weights.of(model)` splits a live CookieModel."""
+  graphdef: Any
+  params: Any
+
+  @classmethod
+  def of(cls, model: nnx.Module) -> 'Weights':
+    graphdef, state = nnx.split(model)
+    return cls(graphdef, nnx.to_pure_dict(state))
+
+
+def _check_weights(weights) -> Weights:
+  if not isinstance(weights, Weights):
+    raise TypeError(f'Expected protocol.Weights; got {type(weights).__name__}. Pass '
+                    'Weights.of(model) for a CookieModel, or Weights(graphdef, params).')
+  return weights
 
 
 @functools.lru_cache(maxsize=16)
@@ -282,9 +291,9 @@ def _place(batch: Mapping[str, Any], keys, mesh: Mesh) -> dict[str, jax.Array]:
   return sharding.to_global(mesh, host)
 
 
-def _encode(side: str, model_or_params, batches: Iterable[Mapping[str, Any]], mesh: Mesh,
+def _encode(side: str, weights: Weights, batches: Iterable[Mapping[str, Any]], mesh: Mesh,
             progress: bool, total: int | None) -> np.ndarray:
-  graphdef, params = _split_model(model_or_params)
+  graphdef, params = _check_weights(weights)
   fn = _encoder(graphdef, mesh, side)
   if progress:
     from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
@@ -299,22 +308,22 @@ def _encode(side: str, model_or_params, batches: Iterable[Mapping[str, Any]], me
   return np.concatenate(chunks).astype(np.float32)
 
 
-def encode_images(model_or_params, batches: Iterable[Mapping[str, Any]], mesh: Mesh, *,
+def encode_images(weights: Weights, batches: Iterable[Mapping[str, Any]], mesh: Mesh, *,
                   progress: bool = False, total: int | None = None) -> np.ndarray:
   """L2-normalised image embeddings [N, D] of the rows whose `mask` is True.
 
-  `model_or_params`: a CookieModel or (graphdef, params). `batches`: dicts with `image`
+  `weights`: the model's `Weights` (`Weights.of(model)` for a CookieModel). `batches`: dicts with `image`
   float32 [B, H, W, 3] and `mask` bool [B], as numpy (this process's rows) or global
   jax.Arrays. Every process gets all N rows, in order.
   """
-  return _encode('image', model_or_params, batches, mesh, progress, total)
+  return _encode('image', weights, batches, mesh, progress, total)
 
 
-def encode_texts(model_or_params, batches: Iterable[Mapping[str, Any]], mesh: Mesh, *,
+def encode_texts(weights: Weights, batches: Iterable[Mapping[str, Any]], mesh: Mesh, *,
                  progress: bool = False, total: int | None = None) -> np.ndarray:
   """L2-normalised text embeddings [N, D]; batches hold `input_ids`, `attention_mask`
   int32 [B, L] and `mask` bool [B]."""
-  return _encode('text', model_or_params, batches, mesh, progress, total)
+  return _encode('text', weights, batches, mesh, progress, total)
 
 
 def evaluate_retrieval(graphdef, params, eval_data, *, mesh: Mesh, layout: str = 'full',
@@ -329,7 +338,7 @@ def evaluate_retrieval(graphdef, params, eval_data, *, mesh: Mesh, layout: str =
   """
   if layout not in LAYOUTS:
     raise ValueError(f'Unknown layout {layout!r}; use one of {LAYOUTS}.')
-  model = (graphdef, params)
+  model = Weights(graphdef, params)
   images = encode_images(model, eval_data.image_batches(), mesh, progress=progress,
                          total=getattr(eval_data, 'num_image_batches', None))
   texts = encode_texts(model, eval_data.text_batches(), mesh, progress=progress,

@@ -259,7 +259,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict | None, workdir: str, 
   logging.info('Evaluating %s/%d on %s (%d images, %d captions).', directory, step,
                data.split, data.num_images, data.num_captions)
 
-  model = (graphdef, params)
+  model = protocol.Weights(graphdef, params)
   images = protocol.encode_images(model, data.image_batches(), mesh, progress=progress,
                                   total=data.num_image_batches)
   texts = protocol.encode_texts(model, data.text_batches(), mesh, progress=progress,
