@@ -151,7 +151,7 @@ def test_synthetic_vocabularies_are_the_same_bytes_on_every_build(tmp_path):
   """Each set built twice, in two folders: the stored vocabularies are identical.
 
   Hugging Face's trainer gave another vocabulary on every build (its ties went by
-  hash-map order); 1.1.0 of both builders uses `tok_lib.train_wordpiece`."""
+  hash-map order); since 1.1.0 both builders use `tok_lib.train_wordpiece`."""
   stored = {'synthetic': [], 'synthetic_video': []}
   for folder in ('first', 'second'):
     cfg = _synthetic_cfg(tmp_path / folder)
@@ -159,7 +159,7 @@ def test_synthetic_vocabularies_are_the_same_bytes_on_every_build(tmp_path):
     for builder in stored:
       cfg.builder = builder
       info = sources.get_builder(cfg).info
-      assert str(info.version) == '1.1.0'
+      assert str(info.version) == '1.2.0'
       stored[builder].append((pathlib.Path(info.data_dir) / 'metadata.json').read_bytes())
   for builder, (first, second) in stored.items():
     assert first == second, builder
@@ -394,6 +394,31 @@ def test_resume_gives_the_uninterrupted_batches(synth, coco, path):
   assert state['step'] == 10
   restored.set_state({**state, 'step': 5})
   assert all(_same(x, y) for x, y in zip(_take(restored, 3), full[5:8]))
+
+
+def test_group_size_2_draws_each_scene_with_its_twin(synth):
+  """The synthetic set is stored in index order (record i is scene i), so group_size=2
+  puts scenes 2k and 2k+1, the twins, in consecutive rows of one batch."""
+  builder = sources.get_builder(synth)
+  stored = list(sources.read(builder, 'train', ('image', 'captions')).as_numpy_iterator())
+  assert [int(ex['image_id']) for ex in stored] == list(range(TRAIN))
+  pixels = {np.asarray(Image.open(io.BytesIO(ex['image']))).tobytes(): i
+            for i, ex in enumerate(stored)}
+  cfg = synth.copy_and_resolve_references()
+  cfg.group_size = 2
+  it = pipeline.TrainIterator(cfg, image_size=16, global_batch_size=16, seed=0, mesh=None)
+  it._cached = it._fill_cache()  # pylint: disable=protected-access
+  seen = []
+  for step in range(TRAIN // 16):
+    images = it._cached_batch(step)[0]  # pylint: disable=protected-access
+    ids = np.array([pixels[im.tobytes()] for im in images])
+    assert (ids[0::2] % 2 == 0).all() and (ids[1::2] == ids[0::2] + 1).all()
+    seen += ids.tolist()
+  assert sorted(seen) == list(range(TRAIN))  # one epoch: every scene once
+  assert next(it)['image'].shape == (16, 16, 16, 3)
+  with pytest.raises(ValueError, match=r'group_size=2 does not divide the per-process '
+                                       r'batch of 7'):
+    pipeline.TrainIterator(cfg, image_size=16, global_batch_size=7, seed=0, mesh=None)
 
 
 def test_cached_and_streamed_synthetic_batches_agree(synth):

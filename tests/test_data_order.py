@@ -118,3 +118,41 @@ def test_row_randomness_is_keyed_on_the_position_only():
   # Uniform enough for crops: each decile holds about a tenth.
   hist = np.histogram(order.uniforms(0, np.arange(20_000), 0, 1), bins=10, range=(0, 1))[0]
   assert hist.min() > 1800 and hist.max() < 2200
+
+
+@pytest.mark.parametrize('n, group', [(10_000, 2), (N, 2), (N, 3), (5, 4), (1, 2)])
+def test_groups_of_consecutive_records_are_drawn_whole_and_every_record_each_epoch(n, group):
+  groups = -(-n // group)
+  visits = np.arange(3 * groups * group)
+  records = order.record(5, 0, visits, n, group=group)
+  for epoch in records.reshape(3, groups, group):
+    # Each group of k visits reads one group of consecutive records, starting at a
+    # multiple of k; a short last group is read round.
+    first = epoch[:, 0]
+    assert (first % group == 0).all()
+    np.testing.assert_array_equal(np.sort(first), np.arange(0, n, group))
+    members = np.arange(group)[None, :] % np.minimum(group, n - first)[:, None]
+    np.testing.assert_array_equal(epoch, first[:, None] + members)
+    assert set(epoch.ravel().tolist()) == set(range(n))
+  if groups > 100:  # epochs are other orders of the groups
+    assert (records[:groups * group] != records[groups * group:2 * groups * group]).mean() > 0.99
+
+
+def test_a_stand_in_for_a_grouped_record_is_the_same_member_of_the_next_group():
+  visits = np.arange(2 * 500)
+  first = order.record(0, 0, visits, 1000, group=2)
+  nxt = order.record(0, 0, visits, 1000, attempt=1, group=2)
+  np.testing.assert_array_equal(nxt[:-2], first[2:])
+  np.testing.assert_array_equal(nxt[-2:], first[:2])  # wraps within the epoch
+
+
+def test_group_size_is_checked():
+  cfg = defaults.data_config()
+  cfg.group_size = 0
+  with pytest.raises(ValueError, match=r'config.data.group_size=0: must be >= 1'):
+    defaults.validate_data_config(cfg)
+  cfg = defaults.data_config()
+  cfg.group_size = 2
+  cfg.mixture = (({}, 1.0), ({'synthetic': {'seed': 1}}, 1.0))
+  with pytest.raises(ValueError, match=r'group_size=2: groups of records need one dataset'):
+    defaults.validate_data_config(cfg)

@@ -129,6 +129,14 @@ def _input_keys() -> dict:
       # block of 4096 positions, as a function of (seed, step). () = this dataset alone.
       # Tokenizer, augmentation and the rest are shared: they cannot be overridden.
       mixture=(),
+      # Records drawn together: the shuffle permutes groups of `group_size` consecutive
+      # records (in stored order) and a group fills consecutive rows of one batch, so
+      # records stored side by side are each other's in-batch negatives. The synthetic
+      # sets store the twins of a scene (or clip) side by side: group_size=2 puts a scene
+      # and its one-binding-changed twin in the same batch, the hard negative that
+      # retrieval over the whole split must tell apart. 1 = records drawn independently.
+      # Needs one dataset (no mixture) and a per-process batch that it divides.
+      group_size=1,
       # Equal-sized images (the synthetic set) are kept decoded in memory, with their
       # captions tokenised, when the whole training split needs at most this many MB
       # (every process holds all of it: any process may read any record); 0 = never.
@@ -183,8 +191,8 @@ def validate_img2dataset(d) -> None:
 
 # Keys of `config.data` that a mixture entry cannot override: the whole batch shares them.
 SHARED_KEYS = ('mixture', 'tokenizer', 'lowercase', 'max_len', 'val_split', 'test_split',
-               'num_frames', 'cache_mb', 'crop_scale', 'crop_ratio', 'flip', 'mean', 'std',
-               'num_parallel_calls', 'prefetch', 'device_prefetch')
+               'num_frames', 'group_size', 'cache_mb', 'crop_scale', 'crop_ratio', 'flip',
+               'mean', 'std', 'num_parallel_calls', 'prefetch', 'device_prefetch')
 
 
 def _override(node, overrides, where, shared=SHARED_KEYS):
@@ -311,6 +319,10 @@ def validate_data_config(data_cfg) -> None:
   _require(d.num_frames >= 0, 'num_frames', d.num_frames,
            'must be >= 0 (0 = every stored frame of a clip).')
   _check_generated_sizes(d)
+  _require(d.group_size >= 1, 'group_size', d.group_size,
+           'must be >= 1 (1 = records drawn one by one).')
+  _require(d.group_size == 1 or not d.mixture, 'group_size', d.group_size,
+           'groups of records need one dataset; with a mixture, set it to 1.')
   _require(d.cache_mb >= 0, 'cache_mb', d.cache_mb, 'must be >= 0 (0 = no cache).')
   _require(_range_ok(d.crop_scale, 0.0, 1.0), 'crop_scale', d.crop_scale,
            'must be (min, max) with 0 < min <= max <= 1, e.g. (0.8, 1.0).')

@@ -139,12 +139,25 @@ class Mixture:
     return j.astype(np.int32), block * self.counts[j] + (slot - self.starts[j])
 
 
-def record(seed: int, dataset, visit, size: int, attempt=0) -> np.ndarray:
+def record(seed: int, dataset, visit, size: int, attempt=0, group: int = 1) -> np.ndarray:
   """The record read at visit `visit` of dataset `dataset` (of `size` records).
 
   `attempt` a > 0 is the a-th stand-in for a record that failed to decode: the record
   a places further on in the same epoch's permutation (so deterministic, and a fixed
-  batch size)."""
-  epoch, index = np.divmod(np.asarray(visit, np.int64), size)
-  index = (index + np.asarray(attempt, np.int64)) % size
-  return permute(index, size, hash64(seed, dataset, epoch))
+  batch size).
+
+  `group` k > 1: the permutation runs over the ceil(size / k) groups of k consecutive
+  records, and visits k*q .. k*q + k-1 read the members of one group in order. An epoch
+  is ceil(size / k) * k visits; when k does not divide `size`, the last, shorter group
+  is read round (its records once or twice an epoch), so every record is still read
+  each epoch. group 1 is the plain per-record permutation."""
+  if group == 1:
+    epoch, index = np.divmod(np.asarray(visit, np.int64), size)
+    index = (index + np.asarray(attempt, np.int64)) % size
+    return permute(index, size, hash64(seed, dataset, epoch))
+  groups = -(-size // group)
+  epoch, index = np.divmod(np.asarray(visit, np.int64), groups * group)
+  slot, member = np.divmod(index, group)
+  slot = (slot + np.asarray(attempt, np.int64)) % groups
+  first = permute(slot, groups, hash64(seed, dataset, epoch)) * group
+  return first + member % np.minimum(group, size - first)

@@ -94,6 +94,13 @@ class TrainIterator:
     self.parts = [Part(i, cfg) for i, (cfg, _) in enumerate(components)]
     self.mixture = order.Mixture([w for _, w in components], self.seed)
     self.num_records = sum(p.size for p in self.parts)
+    self.group_size = int(data_cfg.group_size)
+    if self.local_batch_size % self.group_size:
+      raise ValueError(
+          f'config.data.group_size={self.group_size} does not divide the per-process batch '
+          f'of {self.local_batch_size} (train.batch_size {global_batch_size} over '
+          f'{self.process_count} processes): a group would be split across batches. '
+          'Use a group size that divides it, or 1.')
     self.tokenizer = batching.load_tokenizer(data_cfg)
     # Equal-sized images (the synthetic set) are augmented a whole batch at a time; if
     # they also fit in `cache_mb`, they are decoded and their captions tokenised once, at
@@ -128,7 +135,8 @@ class TrainIterator:
     for p in self.parts:
       sel = parts == p.index
       if sel.any():
-        out[sel] = order.record(self.seed, p.index, visits[sel], p.size, attempts[sel])
+        out[sel] = order.record(self.seed, p.index, visits[sel], p.size, attempts[sel],
+                                group=self.group_size)
     return out
 
   def _randoms(self, g):

@@ -21,12 +21,16 @@ class Generated:
   gives a split's rows, captions third; `_counts(cfg)` the train and eval sizes)."""
 
   # The release history the generated image and video sets share.
-  VERSION = tfds.core.Version('1.1.0')
+  VERSION = tfds.core.Version('1.2.0')
   RELEASE_NOTES = {
       '1.0.0': 'First release.',
       '1.1.0': 'Written as ArrayRecord, for random access by the training input; a '
                'deterministic WordPiece vocabulary (the same on every build). The '
                'examples are unchanged.',
+      '1.2.0': 'Stored in index order (no tfds shuffle on write): example i is record i, '
+               'so the twins of a scene or clip (2k, 2k+1) are adjacent records, which '
+               'config.data.group_size=2 draws into one batch. The examples are '
+               'unchanged.',
   }
   # tfds looks for a checksums file beside the code via `importlib_resources`, a package it
   # does not declare on Python >= 3.9; these builders download nothing, so skip the lookup.

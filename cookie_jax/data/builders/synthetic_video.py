@@ -62,6 +62,8 @@ class SyntheticVideo(generated.Generated, tfds.core.GeneratorBasedBuilder):
         # Filled while building: {'vocab': [tokens in id order]}.
         metadata=tfds.core.MetadataDict(),
         homepage='https://github.com/cookie-jax',
+        # Stored in index order: record i is example i, twins side by side (group_size).
+        disable_shuffling=True,
     )
 
   def _generate_examples(self, rows):
