@@ -16,6 +16,8 @@ may take in all (dataset build, start-up, compile, training, validation and test
 gets what is left after the measured build (`--build_cpu_s`) and one more evaluation
 (the test; as long as the validation the trial does run). See docs/BENCHMARKS.md ("Demo
 recipe search") for the calibration of CPU seconds against quiet wall time.
+On a quiet machine (the fine stages, from `pixels` on) the wall time is the figure of
+merit, and each trial's JSON says which machine ran it.
 
 Usage:
 
