@@ -150,11 +150,7 @@ def record(seed: int, dataset, visit, size: int, attempt=0, group: int = 1) -> n
   records, and visits k*q .. k*q + k-1 read the members of one group in order. An epoch
   is ceil(size / k) * k visits; when k does not divide `size`, the last, shorter group
   is read round (its records once or twice an epoch), so every record is still read
-  each epoch. group 1 is the plain per-record permutation."""
-  if group == 1:
-    epoch, index = np.divmod(np.asarray(visit, np.int64), size)
-    index = (index + np.asarray(attempt, np.int64)) % size
-    return permute(index, size, hash64(seed, dataset, epoch))
+  each epoch. Group 1 is the plain per-record permutation (every group one record)."""
   groups = -(-size // group)
   epoch, index = np.divmod(np.asarray(visit, np.int64), groups * group)
   slot, member = np.divmod(index, group)

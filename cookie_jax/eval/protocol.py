@@ -312,9 +312,9 @@ def encode_images(weights: Weights, batches: Iterable[Mapping[str, Any]], mesh: 
                   progress: bool = False, total: int | None = None) -> np.ndarray:
   """L2-normalised image embeddings [N, D] of the rows whose `mask` is True.
 
-  `weights`: the model's `Weights` (`Weights.of(model)` for a CookieModel). `batches`: dicts with `image`
-  float32 [B, H, W, 3] and `mask` bool [B], as numpy (this process's rows) or global
-  jax.Arrays. Every process gets all N rows, in order.
+  `weights`: the model's `Weights` (`Weights.of(model)` for a CookieModel). `batches`:
+  dicts with `image` float32 [B, H, W, 3] and `mask` bool [B], as numpy (this process's
+  rows) or global jax.Arrays. Every process gets all N rows, in order.
   """
   return _encode('image', weights, batches, mesh, progress, total)
 
