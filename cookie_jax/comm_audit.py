@@ -1,12 +1,22 @@
 """Bytes moved by the collectives of a compiled train step, against the FSDP ideal.
 
 Nothing runs and nothing is allocated: the step is lowered for abstract arrays (shapes,
-dtypes and shardings) and compiled, and the optimised HLO is read. A collective inside a
-loop counts once per iteration (XLA's `known_trip_count`).
+dtypes and shardings) and compiled, and two modules of the compile are read. A collective
+inside a loop counts once per iteration (XLA's `known_trip_count`).
+
+* `partitioned`, the count that is compared with the ideal: the module after SPMD
+  partitioning and the collective passes, just before the backend's
+  `float-normalization-bf16` pass (dumped with `xla_dump_hlo_pass_re`). Its collectives
+  carry the dtypes the program asks for: bf16 weights are gathered in bf16.
+* `optimised`: the final HLO. On CPU, `float-normalization-bf16` rewrites every bf16
+  collective to fp32 (the CPU runtime has no bf16 collectives), which doubles the
+  gathered weight bytes; GPU and TPU keep them in bf16. Both are reported.
 
 Bytes are per device and count the whole array a collective produces or consumes: an
 all-gather's result, a reduce-scatter's operand (its result times the group), an
-all-reduce's, all-to-all's or collective-permute's operand. The ideal, in the same units:
+all-reduce's, all-to-all's or collective-permute's operand. (These are array bytes, not
+wire bytes: a ring all-reduce sends about twice what a reduce-scatter of the same operand
+sends.) The ideal, in the same units:
 
 * every parameter sharded over `fsdp` is gathered once for the forward pass, twice with
   `model.remat` (the backward pass recomputes the forward), in the compute dtype;
@@ -19,8 +29,11 @@ all-reduce's, all-to-all's or collective-permute's operand. The ideal, in the sa
 """
 
 import collections
+import glob
 import math
+import os
 import re
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -122,10 +135,25 @@ def abstract_inputs(config: ml_collections.ConfigDict, mesh):
   return state, batch, setup
 
 
-def compiled_hlo(config: ml_collections.ConfigDict, mesh) -> str:
+PARTITIONED_BEFORE = 'float-normalization-bf16'  # the first pass that changes dtypes
+
+
+def compiled_hlos(config: ml_collections.ConfigDict, mesh) -> dict[str, str | None]:
+  """{'partitioned': HLO text before `PARTITIONED_BEFORE` (None if the backend has no such
+  pass), 'optimised': the final HLO text} of the train step of `config` over `mesh`."""
   state, batch, setup = abstract_inputs(config, mesh)
   step = step_lib.make_train_step(config, setup)
-  return step.lower(state, batch).compile().as_text()
+  lowered = step.lower(state, batch)
+  with tempfile.TemporaryDirectory() as tmp:
+    compiled = lowered.compile(compiler_options={
+        'xla_dump_to': tmp, 'xla_dump_hlo_pass_re': PARTITIONED_BEFORE})
+    dumps = sorted(glob.glob(os.path.join(
+        tmp, f'*jit_train_step*.before_{PARTITIONED_BEFORE}.txt')))
+    partitioned = None
+    if dumps:  # the first run of the pass: the one right after partitioning
+      with open(dumps[0], encoding='utf-8') as f:
+        partitioned = f.read()
+  return {'partitioned': partitioned, 'optimised': compiled.as_text()}
 
 
 def contrastive_terms(config: ml_collections.ConfigDict) -> int:
@@ -161,14 +189,25 @@ def fsdp_ideal(config: ml_collections.ConfigDict, mesh, setup=None) -> dict[str,
   }
 
 
-def audit(config: ml_collections.ConfigDict, mesh, hlo_text: str | None = None) -> dict:
+def audit(config: ml_collections.ConfigDict, mesh,
+          hlos: dict[str, str | None] | None = None) -> dict:
   """Measured against ideal bytes per collective; `ratio` is measured / ideal overall,
-  the all-reduced scalars left out of both."""
-  hlo_text = compiled_hlo(config, mesh) if hlo_text is None else hlo_text
-  measured = collective_bytes(hlo_text, mesh.devices.size)
+  the all-reduced scalars left out of both.
+
+  `hlos` is what `compiled_hlos` returns (compiled here when None). The top-level `rows`,
+  `bytes` and `ratio` count the `partitioned` module (the `optimised` one where there is
+  none, named by `counted`); `optimised` holds the same three for the final HLO."""
+  hlos = compiled_hlos(config, mesh) if hlos is None else hlos
   ideal = fsdp_ideal(config, mesh)
-  rows = {k: dict(measured[k], ideal=ideal[k]) for k in COLLECTIVES}
-  total = sum(r['bytes'] - r['small_bytes'] for r in rows.values())
   total_ideal = sum(ideal.values())
-  return {'mesh': dict(mesh.shape), 'rows': rows, 'bytes': total, 'ideal': total_ideal,
-          'ratio': total / total_ideal if total_ideal else float('nan')}
+
+  def compare(text):
+    measured = collective_bytes(text, mesh.devices.size)
+    rows = {k: dict(measured[k], ideal=ideal[k]) for k in COLLECTIVES}
+    total = sum(r['bytes'] - r['small_bytes'] for r in rows.values())
+    return {'rows': rows, 'bytes': total,
+            'ratio': total / total_ideal if total_ideal else float('nan')}
+
+  counted = 'partitioned' if hlos.get('partitioned') else 'optimised'
+  return {'mesh': dict(mesh.shape), 'ideal': total_ideal, 'counted': counted,
+          **compare(hlos[counted]), 'optimised': compare(hlos['optimised'])}
