@@ -27,7 +27,7 @@ from cookie_jax import negatives as negatives_lib
 from cookie_jax.losses import LOSS_NAMES, NegativeWeighting
 from cookie_jax.models import CookieModel, l2_normalize
 from cookie_jax.models.concept import normalized_adjacency
-from cookie_jax.models.layers import split_rng
+from cookie_jax.models.layers import run_views, split_rng
 
 def _need(batch, key, why):
   if key not in batch:
@@ -109,26 +109,57 @@ def loss_constants(loss_cfg, mined: Mapping[str, np.ndarray]) -> dict[str, np.nd
 def loss_inputs(model: CookieModel, batch, rng, loss_cfg,
                 constants: Mapping[str, np.ndarray] | None = None):
   """(pairs, negatives): the (a, b) embeddings of every active term, and the extra
-  negatives composed from this batch ({term: {'a'|'b': {'batch': (emb, valid)}}})."""
+  negatives composed from this batch ({term: {'a'|'b': {'batch': (emb, valid)}}}).
+
+  Every image view of the step (the batch, the augmented second view, the composed
+  negative images) goes through the image tower in one pass, and every text view (the
+  batch, the second dropout pass, the composed negative captions) through the text tower
+  in one, each view with its own dropout keys (`layers.run_views`); clips run one view
+  per pass."""
   r_img, r_txt, r_img2, r_txt2 = split_rng(rng, 4)
-  image = model.embed_image(batch['image'], rng=r_img)
-  text = model.embed_text(batch['input_ids'], batch['attention_mask'], rng=r_txt)
+  images, image_keys = {'batch': batch['image']}, {'batch': r_img}
+  texts, text_keys = {'batch': batch['input_ids']}, {'batch': r_txt}
+  if loss_cfg.visual.weight > 0 and loss_cfg.visual.partner == 'augmented':
+    images['view2'] = _need(batch, 'image_view2', "loss.visual.partner='augmented'")
+    image_keys['view2'] = r_img2
+  if loss_cfg.textual.weight > 0 and loss_cfg.textual.partner == 'dropout':
+    texts['view2'], text_keys['view2'] = batch['input_ids'], r_txt2
+  hn = loss_cfg.hard_negatives
+  if hn.images:
+    images['negative'] = negatives_lib.compose_negative_images(
+        batch['image'], _extra_rng(rng, 0), mode=hn.image_mix,
+        patch_size=model.vision_patch_size)
+    image_keys['negative'] = _extra_rng(rng, 1)
+  if hn.captions:
+    texts['negative'], caption_valid = negatives_lib.compose_negative_captions(
+        batch['input_ids'], batch['attention_mask'], constants['token_group'],
+        constants['group_members'], _extra_rng(rng, 2))
+    text_keys['negative'] = _extra_rng(rng, 3)
+
+  if batch['image'].ndim == 5:  # clips (see CookieModel.embed_image)
+    image_emb = {k: model.embed_image(v, rng=image_keys[k]) for k, v in images.items()}
+  else:
+    image_emb = dict(zip(images, run_views(model.embed_image, [(v,) for v in images.values()],
+                                           list(image_keys.values()))))
+  mask = batch['attention_mask']
+  text_emb = dict(zip(texts, run_views(model.embed_text, [(v, mask) for v in texts.values()],
+                                       list(text_keys.values()))))
+
+  image, text = image_emb['batch'], text_emb['batch']
   image_n, text_n = l2_normalize(image), l2_normalize(text)
   pairs = {}
   if loss_cfg.cross_modal.weight > 0:
     pairs['cross_modal'] = (image_n, text_n)
   if loss_cfg.visual.weight > 0:
     if loss_cfg.visual.partner == 'augmented':
-      view2 = _need(batch, 'image_view2', "loss.visual.partner='augmented'")
-      pairs['visual'] = (image_n, model.encode_image(view2, rng=r_img2))
+      pairs['visual'] = (image_n, l2_normalize(image_emb['view2']))
     else:
       partner = _need(batch, 'image_partner', "loss.visual.partner='external'")
       pairs['visual'] = (model.image_partner(image),
                          l2_normalize(jax.lax.stop_gradient(partner)))
   if loss_cfg.textual.weight > 0:
     if loss_cfg.textual.partner == 'dropout':
-      pairs['textual'] = (text_n, model.encode_text(
-          batch['input_ids'], batch['attention_mask'], rng=r_txt2))
+      pairs['textual'] = (text_n, l2_normalize(text_emb['view2']))
     else:
       partner = _need(batch, 'text_partner', "loss.textual.partner='external'")
       pairs['textual'] = (model.text_partner(text),
@@ -142,20 +173,12 @@ def loss_inputs(model: CookieModel, batch, rng, loss_cfg,
     pairs['concept'] = (model.concept_embedding(image, descriptors, temp),
                         model.concept_embedding(text, descriptors, temp))
 
-  hn = loss_cfg.hard_negatives
   extra = {}
   if hn.images:
-    mixed = negatives_lib.compose_negative_images(
-        batch['image'], _extra_rng(rng, 0), mode=hn.image_mix,
-        patch_size=model.vision_patch_size)
-    emb = model.encode_image(mixed, rng=_extra_rng(rng, 1))
+    emb = l2_normalize(image_emb['negative'])
     extra['a'] = {'batch': (emb, jnp.ones(emb.shape[:1], bool))}
   if hn.captions:
-    ids, valid = negatives_lib.compose_negative_captions(
-        batch['input_ids'], batch['attention_mask'], constants['token_group'],
-        constants['group_members'], _extra_rng(rng, 2))
-    emb = model.encode_text(ids, batch['attention_mask'], rng=_extra_rng(rng, 3))
-    extra['b'] = {'batch': (emb, valid)}
+    extra['b'] = {'batch': (l2_normalize(text_emb['negative']), caption_valid)}
   return pairs, ({'cross_modal': extra} if extra else {})
 
 

@@ -102,9 +102,13 @@ class CookieModel(nnx.Module):
     return self.logit_scale(), self.logit_bias[...]
 
   def embed_image(self, images: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
-    """Unnormalised image embeddings [B, embed_dim], fp32; clips [B, T, H, W, 3] too."""
+    """Unnormalised image embeddings [B, embed_dim], fp32; clips [B, T, H, W, 3] too.
+    `rng` may be `layers.ViewKeys` of interleaved views (`layers.run_views`), for images."""
     r_tower, r_shared = layers.split_rng(rng, 2)
     if images.ndim == 5:  # a clip: frames -> image-shaped tokens (models/video.py)
+      if isinstance(rng, layers.ViewKeys):
+        # Frames and the temporal step reorder rows, which ViewKeys' draws do not follow.
+        raise ValueError('Clips run one view per pass: call embed_image per view.')
       x = clip_tokens(self.vision, self.video, images, num_frames=self.num_frames,
                       rng=r_tower)
     else:
@@ -116,7 +120,7 @@ class CookieModel(nnx.Module):
 
   def embed_text(self, input_ids: jax.Array, attention_mask: jax.Array, *,
                  rng: jax.Array | None = None) -> jax.Array:
-    """Unnormalised text embeddings [B, embed_dim], fp32."""
+    """Unnormalised text embeddings [B, embed_dim], fp32 (`rng`: as in `embed_image`)."""
     r_tower, r_shared = layers.split_rng(rng, 2)
     x = self.text(input_ids, attention_mask, rng=r_tower)
     if self.shared is not None:

@@ -94,9 +94,85 @@ def layer_norm(features: int, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
       bias_metadata={'logical_axes': ('embed',)}, rngs=rngs)
 
 
-def split_rng(rng: jax.Array | None, n: int) -> list[jax.Array | None]:
+@jax.tree_util.register_pytree_node_class
+class ViewKeys:
+  """The keys of several views that run through a module as one batch (`run_views`).
+
+  `keys` holds one key per view, [S]. The views' rows alternate one by one: row r of the
+  batch is row r // S of view r % S. Every random draw of the model goes through
+  `split_rng`, `fold_in` and `draw_rows`, which give each row the numbers its own view's
+  key would give it in a pass of its own, so one pass over S views equals S passes.
+  """
+
+  def __init__(self, keys: jax.Array):
+    self.keys = keys
+
+  @property
+  def views(self) -> int:
+    return self.keys.shape[0]
+
+  def tree_flatten(self):
+    return (self.keys,), None
+
+  @classmethod
+  def tree_unflatten(cls, _, children):
+    return cls(*children)
+
+
+Key = jax.Array | ViewKeys | None
+
+
+def split_rng(rng: Key, n: int) -> list[Key]:
   """`n` keys from `rng`, or `n` Nones in deterministic mode."""
-  return [None] * n if rng is None else list(jax.random.split(rng, n))
+  if rng is None:
+    return [None] * n
+  if isinstance(rng, ViewKeys):
+    keys = jax.vmap(lambda k: jax.random.split(k, n))(rng.keys)
+    return [ViewKeys(keys[:, i]) for i in range(n)]
+  return list(jax.random.split(rng, n))
+
+
+def fold_in(rng: jax.Array | ViewKeys, data: int) -> jax.Array | ViewKeys:
+  """`jax.random.fold_in`, per view for `ViewKeys`."""
+  if isinstance(rng, ViewKeys):
+    return ViewKeys(jax.vmap(lambda k: jax.random.fold_in(k, data))(rng.keys))
+  return jax.random.fold_in(rng, data)
+
+
+def draw_rows(draw, rng: jax.Array | ViewKeys, shape: tuple[int, ...]):
+  """`draw(rng, shape)`; for `ViewKeys` over S views, each view's draw of its
+  shape[0] // S rows, the rows interleaved as `run_views` lays them out. `draw` may
+  return None (the caller's fallback), and then so does this."""
+  if not isinstance(rng, ViewKeys):
+    return draw(rng, shape)
+  s = rng.views
+  if shape[0] % s:
+    raise ValueError(f'{shape[0]} rows cannot hold {s} interleaved views.')
+  out = jax.vmap(lambda k: draw(k, (shape[0] // s, *shape[1:])))(rng.keys)
+  return None if out is None else jnp.swapaxes(out, 0, 1).reshape(shape)
+
+
+def run_views(fn, views: Sequence[Sequence[jax.Array]], keys: Sequence[jax.Array | None]):
+  """`[fn(*view, rng=key) for view, key in zip(views, keys)]` in one call of `fn`.
+
+  The views' arguments (each a batch of the same shape) are interleaved row by row and
+  `fn` runs once with `ViewKeys`, so that a tower shared by several views (a second
+  image view, a second dropout pass, composed negatives) runs as one batch: under FSDP
+  its weights are gathered, and their gradients reduced, once per step rather than once
+  per view. The outputs equal the separate calls' (each row draws its own view's dropout,
+  `ViewKeys`) up to float rounding. `fn` must be row-wise: nothing may mix rows.
+  """
+  if len(views) == 1:
+    return [fn(*views[0], rng=keys[0])]
+  if any(k is None for k in keys) and any(k is not None for k in keys):
+    raise ValueError('run_views: either every view has a key or none has.')
+  s = len(views)
+  args = [jnp.stack(parts, axis=1).reshape(parts[0].shape[0] * s, *parts[0].shape[1:])
+          for parts in zip(*views)]
+  rng = None if keys[0] is None else ViewKeys(jnp.stack(keys))
+  out = fn(*args, rng=rng)
+  out = out.reshape(out.shape[0] // s, s, *out.shape[1:])
+  return [out[:, i] for i in range(s)]
 
 
 def _uniform_u16(rng: jax.Array, shape: tuple[int, ...]) -> jax.Array | None:
@@ -130,12 +206,14 @@ def _uniform_u16(rng: jax.Array, shape: tuple[int, ...]) -> jax.Array | None:
   return jnp.stack(parts, axis=-1).reshape(*lead, 4 * words)[..., :last]
 
 
-def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+def dropout(x: jax.Array, rate: float, rng: Key) -> jax.Array:
   if rng is None or rate == 0.0:
     return x
-  bits = _uniform_u16(rng, x.shape)
+  bits = draw_rows(_uniform_u16, rng, x.shape)
   if bits is None:
-    keep, keep_prob = jax.random.bernoulli(rng, 1.0 - rate, x.shape), 1.0 - rate
+    keep = draw_rows(lambda k, shape: jax.random.bernoulli(k, 1.0 - rate, shape), rng,
+                     x.shape)
+    keep_prob = 1.0 - rate
   else:
     # Dropped with probability threshold / 2**16, and the kept values scaled by the
     # inverse of the exact keep probability, so that the expectation is x.

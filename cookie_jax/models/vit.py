@@ -72,7 +72,7 @@ class ViT(nnx.Module):
     in their original order. Each run of `group` consecutive images (the frames of a
     clip) keeps the same patch positions."""
     b, n = x.shape[0], x.shape[1] - 1
-    noise = jax.random.uniform(rng, (b // group, n))
+    noise = layers.draw_rows(jax.random.uniform, rng, (b // group, n))
     keep = jnp.sort(jax.lax.top_k(noise, self.keep_count(n))[1], axis=1)
     # Pinned like the tokens, so that each device gathers its own images' patches.
     keep = layers.constrain(jnp.repeat(keep, group, axis=0), ('batch', None))
@@ -92,7 +92,7 @@ class ViT(nnx.Module):
     if rng is not None and self.patch_dropout > 0:
       # A stream of its own (not a third split), so the dropout masks stay those of a
       # model without patch dropout.
-      x = self.drop_patches(x, jax.random.fold_in(rng, PATCH_DROPOUT_STREAM), group)
+      x = self.drop_patches(x, layers.fold_in(rng, PATCH_DROPOUT_STREAM), group)
     x = layers.dropout(x, self.dropout_rate, r_embed)
     x = layers.run_blocks(self.layer, x, None, r_blocks, remat=self.remat)
     return self.layernorm(x)
