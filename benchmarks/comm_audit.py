@@ -86,10 +86,15 @@ def table(results) -> str:
     for kind, row in r['rows'].items():
       if not row['count'] and not row['ideal']:
         continue
-      ratio = f"{row['bytes'] / row['ideal']:.2f}" if row['ideal'] else '–'
+      # A ratio against an ideal of a few scalars says nothing ('–').
+      ratio = f"{row['bytes'] / row['ideal']:.2f}" if row['ideal'] > 0.01 * row['bytes'] else '–'
       final = r['optimised']['rows'][kind]
       lines.append(f"| {name} | {kind} | {row['count']:,} | {mib(row['bytes'])} | "
                    f"{mib(row['ideal'])} | {ratio} | {mib(final['bytes'])} |")
+      if row['sliced_bytes']:
+        lines.append(f"| {name} | … of which only sliced to the shard (a reduce-scatter on "
+                     f"GPU/TPU) | | {mib(row['sliced_bytes'])} | | | "
+                     f"{mib(final['sliced_bytes'])} |")
     lines.append(f"| {name} | **all, scalars left out** | | **{mib(r['bytes'])}** | "
                  f"**{mib(r['ideal'])}** | **{r['ratio']:.2f}** | "
                  f"{mib(r['optimised']['bytes'])} ({r['optimised']['ratio']:.2f}x) |")

@@ -52,6 +52,9 @@ _COMPUTATION = re.compile(r'^(ENTRY\s+)?%(\S+)\s.*\{\s*$')
 _WHILE = re.compile(r'\bwhile\(.*?body=%([\w.\-]+)')
 _TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 SMALL = 1024  # all-reduces of at most this many bytes are the scalars
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%(\S+)\s*=\s*(?:\(.*?\)|\S+)\s+([\w\-]+)\((.*)$')
+_NAME = re.compile(r'%([\w.\-]+)')
+_PASS_THROUGH = ('convert', 'bitcast', 'copy', 'reshape')
 
 
 def _shape_bytes(text: str) -> list[int]:
@@ -93,11 +96,37 @@ def _multipliers(lines) -> dict[str, int]:
   return times
 
 
+def _users(lines) -> dict[str, list[tuple[str, str]]]:
+  """{instruction: [(user, user's opcode)]} over the module (names are module-unique)."""
+  users = collections.defaultdict(list)
+  for line in lines:
+    m = _INSTRUCTION.match(line)
+    if m:
+      name, opcode, operands = m.groups()
+      for operand in set(_NAME.findall(operands.split(', metadata=')[0])):
+        users[operand].append((name, opcode))
+  return users
+
+
+def _only_sliced(name: str, users) -> bool:
+  """Whether every use of `name`, through converts, bitcasts, copies and reshapes, is a
+  dynamic-slice: an all-reduce whose result each device slices to its own shard."""
+  seen = users.get(name, [])
+  return bool(seen) and all(
+      opcode == 'dynamic-slice' or (opcode in _PASS_THROUGH and _only_sliced(u, users))
+      for u, opcode in seen)
+
+
 def collective_bytes(hlo_text: str, num_devices: int) -> dict[str, dict]:
-  """{kind: {'count', 'bytes', 'small_bytes'}} per device per step, from optimised HLO."""
+  """{kind: {'count', 'bytes', 'small_bytes', 'sliced_bytes'}} per device per step.
+
+  `sliced_bytes` (all-reduces only): those whose result is only dynamic-sliced to the
+  device's shard. That pair is a reduce-scatter in all but name; the GPU and TPU
+  pipelines rewrite it into one, the CPU pipeline does not."""
   lines = hlo_text.splitlines()
-  times = _multipliers(lines)
-  out = {k: {'count': 0, 'bytes': 0, 'small_bytes': 0} for k in COLLECTIVES}
+  times, users = _multipliers(lines), _users(lines)
+  out = {k: {'count': 0, 'bytes': 0, 'small_bytes': 0, 'sliced_bytes': 0}
+         for k in COLLECTIVES}
   current = None
   for line in lines:
     m = _COMPUTATION.match(line)
@@ -116,6 +145,9 @@ def collective_bytes(hlo_text: str, num_devices: int) -> dict[str, dict]:
     out[kind]['bytes'] += n * size
     if size <= SMALL:
       out[kind]['small_bytes'] += n * size
+    elif kind == 'all-reduce' and not op.group(3) and _only_sliced(
+        _INSTRUCTION.match(line).group(1), users):
+      out[kind]['sliced_bytes'] += n * size
   return out
 
 
