@@ -87,7 +87,7 @@ def table(results) -> str:
       if not row['count'] and not row['ideal']:
         continue
       # A ratio against an ideal of a few scalars says nothing ('–').
-      ratio = f"{row['bytes'] / row['ideal']:.2f}" if row['ideal'] > 0.01 * row['bytes'] else '–'
+      ratio = f"{row['bytes'] / row['ideal']:.2f}" if row['ideal'] > 0.1 * row['bytes'] else '–'
       final = r['optimised']['rows'][kind]
       lines.append(f"| {name} | {kind} | {row['count']:,} | {mib(row['bytes'])} | "
                    f"{mib(row['ideal'])} | {ratio} | {mib(final['bytes'])} |")

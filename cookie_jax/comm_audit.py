@@ -66,7 +66,8 @@ def _group_size(line: str, num_devices: int) -> int:
   m = re.search(r'replica_groups=\[(\d+),(\d+)\]<=', line)
   if m:
     return int(m.group(2))
-  m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+  # mesh['a'=4,'b'=2] {'a'}, possibly with device_ids=(...) between: the named axes.
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", line)
   if m:
     sizes = dict(re.findall(r"'(\w+)'=(\d+)", m.group(1)))
     return math.prod(int(sizes[a]) for a in re.findall(r"'(\w+)'", m.group(2)))

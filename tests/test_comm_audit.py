@@ -25,6 +25,7 @@ ENTRY %main (a: f32[64,16]) -> f32[8,16] {
   %part = f32[512]{0} dynamic-slice(f32[4096]{0} %whole, s32[] %offset), dynamic_slice_sizes={512}
   %used = f32[4096]{0} multiply(f32[4096]{0} %whole, f32[4096]{0} %whole)
   %w = (s32[], f32[8,4]) while((s32[], f32[8,4]) %t), condition=%cond.1, body=%body.1, backend_config={"known_trip_count":{"n":"3"}}
+  %rs2 = f32[4,16]{1,0} reduce-scatter(f32[8,16]{1,0} %a), channel_id=8, replica_groups=mesh['axis_0'=4,'axis_1'=2], device_ids=([2,4]T(1,0)) {'axis_1'}, dimensions={0}, to_apply=%add
   %a2a = f32[8,16]{1,0} all-to-all(f32[8,16]{1,0} %q), channel_id=5, replica_groups=[1,8]<=[8], dimensions={0}
 }
 """
@@ -35,8 +36,9 @@ def test_collective_bytes_reads_sizes_groups_and_loops():
   # Inside a while body that runs 3 times: 3 all-gathers of 8 x 4 fp32.
   assert got['all-gather'] == {'count': 3, 'bytes': 3 * 8 * 4 * 4, 'small_bytes': 3 * 128,
                                'sliced_bytes': 0}
-  # The reduce-scatter's operand: its [8, 16] result times the group of 4 ('axis_1').
-  assert got['reduce-scatter']['bytes'] == 8 * 16 * 4 * 4
+  # The reduce-scatter's operand: its [8, 16] result times the group of 4 ('axis_1'), and
+  # [4, 16] times 2 where the mesh names its device order.
+  assert got['reduce-scatter']['bytes'] == 8 * 16 * 4 * 4 + 4 * 16 * 4 * 2
   # A tuple all-reduce counts all its operands; the async start counts once. Of the two
   # 4096-element gradients, only the one whose every use (through a convert) is a
   # dynamic-slice counts as sliced.
