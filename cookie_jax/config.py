@@ -64,6 +64,15 @@ def _loss_config() -> ml_collections.ConfigDict:
       # gradients with B_local x chunk_size logits per device instead of B_local x B_global:
       # for global batches whose logits do not fit in memory.
       chunk_size=0,
+      # How the views of a step share a tower (the second image view, the second dropout
+      # pass, the composed negatives): 'on' runs every image view through the image tower
+      # as one batch and every text view through the text tower as one (each view with
+      # its own dropout; equal to one pass per view up to float rounding), so that under
+      # FSDP each weight is gathered, and its gradient reduced, once per step instead of
+      # once per view; 'off' runs one pass per view; 'auto' is 'on' where the step runs
+      # on more than one device (on one CPU device separate passes of the tiny model ran
+      # faster: docs/BENCHMARKS.md, "Communication audit").
+      fuse_views='auto',
       # VLDeformer's bimodal hard negatives, appended to the cross-modal term's in-batch
       # negatives: `captions` composes a negative caption per pair by swapping one word for
       # another of its group (colour for colour, shape for shape on the synthetic set; the
@@ -465,6 +474,8 @@ def _check_losses(config) -> None:
            losses.visual.partner, "use 'augmented' or 'external'.")
   _require(losses.textual.partner in ('dropout', 'external'), 'loss.textual.partner',
            losses.textual.partner, "use 'dropout' or 'external'.")
+  _require(losses.fuse_views in ('auto', 'on', 'off'), 'loss.fuse_views', losses.fuse_views,
+           "use 'auto', 'on' or 'off'.")
   for name in LOSS_NAMES:
     _require(losses[name].weight >= 0, f'loss.{name}.weight', losses[name].weight,
              'must be >= 0 (0 switches the term off).')

@@ -106,16 +106,27 @@ def loss_constants(loss_cfg, mined: Mapping[str, np.ndarray]) -> dict[str, np.nd
   return constants
 
 
+def fuse_views(loss_cfg, num_devices: int) -> bool:
+  """Whether `loss_inputs` runs the views of a tower as one batch (`loss.fuse_views`)."""
+  return {'on': True, 'off': False}.get(loss_cfg.fuse_views, num_devices > 1)
+
+
+def _embed_views(embed, views, keys, fuse: bool):
+  if fuse:
+    return run_views(embed, views, keys)
+  return [embed(*view, rng=key) for view, key in zip(views, keys)]
+
+
 def loss_inputs(model: CookieModel, batch, rng, loss_cfg,
-                constants: Mapping[str, np.ndarray] | None = None):
+                constants: Mapping[str, np.ndarray] | None = None, *, fuse: bool = True):
   """(pairs, negatives): the (a, b) embeddings of every active term, and the extra
   negatives composed from this batch ({term: {'a'|'b': {'batch': (emb, valid)}}}).
 
-  Every image view of the step (the batch, the augmented second view, the composed
-  negative images) goes through the image tower in one pass, and every text view (the
-  batch, the second dropout pass, the composed negative captions) through the text tower
-  in one, each view with its own dropout keys (`layers.run_views`); clips run one view
-  per pass."""
+  With `fuse` (see `fuse_views`), every image view of the step (the batch, the augmented
+  second view, the composed negative images) goes through the image tower in one pass,
+  and every text view (the batch, the second dropout pass, the composed negative
+  captions) through the text tower in one, each view with its own dropout keys
+  (`layers.run_views`); clips, and every view without `fuse`, run one pass per view."""
   r_img, r_txt, r_img2, r_txt2 = split_rng(rng, 4)
   images, image_keys = {'batch': batch['image']}, {'batch': r_img}
   texts, text_keys = {'batch': batch['input_ids']}, {'batch': r_txt}
@@ -136,14 +147,13 @@ def loss_inputs(model: CookieModel, batch, rng, loss_cfg,
         constants['group_members'], _extra_rng(rng, 2))
     text_keys['negative'] = _extra_rng(rng, 3)
 
-  if batch['image'].ndim == 5:  # clips (see CookieModel.embed_image)
-    image_emb = {k: model.embed_image(v, rng=image_keys[k]) for k, v in images.items()}
-  else:
-    image_emb = dict(zip(images, run_views(model.embed_image, [(v,) for v in images.values()],
-                                           list(image_keys.values()))))
+  clips = batch['image'].ndim == 5  # one pass per view (see CookieModel.embed_image)
+  image_emb = dict(zip(images, _embed_views(
+      model.embed_image, [(v,) for v in images.values()], list(image_keys.values()),
+      fuse and not clips)))
   mask = batch['attention_mask']
-  text_emb = dict(zip(texts, run_views(model.embed_text, [(v, mask) for v in texts.values()],
-                                       list(text_keys.values()))))
+  text_emb = dict(zip(texts, _embed_views(
+      model.embed_text, [(v, mask) for v in texts.values()], list(text_keys.values()), fuse)))
 
   image, text = image_emb['batch'], text_emb['batch']
   image_n, text_n = l2_normalize(image), l2_normalize(text)

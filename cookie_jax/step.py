@@ -124,12 +124,13 @@ def make_grad_fn(config: ml_collections.ConfigDict, setup: Setup, constants=None
                      '(see cookie_jax.data.concepts); pass `constants`.')
   constants = None if constants is None else jax.tree.map(jnp.asarray, dict(constants))
 
+  fuse = objectives.fuse_views(loss_cfg, setup.mesh.devices.size)
   # Locked parameters (train.freeze) are cut from autodiff before the model runs.
   locked = lambda params: freeze_lib.stop_frozen(params, config.train.freeze)
 
   def inputs_fn(params, batch, rng):
     return objectives.loss_inputs(nnx.merge(setup.graphdef, locked(params)), batch, rng,
-                                  loss_cfg, constants)
+                                  loss_cfg, constants, fuse=fuse)
 
   def replicated_fn(params):
     return objectives.replicated_args(nnx.merge(setup.graphdef, locked(params)), loss_cfg)

@@ -110,6 +110,10 @@ def test_bad_choice_values():
   config.optim.schedule = 'cosin'
   with pytest.raises(ConfigError, match=r"optim\.schedule='cosin'.*'cosine'"):
     validate_config(config)
+  config = default_config()
+  config.loss.fuse_views = 'yes'
+  with pytest.raises(ConfigError, match=r"loss\.fuse_views='yes': use 'auto', 'on' or 'off'"):
+    validate_config(config)
 
 
 def _flag_error(argv, with_config=True):

@@ -91,6 +91,24 @@ def test_one_pass_per_tower_equals_one_pass_per_view_with_every_dropout_on():
                                err_msg=jax.tree_util.keystr(path))
 
 
+def test_fuse_views_switch_and_one_pass_per_view_path():
+  config = _config()
+  assert objectives.fuse_views(config.loss, 8) and not objectives.fuse_views(config.loss, 1)
+  config.loss.fuse_views = 'on'
+  assert objectives.fuse_views(config.loss, 1)
+  config.loss.fuse_views = 'off'
+  assert not objectives.fuse_views(config.loss, 8)
+  # fuse=False is the one-pass-per-view path, and gives exactly the reference's numbers.
+  model = init_model(config.model, 0)
+  batch = jax.tree.map(jnp.asarray, _batches(1)[0])
+  rng, constants = jax.random.key(3), jax.tree.map(jnp.asarray, _constants())
+  pairs, extra = objectives.loss_inputs(model, batch, rng, config.loss, constants,
+                                        fuse=False)
+  want = _one_pass_per_view(model, batch, rng, config.loss, constants)
+  np.testing.assert_array_equal(pairs['textual'][1], want['text_view2'])
+  np.testing.assert_array_equal(extra['cross_modal']['a']['batch'][0], want['image_negative'])
+
+
 def test_view_keys_draw_what_each_view_key_draws_alone():
   keys = [jax.random.key(1), jax.random.key(2), jax.random.key(3)]
   views = layers.ViewKeys(jnp.stack(keys))

@@ -175,7 +175,7 @@ def run_views(fn, views: Sequence[Sequence[jax.Array]], keys: Sequence[jax.Array
   return [out[:, i] for i in range(s)]
 
 
-def _uniform_u16(rng: jax.Array, shape: tuple[int, ...]) -> jax.Array | None:
+def _uniform_u16(rng: jax.Array | ViewKeys, shape: tuple[int, ...]) -> jax.Array | None:
   """Uniform 16-bit integers of `shape` (as uint32), four from each Threefry hash.
 
   `jax.random.bernoulli` spends one Threefry-2x32 hash (20 rounds on two words) per
@@ -183,24 +183,34 @@ def _uniform_u16(rng: jax.Array, shape: tuple[int, ...]) -> jax.Array | None:
   1.5e-5, so each hash here gives four elements. The counter of a hash is its index in
   the array, as in jax's partitionable Threefry, so the bits do not depend on how the
   array is sharded and a sharded step draws the same masks as an unsharded one.
+  With `ViewKeys` over S views, row r hashes with view r % S's key and counts as row
+  r // S of that view's array: the bits `draw_rows` would give, drawn in place.
   Returns None where this does not apply (a non-Threefry key, or 2**32 hashes or more).
   """
-  if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
-    if str(jax.random.key_impl(rng)) != 'threefry2x32':
+  views, keys = (rng.views, rng.keys) if isinstance(rng, ViewKeys) else (1, rng)
+  if jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key):
+    if str(jax.random.key_impl(keys)) != 'threefry2x32':
       return None
-    rng = jax.random.key_data(rng)
+    keys = jax.random.key_data(keys)
   *lead, last = shape
   words = -(-last // 4)
   grid = (*lead, words)
-  if math.prod(grid) >= 2**32:
+  view_grid = (grid[0] // views, *grid[1:])  # (the grid itself for one view)
+  if math.prod(view_grid) >= 2**32 or grid[0] % views:
     return None
   counts = jnp.zeros(grid, jnp.uint32)
   stride = 1
   for axis in reversed(range(len(grid))):
-    counts = counts + jax.lax.broadcasted_iota(jnp.uint32, grid, axis) * jnp.uint32(stride)
-    stride *= grid[axis]
-  hi, lo = jax.extend.random.threefry2x32_p.bind(
-      rng[..., 0], rng[..., 1], jnp.zeros_like(counts), counts)
+    index = jax.lax.broadcasted_iota(jnp.uint32, grid, axis)
+    if axis == 0 and views > 1:
+      index = index // jnp.uint32(views)
+    counts = counts + index * jnp.uint32(stride)
+    stride *= view_grid[axis]
+  k0, k1 = keys[..., 0], keys[..., 1]
+  if views > 1:  # row r's key: view r % S's
+    rows = jnp.tile(keys, (grid[0] // views, 1)).reshape(grid[0], *[1] * (len(grid) - 1), 2)
+    k0, k1 = (jnp.broadcast_to(rows[..., i], grid) for i in range(2))
+  hi, lo = jax.extend.random.threefry2x32_p.bind(k0, k1, jnp.zeros_like(counts), counts)
   mask = jnp.uint32(0xFFFF)
   parts = [hi & mask, hi >> 16, lo & mask, lo >> 16]
   return jnp.stack(parts, axis=-1).reshape(*lead, 4 * words)[..., :last]
@@ -209,7 +219,7 @@ def _uniform_u16(rng: jax.Array, shape: tuple[int, ...]) -> jax.Array | None:
 def dropout(x: jax.Array, rate: float, rng: Key) -> jax.Array:
   if rng is None or rate == 0.0:
     return x
-  bits = draw_rows(_uniform_u16, rng, x.shape)
+  bits = _uniform_u16(rng, x.shape)
   if bits is None:
     keep = draw_rows(lambda k, shape: jax.random.bernoulli(k, 1.0 - rate, shape), rng,
                      x.shape)
