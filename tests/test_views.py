@@ -117,6 +117,8 @@ def test_view_keys_draw_what_each_view_key_draws_alone():
   split = [layers.split_rng(k, 2)[1] for k in keys]
   split_views = layers.split_rng(views, 2)[1]
   folded = layers.draw_rows(jax.random.uniform, layers.fold_in(views, 9), (12, 3))
+  # Dropout draws its bits in place (each row hashing with its view's key): the same.
+  np.testing.assert_array_equal(layers._uniform_u16(views, (12, 5, 6)), bits)  # pylint: disable=protected-access
   for i, key in enumerate(keys):
     np.testing.assert_array_equal(bits[i::3], layers._uniform_u16(key, shape))  # pylint: disable=protected-access
     np.testing.assert_array_equal(jax.random.key_data(split_views.keys[i]),
