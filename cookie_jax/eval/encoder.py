@@ -59,15 +59,14 @@ class Encoder:
     """This process's rows of global batches of the tokenised `texts`, the last one
     padded and masked (as `pipeline.EvalData.text_batches`)."""
     tokens = tok_lib.encode(self.tokenizer, list(texts))
-    b = self.batch_size // jax.process_count()
     total = math.ceil(len(texts) / self.batch_size) * self.batch_size
     rows = {k: np.zeros((total,) + v.shape[1:], v.dtype) for k, v in tokens.items()}
     for k, v in tokens.items():
       rows[k][:len(texts)] = v
     rows['mask'] = np.arange(total) < len(texts)
-    start = jax.process_index() * b
+    mine = sharding.process_rows(self.mesh, self.batch_size)
     for lo in range(0, total, self.batch_size):
-      yield {k: v[lo + start:lo + start + b] for k, v in rows.items()}
+      yield {k: v[lo + mine] for k, v in rows.items()}
 
   def encode_texts(self, texts: Sequence[str], *, progress: bool = False) -> np.ndarray:
     """L2-normalised [len(texts), D]; every process gets all rows."""
