@@ -20,6 +20,7 @@ replicated arguments of shard_map'd functions are made here too (`batch_spec`,
 
 import contextlib
 import math
+import os
 from typing import Any, Mapping, Sequence
 
 from absl import logging
@@ -195,6 +196,10 @@ def tpu_slice_devices(name: str, slices: int = 1) -> list:
   them on any host (no TPU needed): real coordinates and process (host) indices."""
   if name not in TPU_SLICES:
     raise ConfigError(f'Unknown TPU slice {name!r}; known: {", ".join(TPU_SLICES)}.')
+  # libtpu takes /tmp/libtpu_lockfile when it loads, so that two processes never drive
+  # one TPU; a topology description drives none, and tests, pre-flight checks and
+  # compiles may describe slices in several processes at once.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   try:
     from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
     desc = topologies.get_topology_desc(topology_name=TPU_SLICES[name], platform='tpu',
