@@ -8,8 +8,10 @@ decode only what it uses (a JPEG crop window) and choose a caption per visit. Fo
 video builders `image` is a clip: its frames, each encoded ([T] strings).
 """
 
+from absl import logging
 import numpy as np
 
+from cookie_jax import distributed
 from cookie_jax.data.tf_env import tf  # pylint: disable=g-bad-import-order  # GPUs first
 import tensorflow_datasets as tfds
 
@@ -116,9 +118,27 @@ def _prepared_tfds(data_cfg) -> tfds.core.DatasetBuilder:
 
 
 def get_builder(data_cfg) -> tfds.core.DatasetBuilder:
-  """The dataset builder, prepared: opened where built, else built from manual_dir."""
+  """The dataset builder, prepared: opened where built, else built once.
+
+  In a run of several processes only process 0 builds; the others wait for it, then open
+  what it wrote. A process whose data_dir does not hold that copy (a folder on each
+  host, not shared) then builds its own.
+  """
   builder, build = _make(data_cfg)
-  if build is not None and not builder.is_prepared():
+  if build is None or (builder.is_prepared() and not distributed.is_main_process()):
+    return builder
+  # Process 0 reports on every dataset, built before or now, so that no process waits
+  # for a report that never comes.
+  where = data_cfg.data_dir or 'the default data_dir'
+  distributed.first_process_runs(f'build {builder.info.full_name} in {where}',
+                                 lambda: builder.is_prepared() or build())
+  if distributed.is_main_process():
+    return builder
+  builder, build = _make(data_cfg)  # a new look at data_dir, after process 0's build
+  if not builder.is_prepared():
+    logging.warning('%s: process 0 built it, but not in this host\'s %s (not a folder all '
+                    "hosts share); building this host's own copy.",
+                    builder.info.full_name, where)
     build()
   return builder
 
