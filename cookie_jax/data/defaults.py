@@ -50,10 +50,10 @@ def _source_keys() -> dict:
       # Token length after truncation / padding.
       max_len=32,
 
-      # A local folder holding tokenizer.json or vocab.txt, or either file. '' = the
-      # WordPiece vocabulary trained on and stored with the synthetic dataset (image or
-      # video) being read; 'synthetic' = the synthetic image set's (config `synthetic`)
-      # whatever the builder, e.g. to fine-tune a synthetic-image run on synthetic_video.
+      # A folder (local, or any path etils.epath reads: gs://...) holding tokenizer.json or
+      # vocab.txt, or either file. '' = the WordPiece vocabulary stored with the synthetic
+      # dataset (image or video) being read; 'synthetic' = the synthetic image set's (config
+      # `synthetic`) whatever the builder, e.g. to fine-tune a synthetic run on synthetic_video.
       tokenizer='',
       # Lowercase before WordPiece; used for a bare vocab.txt (tokenizer.json says itself).
       lowercase=True,
@@ -307,8 +307,8 @@ def validate_data_config(data_cfg) -> None:
              "builder=tfds needs a prepared dataset's name, e.g. 'coco_captions'.")
   if d.builder not in OWN_VOCAB_BUILDERS:
     _require(bool(d.tokenizer), 'tokenizer', d.tokenizer,
-             'only the synthetic datasets ship a vocabulary; give a local folder with '
-             'tokenizer.json or vocab.txt (e.g. of bert-base-uncased).')
+             'only the synthetic datasets ship a vocabulary; give a folder (local or '
+             'gs://...) with tokenizer.json or vocab.txt (e.g. of bert-base-uncased).')
   _require(d.num_frames >= 0, 'num_frames', d.num_frames,
            'must be >= 0 (0 = every stored frame of a clip).')
   _check_generated_sizes(d)
