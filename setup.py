@@ -9,7 +9,8 @@ setuptools.setup(
     packages=setuptools.find_packages(include=['cookie_jax', 'cookie_jax.*']),
     # Zero-shot class names and prompt templates (sources in cookie_jax/eval/data/README.md).
     package_data={'cookie_jax.eval': ['data/*.txt', 'data/README.md']},
-    python_requires='>=3.10',
+    # jax 0.10.2 (and numpy 2.4.6 of requirements.txt) need Python >= 3.11.
+    python_requires='>=3.11',
     install_requires=[
         'jax>=0.10.2,<0.11',
         'flax>=0.12.8,<0.13',

@@ -226,7 +226,8 @@ def test_two_processes_whose_rows_interleave_train_and_validate_like_one(tmp_pat
                got_state.params, ref_state.params)
 
 
-def _run_script_in_two_processes(script, args, log_dir):
+def _run_script_in_two_processes(script, args, log_dir, expect_ok=True):
+  """Each process's (exit code, last 3000 characters of output)."""
   port = _free_port()
   env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
   procs = [subprocess.Popen(
@@ -244,4 +245,95 @@ def _run_script_in_two_processes(script, args, log_dir):
     for p in procs:
       if p.poll() is None:
         p.kill()
-  assert all(p.returncode == 0 for p in procs), '\n'.join(logs)
+  if expect_ok:
+    assert all(p.returncode == 0 for p in procs), '\n'.join(logs)
+  return [(p.returncode, log) for p, log in zip(procs, logs)]
+
+
+# -- a dataset not yet built: one process builds it, the others wait, then read it -------
+
+_BUILD_ONCE_CHILD = textwrap.dedent('''
+    import importlib.util, sys
+    from cookie_jax import distributed
+    distributed.initialize()
+    import jax
+    from cookie_jax import train
+    from cookie_jax.data.builders import synthetic
+
+    build = synthetic.SyntheticShapes.download_and_prepare
+
+    def counted(self, *args, **kwargs):  # each build leaves a line in this process's file
+      with open(f'{sys.argv[3]}_{jax.process_index()}', 'a', encoding='utf-8') as f:
+        f.write(f'{self.data_path}\\n')
+      return build(self, *args, **kwargs)
+    synthetic.SyntheticShapes.download_and_prepare = counted
+
+    spec = importlib.util.spec_from_file_location('config', sys.argv[1])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    train.train_and_evaluate(module.get_config(), sys.argv[2])
+''')
+
+
+_BUILD_ONCE_READ_CHILD = textwrap.dedent('''
+    import json, sys
+    from cookie_jax import cli, distributed
+    distributed.initialize()
+    import jax
+    from cookie_jax.data import defaults, sources
+    from cookie_jax.data.builders import synthetic
+
+    build = synthetic.SyntheticShapes.download_and_prepare
+
+    def counted(self, *args, **kwargs):  # each build leaves a line in this process's file
+      with open(f'{sys.argv[2]}_{jax.process_index()}', 'a', encoding='utf-8') as f:
+        f.write(f'{self.data_path}\\n')
+      return build(self, *args, **kwargs)
+    synthetic.SyntheticShapes.download_and_prepare = counted
+
+    cfg = defaults.data_config()
+    cfg.update(json.loads(sys.argv[1]))
+    builder = cli.run_or_exit(lambda: sources.get_builder(cfg))
+    print('train examples:', builder.info.splits['train'].num_examples, flush=True)
+    cfg.update(dict(builder='karpathy', manual_dir=''))  # unbuilt, nothing to build from
+    cli.run_or_exit(lambda: sources.get_builder(cfg))
+''')
+
+
+def test_two_processes_build_an_unbuilt_dataset_once_and_share_a_failure(tmp_path):
+  """The mechanism alone, without training: process 0 builds, process 1 waits and reads
+  the same copy; where process 0 cannot build, both end with the same one line."""
+  script = tmp_path / 'read.py'
+  script.write_text(_BUILD_ONCE_READ_CHILD)
+  cfg = _data_cfg(tmp_path, cache_mb=0)  # an empty data_dir: nothing is built yet
+  out = _run_script_in_two_processes(
+      script, [json.dumps(cfg.to_dict()), str(tmp_path / 'builds')], tmp_path,
+      expect_ok=False)
+  # The synthetic set: built once, by process 0, and read by both.
+  assert len((tmp_path / 'builds_0').read_text().splitlines()) == 1
+  assert not (tmp_path / 'builds_1').exists()
+  counts = {l for _, log in out for l in log.splitlines() if l.startswith('train examples')}
+  assert len(counts) == 1, out
+  # Then a Karpathy set that is not built and has no manual_dir: one line on each.
+  for process, (code, log) in enumerate(out):
+    assert code == 1 and 'Traceback' not in log, log
+    last = log.strip().splitlines()[-1]
+    assert last.startswith('error: ' + ('' if process == 0 else
+                                        'process 0 could not build karpathy_captions/coco/'
+                                        f'1.1.0 in {cfg.data_dir}: ') +
+                           "config.data.manual_dir='': karpathy_captions/coco/1.1.0 is not "
+                           'built'), log
+
+
+@pytest.mark.slow
+def test_two_processes_build_an_unbuilt_dataset_once_and_both_train(tmp_path):
+  data_dir = tmp_path / 'tfds'  # empty: nothing is built yet
+  script = tmp_path / 'build_once.py'
+  script.write_text(_BUILD_ONCE_CHILD)
+  run, builds = tmp_path / 'run', tmp_path / 'builds'
+  _run_script_in_two_processes(
+      script, [_config_file(tmp_path, str(data_dir), 2), str(run), str(builds)], tmp_path)
+  # Process 0 built it, once; process 1 never did, and both trained on it.
+  assert len((tmp_path / 'builds_0').read_text().splitlines()) == 1
+  assert not (tmp_path / 'builds_1').exists()
+  assert sorted(_rows(str(run))) == [1, 2]

@@ -208,6 +208,15 @@ def test_each_setting_builds_its_own_copy_and_val_is_a_hash_of_the_key(built):
   assert 950 <= sum(webshards.split_of(k, 0.1) == 'val' for k in keys) <= 1050
 
 
+def test_a_built_copy_opens_by_its_name_without_the_shards(built):
+  root, (tar, _), _ = built
+  corpus = tar.builder_config.name.rsplit('_side', 1)[0]  # manual_dir's name and hash
+  cfg = _cfg('', root / 'tfds', name=corpus)
+  opened = sources.get_builder(cfg)
+  assert opened.data_path == tar.data_path
+  assert opened.info.splits['train'].num_examples == 6
+
+
 def test_bad_folders_name_the_path_and_the_layout(tmp_path):
   data_dir = tmp_path / 'tfds'
   with pytest.raises(FileNotFoundError, match=r"manual_dir='.*nowhere': folder not found"):

@@ -331,6 +331,23 @@ def test_launcher_bad_override_is_one_clean_line(tmp_path, override, line):
   assert out.stderr.strip().splitlines() == [line], out.stderr
 
 
+@pytest.mark.parametrize('config, override, code, line', [
+    ('configs/bsae.py', '--config.train.steps=3', 2, "error: --config=configs/bsae.py: no "
+     "such config file 'configs/bsae.py'. Did you mean configs/base.py?"),
+    ('configs/base.py:bsae', '--config.train.steps=3', 2, "error: bad command-line flags: "
+     "ValueError: Unknown variant 'bsae' of configs/base.py; choose one of ('demo', "),
+    ('configs/base.py:tiny', '--config.mesh.fsdp=3', 1, "error: config.mesh={'data': -1, "
+     "'fsdp': 3, 'tensor': 1}: the fixed axes use 3 devices, which does not divide the 1 "
+     "devices available; change the fixed sizes."),
+])
+def test_launcher_unknown_config_file_or_variant_and_an_impossible_mesh_are_one_line(
+    tmp_path, config, override, code, line):
+  out = _launch(f'--config={config}', override, f'--workdir={tmp_path}')
+  assert out.returncode == code
+  assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+  assert out.stderr.startswith(line), out.stderr
+
+
 def test_launcher_misspelt_key_in_config_file_is_one_line(tmp_path):
   bad = tmp_path / 'bad.py'
   bad.write_text(textwrap.dedent("""

@@ -8,7 +8,6 @@ shipped in the dataset's metadata, so the default config runs with no download a
 import collections
 import json
 import os
-import pathlib
 from typing import Iterable, Sequence
 
 from absl import logging
@@ -97,13 +96,15 @@ def wordpiece_tokenizer(vocab: Sequence[str] | dict, lowercase: bool = True) -> 
   return tok
 
 
-def _read_vocab_txt(path: pathlib.Path) -> list[str]:
+def _read_vocab_txt(path: epath.Path) -> list[str]:
   return [line.rstrip('\n') for line in path.read_text(encoding='utf-8').splitlines()]
 
 
 def tokenizer_from_path(path: str, lowercase: bool = True) -> Tokenizer:
-  """`tokenizer.json` (kept as is) or `vocab.txt` (BERT pipeline), or a folder of either."""
-  p = pathlib.Path(path).expanduser()
+  """`tokenizer.json` (kept as is) or `vocab.txt` (BERT pipeline), or a folder of either;
+  a local path or any path etils.epath reads (gs://...), so every host of a pod can read
+  one copy."""
+  p = epath.Path(os.path.expanduser(path))
   if p.is_dir():
     candidates = [p / 'tokenizer.json', p / 'vocab.txt']
     found = [c for c in candidates if c.is_file()]
@@ -114,11 +115,11 @@ def tokenizer_from_path(path: str, lowercase: bool = True) -> Tokenizer:
     p = found[0]
   if not p.is_file():
     raise FileNotFoundError(
-        f'config.data.tokenizer={path!r}: no such file or folder. Give a local folder with '
-        "'tokenizer.json' or 'vocab.txt' (nothing is downloaded), or '' for the synthetic "
-        "dataset's own vocabulary.")
+        f'config.data.tokenizer={path!r}: no such file or folder. Give a folder (local or '
+        "gs://...) with 'tokenizer.json' or 'vocab.txt' (nothing is downloaded), or '' for "
+        "the synthetic dataset's own vocabulary.")
   if p.name.endswith('.json'):
-    return Tokenizer.from_file(str(p))
+    return Tokenizer.from_str(p.read_text(encoding='utf-8'))
   return wordpiece_tokenizer(_read_vocab_txt(p), lowercase=lowercase)
 
 

@@ -211,17 +211,28 @@ def _map_shards(kind, shards, settings, split, workers):
       yield done.result()
 
 
-def prepare(data_cfg, data_dir=None, beam_options=None) -> Img2dataset:
-  """The builder for `config.data`, built first where it is not yet (on Beam where
-  `beam_options`, a `PipelineOptions`, is given; else locally)."""
+def make_builder(data_cfg, data_dir=None) -> Img2dataset:
+  """The builder for `config.data`, built or not: named by img2dataset.name (or else by
+  manual_dir) and the settings, so a built copy opens without its shards."""
   w = data_cfg.img2dataset
   cfg = img2dataset_config(w.name or corpus_name(data_cfg.manual_dir), w.max_side,
                            w.quality, w.val_fraction)
   builder = Img2dataset(data_dir=data_dir, config=cfg)
   builder.workers = w.workers
-  if builder.is_prepared():
-    return builder
+  return builder
+
+
+def build(builder: Img2dataset, data_cfg, beam_options=None) -> None:
+  """Builds it from the shards in manual_dir (on Beam where `beam_options`, a
+  `PipelineOptions`, is given; else locally)."""
   webshards.list_shards(data_cfg.manual_dir)  # named errors before tfds makes any folder
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=data_cfg.manual_dir, beam_options=beam_options))
+
+
+def prepare(data_cfg, data_dir=None, beam_options=None) -> Img2dataset:
+  """The builder for `config.data`, built first where it is not yet."""
+  builder = make_builder(data_cfg, data_dir)
+  if not builder.is_prepared():
+    build(builder, data_cfg, beam_options)
   return builder
