@@ -47,9 +47,6 @@ def main(argv):
     # the named slice as if on its first worker instead.
     os.environ.setdefault('TPU_ACCELERATOR_TYPE', FLAGS.accelerator_type)
     os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
-    # Describing a topology opens no TPU, so another process holding libtpu's lock (a
-    # compile, a test) must not make the check fail.
-    os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   from cookie_jax import cli, preflight  # pylint: disable=g-import-not-at-top
   cli.quiet_library_logs()
   lines = cli.run_or_exit(lambda: preflight.check(

@@ -31,9 +31,7 @@ def _base():
 
 
 @needs_libtpu
-def test_check_lays_the_mesh_on_the_slice_and_lists_the_worker_paths(monkeypatch):
-  # As launch/preflight.py does: libtpu's lock may be held by another process.
-  monkeypatch.setenv('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+def test_check_lays_the_mesh_on_the_slice_and_lists_the_worker_paths():
   lines = preflight.check(_base(), 'v5p-32')
   assert lines[0] == ("v5p-32: 16 TPU v5 devices on 4 hosts (torus 2x2x4); mesh {'data': 2, "
                       "'fsdp': 8, 'tensor': 1}; train.batch_size 4096 = 256 rows per device, "
