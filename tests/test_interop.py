@@ -634,3 +634,14 @@ def test_model_variants_export_exactly(overrides, tmp_path):
   print(f'Variant export max abs diff: image {diffs[0]:.2e}, text {diffs[1]:.2e}')
   assert max(diffs) <= TOL
   _assert_same(_flat(params), hf_export.read_export(tmp_path / 'out'))
+
+
+def test_without_torch_the_messages_give_the_cpu_build_command(tmp_path, monkeypatch, caplog):
+  monkeypatch.setitem(sys.modules, 'torch', None)  # `import torch` fails from here on
+  cpu = 'pip install torch --index-url https://download.pytorch.org/whl/cpu'
+  with caplog.at_level('WARNING'):
+    assert not hf_export.hf_automodel.write_automodel(tmp_path, default_config('tiny').model)
+  assert cpu in caplog.text and 'CUDA build' in caplog.text
+  (tmp_path / 'pytorch_model.bin').write_bytes(b'')
+  with pytest.raises(ModuleNotFoundError, match=f'needs torch .*`{cpu}`'):
+    hf_import._read_torch_bin(tmp_path / 'pytorch_model.bin', 'here')  # pylint: disable=protected-access

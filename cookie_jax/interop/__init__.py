@@ -16,3 +16,7 @@
 Nothing here imports torch at import time: only reading a pytorch_model.bin does, and
 writing the AutoModel files of an export.
 """
+
+# torch's CPU build from the public PyTorch index: a plain `pip install torch` on Linux
+# pulls a CUDA build of several GB, which an export or a checkpoint read does not need.
+TORCH_CPU_INSTALL = 'pip install torch --index-url https://download.pytorch.org/whl/cpu'

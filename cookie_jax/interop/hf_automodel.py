@@ -24,6 +24,8 @@ import pathlib
 
 from absl import logging
 
+from cookie_jax.interop import TORCH_CPU_INSTALL
+
 
 def _read_json(path: pathlib.Path) -> dict:
   return json.loads(path.read_text(encoding='utf-8'))
@@ -56,7 +58,9 @@ def write_automodel(output, model_cfg, *, tokenizer=None, data_cfg=None,
   except ImportError:
     logging.warning('torch is not installed, so the AutoModel files (config.json, '
                     'model.safetensors, modeling_cookie.py) were not written; the tower '
-                    'folders and torch_model.py were. `pip install torch` and export again.')
+                    'folders and torch_model.py were. Install the CPU build of torch (%s; '
+                    'a plain `pip install torch` pulls a CUDA build of several GB) and '
+                    'export again.', TORCH_CPU_INSTALL)
     return False
   # pylint: disable=g-import-not-at-top
   from cookie_jax.interop import hf_export
