@@ -403,10 +403,11 @@ def trained_run(tmp_path_factory):
 def test_trained_model_exported_to_pytorch_gives_the_same_embeddings(trained_run):
   out = trained_run.out
   assert sorted(p.name for p in out.iterdir()) == [
-      'config.json', 'configuration_cookie.py', 'cookie.safetensors', 'cookie_config.json',
-      'image_encoder', 'image_processing_cookie.py', 'model.safetensors', 'modeling_cookie.py',
-      'preprocessor_config.json', 'special_tokens_map.json', 'text_encoder',
-      'tokenizer.json', 'tokenizer_config.json', 'torch_model.py', 'vocab.txt']
+      'README.md', 'config.json', 'configuration_cookie.py',
+      'cookie.safetensors', 'cookie_config.json', 'image_encoder', 'image_processing_cookie.py',
+      'model.safetensors', 'modeling_cookie.py', 'preprocessor_config.json',
+      'processing_cookie.py', 'processor_config.json', 'special_tokens_map.json',
+      'text_encoder', 'tokenizer.json', 'tokenizer_config.json', 'torch_model.py', 'vocab.txt']
   _loads_cleanly(transformers.BertModel, out / 'text_encoder')
   _loads_cleanly(transformers.ViTModel, out / 'image_encoder')
   rng = np.random.default_rng(1)
@@ -495,8 +496,10 @@ def test_automodel_from_pretrained_equals_jax_and_round_trips(trained_run, tmp_p
   model = _model_with(trained_run.config.model, trained_run.params)
   jax_image, jax_text, jax_scale = map(np.asarray, _jax_embeddings(model, images, ids, mask))
   config = json.loads((trained_run.out / 'config.json').read_text())
-  assert config['auto_map'] == {'AutoConfig': 'configuration_cookie.CookieConfig',
-                                'AutoModel': 'modeling_cookie.CookieModel'}
+  assert config['auto_map'] == {
+      'AutoConfig': 'configuration_cookie.CookieConfig',
+      'AutoModel': 'modeling_cookie.CookieModel',
+      'AutoModelForZeroShotImageClassification': 'modeling_cookie.CookieModel'}
   assert config['architectures'] == ['CookieModel'] and config['cookie_jax']['step'] == 3
 
   _block_jax(monkeypatch)  # the folder's own code, with no JAX and no cookie_jax

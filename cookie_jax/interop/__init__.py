@@ -10,7 +10,10 @@
   hf_automodel the export's AutoModel files (`hf_export` calls it; needs torch), with the
                remote code it copies into the folder: configuration_cookie.py,
                modeling_cookie.py (`CookieModel`, a PreTrainedModel around
-               `CookieTorchModel`) and image_processing_cookie.py (the eval view)
+               `CookieTorchModel`, also the zero-shot pipeline's model),
+               image_processing_cookie.py (the eval view) and processing_cookie.py
+               (`CookieProcessor`: text and images in one call)
+  model_card   the export's README.md
   keys         the one name table all of them share
 
 Nothing here imports torch at import time: only reading a pytorch_model.bin does, and
