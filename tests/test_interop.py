@@ -403,7 +403,7 @@ def trained_run(tmp_path_factory):
 def test_trained_model_exported_to_pytorch_gives_the_same_embeddings(trained_run):
   out = trained_run.out
   assert sorted(p.name for p in out.iterdir()) == [
-      'README.md', 'config.json', 'configuration_cookie.py',
+      'README.md', 'clip_benchmark_cookie.py', 'config.json', 'configuration_cookie.py',
       'cookie.safetensors', 'cookie_config.json', 'image_encoder', 'image_processing_cookie.py',
       'model.safetensors', 'modeling_cookie.py', 'preprocessor_config.json',
       'processing_cookie.py', 'processor_config.json', 'special_tokens_map.json',

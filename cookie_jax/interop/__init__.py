@@ -13,6 +13,8 @@
                `CookieTorchModel`, also the zero-shot pipeline's model),
                image_processing_cookie.py (the eval view) and processing_cookie.py
                (`CookieProcessor`: text and images in one call)
+  clip_benchmark_cookie  the export with open_clip's interface, for CLIP_benchmark (torch
+               only; copied into the folder)
   model_card   the export's README.md
   keys         the one name table all of them share
 

@@ -9,6 +9,7 @@
                        `AutoModel.from_pretrained(OUT, trust_remote_code=True)` and
                        transformers' zero-shot pipeline, with its tokenizer, image
                        processor and processor (`hf_automodel.py`),
+  OUT/clip_benchmark_cookie.py  the model with open_clip's interface, for CLIP_benchmark,
   OUT/README.md        the model card (`model_card.py`).
 
 Tower weights use transformers' original (4.x) key layout, which both 4.x and 5.x load.
@@ -197,8 +198,9 @@ def export_params(params, model_cfg, output, *, tokenizer=None, data_cfg=None,
     logging.info('Not exported (training-only, unused at retrieval): %s.',
                  ', '.join(training_only))
   _write_json(out / COOKIE_CONFIG, cookie_config(model_cfg, step=step, data_cfg=data_cfg))
-  # The loader travels with the weights, so that a PyTorch-only machine needs no cookie_jax.
-  shutil.copy(pathlib.Path(__file__).with_name('torch_model.py'), out / 'torch_model.py')
+  # The loaders travel with the weights, so that a PyTorch-only machine needs no cookie_jax.
+  for name in ('torch_model.py', 'image_processing_cookie.py', 'clip_benchmark_cookie.py'):
+    shutil.copy(pathlib.Path(__file__).with_name(name), out / name)
   model_card.write(out, model_cfg, step=step, config=config, data_cfg=data_cfg,
                    figures=figures)
   automodel = hf_automodel.write_automodel(out, model_cfg, tokenizer=tokenizer,

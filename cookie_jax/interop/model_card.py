@@ -159,6 +159,9 @@ def card(model_cfg, *, step=None, config=None, data_cfg=None, figures=()) -> str
          'padding=True))',
          'out.logits_per_image  # [images, texts]; model.get_image_features / '
          'get_text_features: the embeddings', '```', '',
+         'For [CLIP_benchmark](https://github.com/LAION-AI/CLIP_benchmark): '
+         '`python OUT/clip_benchmark_cookie.py eval --model_type=cookie --pretrained=OUT '
+         '--dataset=cifar10 --dataset_root=DATA --output=cifar10.json`.', '',
          '## Model', '', *model_lines(model_cfg), '']
   if config is not None:
     out += ['## Training recipe', '', *recipe_lines(config), '']
