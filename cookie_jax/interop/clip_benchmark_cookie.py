@@ -154,9 +154,9 @@ def main() -> None:
     fix_clip_benchmark_accuracy()
     from clip_benchmark import cli  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    sys.exit(f'CLIP_benchmark is not installed ({e}): pip install clip-benchmark (after '
-             'torch and torchvision, e.g. their CPU builds: pip install torch torchvision '
-             '--index-url https://download.pytorch.org/whl/cpu).')
+    sys.exit(f'CLIP_benchmark, or a package it needs, is missing ({e}): pip install '
+             'clip-benchmark (after torch and torchvision, e.g. their CPU builds: pip '
+             'install torch torchvision --index-url https://download.pytorch.org/whl/cpu).')
   cli.main()
 
 
