@@ -46,7 +46,10 @@ def exported(tmp_path_factory):
   (run.workdir / 'test_retrieval.json').write_text(json.dumps(TEST_FIGURES))
   out = run.root / 'export'
   hf_export.export_run(str(run.workdir), str(out))
-  return types.SimpleNamespace(run=run, out=out)
+  # Ours: the run's weights in JAX, with the run's tokenizer and eval view, as
+  # `launch/eval.py --task=zeroshot` encodes (one compile per shape for all the tests).
+  encoder = encoder_lib.from_run(str(run.workdir))
+  return types.SimpleNamespace(run=run, out=out, encoder=encoder)
 
 
 def _block_jax(monkeypatch):
@@ -78,7 +81,7 @@ def test_zero_shot_pipeline_and_processor_give_the_jax_classifiers_ranking_and_p
     exported, tmp_path, monkeypatch):
   _image_folder(tmp_path)
   # Ours: the JAX zero-shot classifier (`launch/eval.py --task=zeroshot`) on these files.
-  encoder = encoder_lib.from_run(str(exported.run.workdir))
+  encoder = exported.encoder
   data = zeroshot_run.image_set(encoder.config, image_folder=str(tmp_path),
                                 batch_size=encoder.batch_size)[0]
   names, _ = zeroshot_run.class_names_of(data)
@@ -152,19 +155,16 @@ def _load_clip_benchmark_module(out):
 
 
 def test_open_clip_interface_of_the_export_needs_no_jax_and_equals_jax(exported, monkeypatch):
-  run = exported.run
+  run, encoder = exported.run, exported.encoder
   texts = [TEMPLATE.format(n) for n in CLASSES] + ['a red circle above a small blue square '
                                                    'in the top left of the picture and more']
-  tok = tok_lib.finalize(tok_lib.tokenizer_from_path(run.config.data.tokenizer),
-                         run.config.data.max_len)
-  enc = tok_lib.encode(tok, texts)
+  enc = tok_lib.encode(encoder.tokenizer, texts)
   assert enc['attention_mask'][-1].all()  # the last text is cut at max_len
   pngs = [zeroshot_shapes.example(1, i, 32)['image'] for i in range(4)]
-  images = np.stack([_eval_view(png, run) for png in pngs])
-  model = eval_run.model_of(run)
-  jax_text = np.asarray(nnx.jit(lambda m, i, k: m.encode_text(i, k))(
-      model, enc['input_ids'], enc['attention_mask']))
-  jax_image = np.asarray(nnx.jit(lambda m, x: m.encode_image(x))(model, images))
+  batch = np.zeros((encoder.batch_size, 16, 16, 3), np.float32)
+  batch[:4] = [_eval_view(png, run) for png in pngs]
+  jax_text = encoder.encode_texts(texts)
+  jax_image = encoder.encode_images([{'image': batch, 'mask': np.arange(len(batch)) < 4}])
 
   _block_jax(monkeypatch)
   module = _load_clip_benchmark_module(exported.out)
@@ -227,7 +227,7 @@ def test_clip_benchmark_evaluates_the_export_as_our_jax_evaluation_does(exported
   run = exported.run
   # Ours, in JAX: what `launch/eval.py --task=zeroshot` computes (on the synthetic
   # zero-shot set, 'synthetic' templates), and `launch/eval.py` (test retrieval).
-  encoder = encoder_lib.from_run(str(run.workdir))
+  encoder = exported.encoder
   data, default_templates = zeroshot_run.image_set(encoder.config,
                                                    batch_size=encoder.batch_size)
   names, _ = zeroshot_run.class_names_of(data)
