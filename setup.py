@@ -50,7 +50,9 @@ setuptools.setup(
         # TPU runtime (and TPU topologies on any host for the mesh checks): the libtpu
         # release that jax[tpu] pins for jax 0.10.2.
         'tpu': ['libtpu==0.0.42.*'],
-        # For users exporting to / importing from PyTorch on their own machines.
+        # For users exporting to / importing from PyTorch on their own machines. On Linux
+        # this pulls a CUDA build of several GB; for the CPU build install torch first:
+        # pip install torch --index-url https://download.pytorch.org/whl/cpu
         'torch': ['torch>=2.4'],
         # benchmarks/retrieval_search.py compares our sharded search with faiss;
         # launch/index.py builds a faiss index when it is installed.

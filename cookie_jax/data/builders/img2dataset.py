@@ -1,7 +1,8 @@
 """`img2dataset`: an img2dataset output folder (webdataset tars or parquet) as a tfds
 dataset in ArrayRecord, built locally over a pool of processes or on Apache Beam.
 
-Each sample becomes one example: the image made upright (EXIF), RGB and at most
+Each sample becomes one example: the image made upright (EXIF, or where img2dataset
+re-encoded it without EXIF, the orientation its metadata kept), RGB and at most
 `max_side` on its longer side, as JPEG; its caption; its key, URL and original size.
 Bad samples are skipped and counted in the dataset's metadata, with the first places
 (`shard:key`) of each kind (see `webshards.SKIP_REASONS`); a key that an earlier sample
@@ -73,8 +74,12 @@ def _skip_file(data_dir, split) -> str:
 class Img2dataset(tfds.core.GeneratorBasedBuilder):
   """Image-caption pairs from img2dataset shards."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'First release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'First release.',
+      '1.1.0': "Images that img2dataset re-encoded without EXIF are turned upright by the "
+               "orientation in its metadata ('exif'), their original sizes swapped to match.",
+  }
   BUILDER_CONFIGS = [DEFAULT]
   MANUAL_DOWNLOAD_INSTRUCTIONS = webshards.LAYOUT
   code_path = None  # see SyntheticShapes: no checksums lookup, nothing is downloaded
@@ -92,7 +97,7 @@ class Img2dataset(tfds.core.GeneratorBasedBuilder):
             'captions': tfds.features.Sequence(tfds.features.Text()),  # one per image
             'key': tfds.features.Text(),  # img2dataset's key, unique in the dataset
             'url': tfds.features.Text(),  # '' where the shard does not say
-            # Of the image img2dataset downloaded (its metadata), else of the upright
+            # Upright, of the image img2dataset downloaded (its metadata), else of the
             # image in the shard; before this builder's resize.
             'original_height': tfds.features.Scalar(dtype=np.int32),
             'original_width': tfds.features.Scalar(dtype=np.int32),
