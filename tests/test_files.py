@@ -78,6 +78,38 @@ def _scalars(event_file: bytes) -> list[tuple[int, str, float]]:
   return out
 
 
+def test_metric_writer_on_gs_keeps_each_step_once_across_a_resume(gcs, cwd):
+  workdir = 'gs://bucket/metrics'
+  writer = metric_writer.MetricWriter(workdir, 10, progress=False)
+  for step in range(1, 5):
+    writer.write(step, {'loss': 1.0 / step})
+  writer.write(4, {'rsum': 150.0}, prefix='test/')
+  writer.close()
+  assert [(r['step'], r.get('loss', r.get('test/rsum'))) for r in _records(
+      gcs.read('metrics/metrics.jsonl'))] == [(1, 1.0), (2, 0.5), (3, 1 / 3), (4, 0.25),
+                                               (4, 150.0)]
+  # A run resumed from the checkpoint at step 2 drops what it redoes, in the bucket.
+  writer = metric_writer.MetricWriter(workdir, 10, start_step=2, progress=False)
+  writer.write(3, {'loss': 9.0})
+  writer.close()
+  assert [(r['step'], r['loss']) for r in _records(gcs.read('metrics/metrics.jsonl'))] == [
+      (1, 1.0), (2, 0.5), (3, 9.0)]
+  events = [n for n in gcs.names('metrics/') if n.startswith('metrics/tensorboard/events.')]
+  assert len(events) == 2  # one event file per start, as TensorBoard expects
+  first, second = sorted((gcs.read(n) for n in events), key=len, reverse=True)
+  assert _scalars(first) == [(s, 'loss', pytest.approx(1.0 / s)) for s in range(1, 5)] + [
+      (4, 'test/rsum', 150.0)]
+  assert _scalars(second) == [(3, 'loss', 9.0)]
+
+
+def test_drop_records_after_rewrites_a_gs_object(gcs, cwd):
+  path = 'gs://bucket/drop/metrics.jsonl'
+  lines = [json.dumps({'step': s, 'loss': s}) for s in range(1, 6)] + ['{"step": 6, "lo']
+  files.write_text(path, '\n'.join(lines))
+  assert metric_writer.drop_records_after(path, 3) == 3
+  assert [r['step'] for r in _records(gcs.read('drop/metrics.jsonl'))] == [1, 2, 3]
+
+
 def test_run_files_upload_when_due_or_forced_and_only_what_changed(gcs, cwd, monkeypatch):
   uploads = []
   real_upload = files.upload
@@ -100,3 +132,97 @@ def test_run_files_upload_when_due_or_forced_and_only_what_changed(gcs, cwd, mon
   assert not os.path.exists(root)
   local = files.RunFiles(str(cwd.parent / 'local'))
   assert local.root == str(cwd.parent / 'local') and local.sync()
+
+
+def test_goodput_record_on_gs_cuts_back_the_segment_a_resume_redoes(gcs, cwd):
+  workdir = 'gs://bucket/goodput'
+  run = files.RunFiles(workdir)
+  clock = goodput.Clock('step', start=time.perf_counter() - 4.0)
+  record = goodput.GoodputRecord(workdir, clock, start_step=0, run_files=run)
+  record.advance(4)
+  record.write()
+  run.close()
+  first = json.loads(gcs.read('goodput/goodput.json'))
+  assert [(s['start_step'], s['end_step']) for s in first['segments']] == [(0, 4)]
+  run = files.RunFiles(workdir)
+  record = goodput.GoodputRecord(workdir, goodput.Clock(), start_step=3, run_files=run)
+  record.write()
+  run.close()
+  again = json.loads(gcs.read('goodput/goodput.json'))
+  assert [(s['start_step'], s['end_step']) for s in again['segments']] == [(0, 3), (3, 3)]
+  step_seconds = first['segments'][0]['seconds']['step']
+  assert again['recomputed'] == pytest.approx(step_seconds / 4)
+
+
+def test_wandb_run_file_on_gs(gcs, cwd, tmp_path, monkeypatch):
+  pytest.importorskip('wandb')
+  from cookie_jax import wandb_log  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv('WANDB_MODE', 'offline')
+  monkeypatch.setenv('WANDB_SILENT', 'true')
+  monkeypatch.setenv('WANDB_DIR', str(tmp_path / 'wandb'))  # W&B's own files stay local
+  (tmp_path / 'wandb').mkdir()
+  config = default_config('tiny')
+  config.train.wandb_project = 'cookie-jax-test'
+  run = files.RunFiles('gs://bucket/wandb')
+  mirror = wandb_log.WandbMirror('gs://bucket/wandb', config, run)
+  mirror.log(1, {'train/loss': 2.0})
+  run_id = mirror.run_id
+  mirror.close()
+  run.close()
+  assert json.loads(gcs.read('wandb/wandb_run.json')) == {'id': run_id, 'last_step': 1}
+  assert gcs.names('wandb/') == ['wandb/wandb_run.json']
+
+
+def test_check_workdir_on_gs_leaves_no_probe(gcs, cwd):
+  train._check_workdir('gs://bucket/probe')  # pylint: disable=protected-access
+  assert gcs.names('probe') == []
+
+
+# Runs in a gs:// workdir ----------------------------------------------------------------
+
+
+def _tiny_config(data_dir, steps):
+  """tests/test_goodput.py's config: the same program, compiled once per session."""
+  config = default_config('tiny')
+  config.model.vision.image_size = 16
+  config.data.data_dir = str(data_dir)
+  config.data.max_len = 12
+  config.data.synthetic.train_images = 96
+  config.data.synthetic.eval_images = 24
+  config.data.synthetic.image_size = 16
+  config.train.batch_size = config.eval.batch_size = 16
+  config.train.steps, config.train.log_every = steps, 1
+  config.train.progress_bar = False
+  config.eval.test_at_end = False
+  config.checkpoint.every = 2
+  config.optim.schedule, config.optim.warmup_steps = 'constant', 0
+  return config
+
+
+def test_training_in_a_gs_workdir_resumes_from_the_bucket(gcs, cwd, tmp_path):
+  """Two starts of `train_and_evaluate` in gs://bucket/train (in this process): the
+  second restores from the bucket, and every file of both is there."""
+  config = _tiny_config(tmp_path / 'tfds', steps=2)
+  train.train_and_evaluate(config, 'gs://bucket/train')
+  config.train.steps = 4
+  config.train.profile_steps = (3, 4)
+  result = train.train_and_evaluate(config, 'gs://bucket/train')
+  assert result['step'] == 4
+  records = _records(gcs.read('train/metrics.jsonl'))
+  assert [r['step'] for r in records if 'train/loss' in r] == [1, 2, 3, 4]
+  # The first start's closing record at step 2 is dropped: the resume writes its own.
+  assert [r['step'] for r in records if 'time/goodput' in r and 'train/loss' not in r] == [4]
+  segments = json.loads(gcs.read('train/goodput.json'))['segments']
+  assert [(s['start_step'], s['end_step']) for s in segments] == [(0, 2), (2, 4)]
+  names = gcs.names('train/')
+  assert 'train/tokenizer.json' in names
+  assert {n.split('/')[2] for n in names if n.startswith('train/checkpoints/')} == {'2', '4'}
+  events = [n for n in names if n.startswith('train/tensorboard/events.')]
+  assert len(events) == 2
+  logged = [(s, v) for e in events for s, tag, v in _scalars(gcs.read(e))
+            if tag == 'train/loss']
+  assert sorted(logged) == sorted((r['step'], pytest.approx(r['train/loss']))
+                                  for r in records if 'train/loss' in r)
+  traces = [n for n in names if n.startswith('train/profile/plugins/profile/')
+            and n.endswith('.xplane.pb')]
+  assert len(traces) == 1 and len(gcs.read(traces[0])) > 1000, names
