@@ -154,6 +154,22 @@ def test_goodput_record_on_gs_cuts_back_the_segment_a_resume_redoes(gcs, cwd):
   assert again['recomputed'] == pytest.approx(step_seconds / 4)
 
 
+def test_write_json_pictures_and_the_run_tokenizer_on_gs(gcs, cwd, tmp_path):
+  metric_writer.write_json('gs://bucket/eval/eval/result.json', {'rsum': 1.5, 'step': 2})
+  assert json.loads(gcs.read('eval/eval/result.json')) == {'rsum': 1.5, 'step': 2}
+  curve = {'k': [1, 2, 3], 'i2t': [10.0, 20.0, 40.0], 't2i': [5.0, 15.0, 30.0]}
+  pictures.draw_recall_curve('gs://bucket/eval/eval/recall.png', curve, title='t')
+  pictures.draw_recall_curve(str(tmp_path / 'recall.png'), curve, title='t')
+  assert gcs.read('eval/eval/recall.png') == (tmp_path / 'recall.png').read_bytes()
+  tok = tok_lib.wordpiece_tokenizer(['[PAD]', '[UNK]', '[CLS]', '[SEP]', 'red', 'circle'])
+  tok_lib.save_run_tokenizer('gs://bucket/eval', tok)
+  assert gcs.names('eval/') == ['eval/eval/recall.png', 'eval/eval/result.json',
+                                'eval/tokenizer.json']
+  back = tok_lib.read_run_tokenizer('gs://bucket/eval/checkpoints/7')
+  assert back.get_vocab() == tok.get_vocab()
+  assert tok_lib.tokenizer_from_path('gs://bucket/eval').get_vocab() == tok.get_vocab()
+
+
 def test_wandb_run_file_on_gs(gcs, cwd, tmp_path, monkeypatch):
   pytest.importorskip('wandb')
   from cookie_jax import wandb_log  # pylint: disable=g-import-not-at-top
