@@ -194,6 +194,55 @@ def test_check_workdir_on_gs_leaves_no_probe(gcs, cwd):
   assert gcs.names('probe') == []
 
 
+class _FakeEncoder:
+  """Image i of the source embeds as row i of `table` (what index.py needs of one)."""
+  image_size, mean, std, batch_size, source = 8, (0.0,) * 3, (1.0,) * 3, 4, {'fake': 1}
+  config = types.SimpleNamespace(model=types.SimpleNamespace(embed_dim=4))
+
+  def __init__(self, table):
+    self.table = table
+
+  def encode_images(self, batches):
+    return np.concatenate([self.table[b['rows'][b['mask']]] for b in batches])
+
+
+@dataclasses.dataclass
+class _RowSource(index_lib.Source):
+  def batches(self, lo, hi, encoder):
+    for start in range(lo, hi, encoder.batch_size):
+      rows = np.arange(start, start + encoder.batch_size)
+      ok = (rows < hi) & (rows != 5)  # row 5 is unreadable
+      yield {'rows': np.minimum(rows, hi - 1), 'mask': ok,
+             'error': ['' if o else 'corrupt' for o in ok]}
+
+
+def test_an_index_builds_resumes_and_loads_on_gs(gcs, cwd):
+  table = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)
+  source = _RowSource({'fake': 'rows'}, [f'img{i}' for i in range(10)])
+  enc = _FakeEncoder(table)
+  built = []
+
+  def stop(chunk):
+    built.append(chunk)
+    raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):  # a build cut after its first chunk...
+    index_lib.build_index(enc, source, 'gs://bucket/index', chunk_size=4, progress=False,
+                          on_chunk=stop)
+  assert gcs.names('index/chunks/') == ['index/chunks/00000.npz']
+  # ...resumes from the bucket.
+  manifest = index_lib.build_index(enc, source, 'gs://bucket/index', chunk_size=4,
+                                   progress=False, on_chunk=built.append)
+  assert built == [0, 1, 2] and manifest['num_indexed'] == 9 and manifest['complete']
+  kept = [i for i in range(10) if i != 5]
+  stored = np.load(io.BytesIO(gcs.read('index/embeddings.npy')))
+  np.testing.assert_array_equal(stored, table[kept])
+  assert json.loads(gcs.read('index/skipped.json')) == [{'path': 'img5', 'error': 'corrupt'}]
+  loaded = index_lib.Index.load('gs://bucket/index')
+  assert loaded.keys == [f'img{i}' for i in kept]
+  np.testing.assert_array_equal(loaded.embeddings, table[kept])
+
+
 # Runs in a gs:// workdir ----------------------------------------------------------------
 
 
