@@ -291,3 +291,90 @@ def test_training_in_a_gs_workdir_resumes_from_the_bucket(gcs, cwd, tmp_path):
   traces = [n for n in names if n.startswith('train/profile/plugins/profile/')
             and n.endswith('.xplane.pb')]
   assert len(traces) == 1 and len(gcs.read(traces[0])) > 1000, names
+
+
+# A whole run in a gs:// workdir: train, SIGTERM, resume, evaluate, export ---------------
+
+
+def _launch(script, *args, env, cwd, timeout=600):
+  return subprocess.run([sys.executable, str(ROOT / 'launch' / script), *args],
+                        capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+
+
+def _train_flags(data_dir, steps, *extra):
+  return [f'--config={ROOT / "configs" / "base.py"}:tiny', '--workdir=gs://bucket/run',
+          f'--config.data.data_dir={data_dir}', '--config.data.synthetic.train_images=64',
+          '--config.data.synthetic.eval_images=16', '--config.data.synthetic.image_size=16',
+          '--config.model.vision.image_size=16', '--config.model.vision.depth=1',
+          '--config.model.text.depth=1', f'--config.train.steps={steps}',
+          '--config.train.log_every=1', '--config.train.progress_bar=False',
+          '--config.checkpoint.every=2', *extra]
+
+
+def _wait_for_records(gcs, proc, count, timeout=600):
+  """Until the bucket's metrics.jsonl holds `count` records (uploaded at each save)."""
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None:
+    if gcs.has('run/metrics.jsonl') and len(_records(gcs.read('run/metrics.jsonl'))) >= count:
+      return
+    time.sleep(0.5)
+  raise AssertionError(f'no {count} records in time: {proc.communicate()[1][-3000:]}')
+
+
+@pytest.mark.slow  # four launcher processes: about 3 minutes on the 2-core VM
+def test_a_gs_workdir_keeps_everything_of_train_resume_eval_and_export(gcs, tmp_path):
+  """launch/train.py, SIGTERM, a resume, launch/eval.py and launch/export_torch.py, all
+  with --workdir=gs://bucket/run, in an empty working directory and an empty HOME: every
+  file is in the bucket, none on local disk."""
+  here, home, tmp = tmp_path / 'cwd', tmp_path / 'home', tmp_path / 'tmp'
+  for d in (here, home, tmp):
+    d.mkdir()
+  env = dict(os.environ, **gcs.env, HOME=str(home), TMPDIR=str(tmp))
+  env.pop('XLA_FLAGS', None)  # one CPU device
+  data_dir = tmp_path / 'tfds'  # the dataset stays local: this test is about the workdir
+  proc = subprocess.Popen([sys.executable, str(ROOT / 'launch' / 'train.py'),
+                           *_train_flags(data_dir, 1000, '--config.eval.test_at_end=False')],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          env=env, cwd=here)
+  _wait_for_records(gcs, proc, 3)
+  proc.terminate()  # SIGTERM: save, stop
+  _, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 0 and 'Preempted at step' in stderr, stderr[-3000:]
+  stopped = max(r['step'] for r in _records(gcs.read('run/metrics.jsonl')))
+  assert gcs.has(f'run/checkpoints/{stopped}/commit_success.txt') or any(
+      n.startswith(f'run/checkpoints/{stopped}/') for n in gcs.names('run/checkpoints/'))
+  steps = stopped + 2
+  out = _launch('train.py', *_train_flags(data_dir, steps), env=env, cwd=here)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f'resuming from gs://bucket/run/checkpoints/{stopped}' in out.stderr
+  out = _launch('eval.py', '--workdir=gs://bucket/run', '--progress=False', env=env, cwd=here)
+  assert out.returncode == 0, out.stderr[-3000:]
+  out = _launch('export_torch.py', '--workdir=gs://bucket/run', '--output=gs://bucket/export',
+                env=env, cwd=here)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f'Exported step {steps} to gs://bucket/export.' in out.stdout
+
+  names = gcs.names('run/')
+  logged = [r['step'] for r in _records(gcs.read('run/metrics.jsonl')) if 'train/loss' in r]
+  assert logged == list(range(1, steps + 1))  # each step once, across the stop
+  segments = json.loads(gcs.read('run/goodput.json'))['segments']
+  assert [(s['start_step'], s['end_step']) for s in segments] == [(0, stopped),
+                                                                   (stopped, steps)]
+  assert json.loads(gcs.read('run/test_retrieval.json'))['step'] == steps
+  assert 'run/tokenizer.json' in names
+  assert any(n.startswith(f'run/checkpoints/{steps}/') for n in names)
+  assert len([n for n in names if n.startswith('run/tensorboard/events.')]) == 2
+  stem = f'run/eval/retrieval-test-full-{steps}'
+  assert json.loads(gcs.read(f'{stem}.json'))['step'] == steps
+  for picture in (f'{stem}-recall.png', f'{stem}-examples.png'):
+    assert gcs.read(picture)[:8] == b'\x89PNG\r\n\x1a\n'
+  exported = gcs.names('export/')
+  for name in ('config.json', 'model.safetensors', 'cookie.safetensors', 'torch_model.py',
+               'tokenizer.json', 'text_encoder/model.safetensors',
+               'image_encoder/model.safetensors', 'image_encoder/preprocessor_config.json'):
+    assert f'export/{name}' in exported, exported
+  # Nothing on local disk: no `gs:` folder anywhere, and our temporary folders removed.
+  assert not os.listdir(here)
+  local = [os.path.join(r, n) for d in (here, home, tmp) for r, ds, fs in os.walk(d)
+           for n in ds + fs]
+  assert not [p for p in local if 'gs:' in p or 'cookie_jax-' in p], local
