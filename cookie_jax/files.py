@@ -86,6 +86,29 @@ def write_text(path, text: str) -> None:
   write_bytes(path, text.encode('utf-8'))
 
 
+@contextlib.contextmanager
+def open_whole(path):
+  """A binary file to write that becomes `path` only when the block ends without an
+  error, streamed through a local temporary file (a large array never sits in memory
+  twice): renamed over a local `path`, uploaded in one go to a remote one."""
+  if is_remote(path):
+    fd, tmp = tempfile.mkstemp(prefix='cookie_jax-')
+  else:
+    makedirs(os.path.dirname(os.path.abspath(path)))
+    tmp = f'{os.fspath(path)}.tmp'
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      yield f
+    if is_remote(path):
+      upload(tmp, path)
+    else:
+      os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
 def upload(local_file: str, dest) -> None:
   """Copies one local file to `dest` (any path), in chunks."""
   with open(local_file, 'rb') as src, epath.Path(dest).open('wb') as dst:

@@ -134,6 +134,20 @@ def test_run_files_upload_when_due_or_forced_and_only_what_changed(gcs, cwd, mon
   assert local.root == str(cwd.parent / 'local') and local.sync()
 
 
+def test_open_whole_leaves_nothing_when_the_block_fails(gcs, cwd, tmp_path):
+  for path in ('gs://bucket/whole/a.bin', str(tmp_path / 'whole' / 'a.bin')):
+    with pytest.raises(RuntimeError):
+      with files.open_whole(path) as f:
+        f.write(b'half')
+        raise RuntimeError('failed mid-write')
+    assert not files.exists(path)
+    with files.open_whole(path) as f:
+      f.write(b'whole')
+    assert files.read_bytes(path) == b'whole'
+  assert gcs.names('whole/') == ['whole/a.bin'] and gcs.read('whole/a.bin') == b'whole'
+  assert os.listdir(tmp_path / 'whole') == ['a.bin']
+
+
 def test_goodput_record_on_gs_cuts_back_the_segment_a_resume_redoes(gcs, cwd):
   workdir = 'gs://bucket/goodput'
   run = files.RunFiles(workdir)

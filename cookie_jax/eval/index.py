@@ -12,7 +12,7 @@ batched, and writes the index folder:
   embeddings.npy, indexed.json, skipped.json   all chunks together, once every chunk
                      is written; faiss.index too when faiss-cpu is installed.
 
-A chunk is written whole (`files.write_bytes`: a temporary file and a rename, or one
+A chunk is written whole (`files.open_whole`: a temporary file and a rename, or one
 upload to a `gs://` index folder), so a crash loses at most the chunk in progress; running
 the same build again skips the chunks written and resumes. An
 unreadable image is skipped, counted and named (skipped.json), never fatal.
@@ -23,7 +23,6 @@ exactly in JAX over the mesh (`search.sharded_topk`, equal scores in index order
 """
 
 import dataclasses
-import io
 import json
 import math
 import os
@@ -125,14 +124,16 @@ def _chunk_path(index_dir: epath.Path, c: int) -> epath.Path:
 
 
 def _write_arrays(path: epath.Path, save, *args, **arrays) -> None:
-  """`save(file, ...)` (np.save, np.savez) into memory, then written whole to `path`."""
-  buf = io.BytesIO()
-  save(buf, *args, **arrays)
-  files.write_bytes(path, buf.getvalue())
+  """`save(file, ...)` (np.save, np.savez) into `path`, which appears only when whole."""
+  with files.open_whole(path) as f:
+    save(f, *args, **arrays)
 
 
 def _load(path: epath.Path):
-  return np.load(io.BytesIO(path.read_bytes()))
+  """The array of an .npy file, or the arrays of an .npz file as a dict."""
+  with path.open('rb') as f:
+    data = np.load(f)
+    return dict(data) if isinstance(data, np.lib.npyio.NpzFile) else data
 
 
 def _start(index_dir: epath.Path, source: Source, encoder, chunk_size: int) -> tuple:
