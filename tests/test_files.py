@@ -278,7 +278,7 @@ def _tiny_config(data_dir, steps):
   return config
 
 
-@pytest.mark.slow  # two starts, each with its input pipeline and a compile: 2-3 minutes
+@pytest.mark.slow  # two starts, each with its pipeline and a compile: 85 s (quiet VM) to 3 min
 def test_training_in_a_gs_workdir_resumes_from_the_bucket(gcs, cwd, tmp_path):
   """Two starts of `train_and_evaluate` in gs://bucket/train (in this process): the
   second restores from the bucket, and every file of both is there."""
@@ -336,7 +336,7 @@ def _wait_for_records(gcs, proc, count, timeout=600):
   raise AssertionError(f'no {count} records in time: {proc.communicate()[1][-3000:]}')
 
 
-@pytest.mark.slow  # four launcher processes: about 4 minutes on the 2-core VM
+@pytest.mark.slow  # four launcher processes: 110 s on the quiet 2-core VM, 4 min when busy
 def test_a_gs_workdir_keeps_everything_of_train_resume_eval_and_export(gcs, tmp_path):
   """launch/train.py, SIGTERM, a resume, launch/eval.py and launch/export_torch.py, all
   with --workdir=gs://bucket/run, in an empty working directory and an empty HOME: every
