@@ -24,7 +24,6 @@ import shutil
 import tempfile
 import time
 
-from absl import logging
 from etils import epath
 
 # How often a remote workdir's `RunFiles` uploads what changed, besides the forced syncs.
