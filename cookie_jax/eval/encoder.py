@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from cookie_jax import checkpoint as ckpt_lib
-from cookie_jax import sharding
+from cookie_jax import files, sharding
 from cookie_jax.eval import protocol
 from cookie_jax.models import abstract_model
 from cookie_jax.config import ConfigError, config_from_dict, validate_config
@@ -117,7 +117,7 @@ def from_run(workdir: str, *, step: int | None = None,
   tokenizer = pipeline.load_tokenizer(config.data)
   tok_lib.check_run_tokenizer(workdir, tokenizer, 'encoding with this run')
   return Encoder(graphdef, params, mesh, tokenizer, config, size,
-                 {'workdir': os.path.abspath(os.fspath(workdir)), 'step': int(step)})
+                 {'workdir': files.absolute(workdir), 'step': int(step)})
 
 
 def export_config(path) -> ml_collections.ConfigDict:
@@ -154,4 +154,4 @@ def from_export(path, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Encoder:
   tokenizer = tok_lib.finalize(tok_lib.tokenizer_from_path(os.fspath(path)),
                                config.data.max_len)
   return Encoder(graphdef, params, mesh, tokenizer, config, _check_batch(config, batch_size),
-                 {'export': os.path.abspath(os.fspath(path))})
+                 {'export': files.absolute(path)})

@@ -16,14 +16,13 @@ It writes into WORKDIR/eval/ (process 0 only):
                                                  example images.
 """
 
-import os
 import re
 
 from absl import logging
 import jax
 import numpy as np
 
-from cookie_jax import sharding
+from cookie_jax import files, sharding
 from cookie_jax.config import ConfigError
 from cookie_jax.eval import encoder as encoder_lib
 from cookie_jax.eval import zeroshot
@@ -41,8 +40,7 @@ def output_paths(workdir: str, name: str, split: str, step: int,
   clean = lambda s: re.sub(r'[^A-Za-z0-9_.+-]+', '_', s).strip('_') or 'set'
   if label_key != 'label':
     name = f'{name}.{label_key}'
-  base = os.path.join(os.fspath(workdir), 'eval',
-                      f'zeroshot-{clean(name)}-{clean(split)}-{step}')
+  base = files.join(workdir, 'eval', f'zeroshot-{clean(name)}-{clean(split)}-{step}')
   return {'json': f'{base}.json', 'confusions': f'{base}-confusions.png'}
 
 

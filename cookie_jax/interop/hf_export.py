@@ -14,6 +14,10 @@
 
 Tower weights use transformers' original (4.x) key layout, which both 4.x and 5.x load.
 Every tensor is written by the rules of `keys.py`, the same ones the importer reads.
+
+OUT may be a `gs://` folder: safetensors and transformers' `save_pretrained` write local
+files only, so the export is written to a local temporary folder and copied there
+(`files.local_dir`).
 """
 
 import json
@@ -27,6 +31,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from cookie_jax import files
 from cookie_jax.interop import hf_automodel, keys, model_card
 from cookie_jax.models import abstract_model
 
@@ -167,7 +172,8 @@ TRAINING_ONLY = ('prototypes', 'concept_gcn', 'logit_bias')
 
 def export_params(params, model_cfg, output, *, tokenizer=None, data_cfg=None,
                   step: int | None = None, config=None, figures=()) -> dict:
-  """Writes an export of `params` (the model's pure dict) to `output`; returns the paths.
+  """Writes an export of `params` (the model's pure dict) to `output` (local or gs://);
+  returns the paths.
 
   `config` (the run's whole config) and `figures` (`model_card.run_figures`) go into the
   model card."""
@@ -178,9 +184,19 @@ def export_params(params, model_cfg, output, *, tokenizer=None, data_cfg=None,
         "temporal transformer, and leaving its weights out would change the model. Export "
         "a temporal='mean' video model (or an image-text model); the JAX checkpoint "
         'itself keeps every weight.')
-  out = pathlib.Path(output)
-  out.mkdir(parents=True, exist_ok=True)
   params = jax.device_get(params)
+  with files.local_dir(output) as local:
+    automodel = _write_export(params, model_cfg, pathlib.Path(local), tokenizer=tokenizer,
+                              data_cfg=data_cfg, step=step)
+  return {'output': files.join(output), 'text_encoder': files.join(output, 'text_encoder'),
+          'image_encoder': files.join(output, 'image_encoder'),
+          'cookie': files.join(output, COOKIE_WEIGHTS), 'tokenizer': tokenizer is not None,
+          'step': step, 'automodel': automodel}
+
+
+def _write_export(params, model_cfg, out: pathlib.Path, *, tokenizer, data_cfg,
+                  step) -> bool:
+  """The files of `export_params` in the local folder `out`; True with the AutoModel."""
   pad_id = 0
   if tokenizer is not None and tokenizer.token_to_id('[PAD]') is not None:
     pad_id = tokenizer.token_to_id('[PAD]')
@@ -208,9 +224,7 @@ def export_params(params, model_cfg, output, *, tokenizer=None, data_cfg=None,
   # transformers' save_pretrained writes its model.safetensors through safetensors too.
   for path in out.rglob('*.safetensors'):
     os.chmod(path, _default_file_mode())
-  return {'output': str(out), 'text_encoder': str(out / 'text_encoder'),
-          'image_encoder': str(out / 'image_encoder'), 'cookie': str(out / COOKIE_WEIGHTS),
-          'tokenizer': tokenizer is not None, 'step': step, 'automodel': automodel}
+  return automodel
 
 
 def read_export(output) -> dict:
