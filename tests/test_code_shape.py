@@ -74,6 +74,9 @@ _LOCAL_ONLY = {
     'cookie_jax/interop/hf_export.py': 'writes inside the local folder files.local_dir gives',
     'cookie_jax/interop/hf_import.py': 'a local Hugging Face folder',
     'cookie_jax/interop/torch_model.py': 'the PyTorch-only loader of a local export',
+    'cookie_jax/interop/clip_benchmark_cookie.py': 'the PyTorch-only loader of a local export',
+    'cookie_jax/interop/hf_automodel.py': 'writes inside the local folder files.local_dir gives',
+    'cookie_jax/cli.py': 'the --config file, a local Python file ml_collections imports',
 }
 
 
