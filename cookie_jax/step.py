@@ -103,6 +103,19 @@ def split_micro_batches(batch, num_micro: int, mesh: Mesh):
   return jax.tree.map(split, batch)
 
 
+def _differentiable(tree) -> list[jax.Array]:
+  """The floating-point leaves of `tree`: the embeddings GradCache differentiates, without
+  the boolean `valid` masks of the extra negatives that travel beside them."""
+  return [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+
+
+def _with_differentiable(tree, floats: list[jax.Array]):
+  """`tree` with its floating-point leaves replaced, in order, by `floats`."""
+  floats = iter(floats)
+  return jax.tree.map(lambda x: next(floats) if jnp.issubdtype(x.dtype, jnp.inexact) else x,
+                      tree)
+
+
 def make_grad_fn(config: ml_collections.ConfigDict, setup: Setup, constants=None):
   """params, batch, rng, queues -> ((total, terms, logit_scale), grads).
 
@@ -165,16 +178,17 @@ def make_grad_fn(config: ml_collections.ConfigDict, setup: Setup, constants=None
                               (micro, keys))
     replicated = replicated_fn(params)
 
-    def loss_of_embeddings(stacked, replicated):
-      pairs, negatives = stacked
+    def loss_of_embeddings(embeddings, replicated):
+      pairs, negatives = _with_differentiable(stacked, embeddings)
       terms = compute(pairs, replicated, objectives.merge_negatives(negatives, queues))
       return losses_lib.weighted_total(terms, loss_cfg), terms
     (total, terms), (g_stacked, g_replicated) = jax.value_and_grad(
-        loss_of_embeddings, argnums=(0, 1), has_aux=True)(stacked, replicated)
+        loss_of_embeddings, argnums=(0, 1), has_aux=True)(_differentiable(stacked),
+                                                           replicated)
 
     def backprop(acc, xs):
       batch_m, key_m, g_m = xs
-      _, vjp = jax.vjp(lambda p: inputs_fn(p, batch_m, key_m), params)
+      _, vjp = jax.vjp(lambda p: _differentiable(inputs_fn(p, batch_m, key_m)), params)
       return jax.tree.map(jnp.add, acc, vjp(g_m)[0]), None
     grads, _ = jax.lax.scan(backprop, jax.tree.map(jnp.zeros_like, params),
                             (micro, keys, g_stacked))
