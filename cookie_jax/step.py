@@ -5,6 +5,7 @@ state is a plain pytree for jit, optax and orbax; the module is rebuilt inside t
 with `nnx.merge`. Shardings come from the parameters' logical axes (cookie_jax.sharding).
 """
 
+import math
 from typing import Any, Callable
 
 import flax.struct
@@ -82,6 +83,15 @@ def train_state_setup(config: ml_collections.ConfigDict, mesh: Mesh):
 def with_params(state: TrainState, params) -> TrainState:
   """`state` with new parameters (fine-tuning init); an EMA copy restarts from them."""
   return state.replace(params=params, extras=momentum_lib.restart_from(state.extras, params))
+
+
+def clip_logit_scale(params, max_logit_scale: float):
+  """`params` with the log logit scale clipped to log(max_logit_scale) after an update, as
+  open_clip clamps it in place. A clamp in the forward pass alone has no gradient above
+  it, so Adam's momentum could carry the parameter past it for good. The sigmoid form's
+  scale is the same parameter (its bias has no clamp, and needs none)."""
+  log_scale = params['log_logit_scale']
+  return {**params, 'log_logit_scale': jnp.minimum(log_scale, math.log(max_logit_scale))}
 
 
 def step_rng(seed: int, step: jax.Array) -> jax.Array:
@@ -219,7 +229,8 @@ def make_train_step(config: ml_collections.ConfigDict, setup: Setup, constants=N
     (total, terms, scale), grads = grad_fn(state.params, batch, rng, queues)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params = clip_logit_scale(optax.apply_updates(state.params, updates),
+                              config.model.max_logit_scale)
     extras = state.extras
     if momentum.queue_size:
       extras = momentum_lib.update(extras, params, keys, momentum.momentum)

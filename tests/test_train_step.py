@@ -189,3 +189,27 @@ def test_nonfinite_step_freezes_the_state():
   for p, q in zip(jax.tree.leaves(jax.device_get(state.params)),
                   jax.tree.leaves(snapshot.params)):
     np.testing.assert_array_equal(p, q)
+
+
+def test_logit_scale_pushed_past_the_clamp_returns_and_moves_again():
+  """A log scale above log(max_logit_scale) (say, carried there by Adam's momentum) is
+  clipped back after the update, and from there the gradient moves it: at scale 100 the
+  loss of unrelated images and captions asks for a lower one. (The program of
+  `single_device_run`: one compile for both.)"""
+  config = _config()
+  config.mesh.data = 1
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  state, setup = step.create_train_state(config, mesh)
+  bound = np.float32(np.log(config.model.max_logit_scale))
+  params = dict(state.params, log_logit_scale=jax.numpy.asarray(bound + 0.5))
+  state = state.replace(params=jax.device_put(params, setup.state_shardings.params))
+  train_step = step.make_train_step(config, setup)
+  seen = []
+  for batch in _batches(4, seed=5):
+    state, metrics = train_step(state, sharding.to_global(mesh, batch))
+    seen.append(float(state.params['log_logit_scale']))
+  # Step 1 (learning rate 0 in the warmup) returns it to the clamp; then it moves down.
+  assert seen[0] == bound, seen
+  assert seen[3] < seen[2] < seen[1] < bound, seen
+  assert float(metrics['temperature']) > 1 / config.model.max_logit_scale
+
