@@ -94,9 +94,18 @@ def clip_logit_scale(params, max_logit_scale: float):
   return {**params, 'log_logit_scale': jnp.minimum(log_scale, math.log(max_logit_scale))}
 
 
+# The dropout stream's tag, folded into the seed's key before the step. Initialisation
+# (`models.init_model`: nnx.Rngs(params=key(seed))) takes its n-th draw as
+# fold_in(key(seed), n), so the steps' keys must not be fold_in(key(seed), step); the tag
+# is far above any model's count of draws.
+DROPOUT_STREAM = 0x64726F70  # 'drop'
+
+
 def step_rng(seed: int, step: jax.Array) -> jax.Array:
-  """Dropout randomness of a step: a function of the seed and the step only."""
-  return jax.random.fold_in(jax.random.key(seed), step)
+  """Dropout randomness of a step: a function of the seed and the step only, on a stream
+  of its own (`DROPOUT_STREAM`), apart from the initialisation's keys."""
+  stream = jax.random.fold_in(jax.random.key(seed), DROPOUT_STREAM)
+  return jax.random.fold_in(stream, step)
 
 
 def split_micro_batches(batch, num_micro: int, mesh: Mesh):

@@ -213,3 +213,25 @@ def test_logit_scale_pushed_past_the_clamp_returns_and_moves_again():
   assert seen[3] < seen[2] < seen[1] < bound, seen
   assert float(metrics['temperature']) > 1 / config.model.max_logit_scale
 
+
+def test_no_step_key_is_an_initialisation_key():
+  """Dropout draws from a stream of its own: none of the keys of steps 0..9,999 is a key
+  that initialisation drew (nnx.Rngs' n-th draw is fold_in(key(seed), n))."""
+  config = _config()
+  config.model.num_prototypes, config.model.concept_gcn_depth = 8, 1  # more draws
+  for seed in (0, 3):
+    rngs = step.nnx.Rngs(params=jax.random.key(seed))
+    models.CookieModel(config.model, rngs=rngs)
+    count = int(rngs.params.count[...])
+    assert count > 50
+    replay = step.nnx.Rngs(params=jax.random.key(seed))
+    init_keys = {tuple(np.asarray(jax.random.key_data(replay.params())))
+                 for _ in range(count)}
+    assert len(init_keys) == count
+    step_keys = np.asarray(jax.random.key_data(jax.vmap(
+        lambda s, seed=seed: step.step_rng(seed, s))(np.arange(10_000))))
+    assert len({tuple(k) for k in step_keys}) == 10_000
+    assert not init_keys & {tuple(k) for k in step_keys}
+    # The same seed and step give the same key (what an exact resume needs).
+    np.testing.assert_array_equal(jax.random.key_data(step.step_rng(seed, 1_234)),
+                                  step_keys[1_234])
