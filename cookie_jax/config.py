@@ -337,12 +337,16 @@ def _check_method_options(config):
     _require(mo.queue_size % config.train.batch_size == 0, 'loss.momentum.queue_size',
              mo.queue_size, f'must be a multiple of train.batch_size='
              f'{config.train.batch_size}, so that every step enqueues one whole batch.')
-  extras = (hn.captions or hn.images or mo.queue_size > 0
-            or cm.negative_weighting != 'none')
-  _require(not (extras and losses.chunk_size), 'loss.chunk_size', losses.chunk_size,
-           'the chunked loss supports plain InfoNCE only; set it to 0 to use hard '
-           'negatives, momentum queues or negative weighting.')
-  if extras:
+  extras = (('loss.hard_negatives.captions', hn.captions, False),
+            ('loss.hard_negatives.images', hn.images, False),
+            ('loss.momentum.queue_size', mo.queue_size, 0),
+            ('loss.cross_modal.negative_weighting', cm.negative_weighting, 'none'))
+  if losses.chunk_size:
+    for key, value, off in extras:
+      _require(value == off, 'loss.chunk_size', losses.chunk_size,
+               f'the chunked loss supports plain InfoNCE only, not with {key}={value!r}; '
+               f"set {key.split('.', 1)[1]}={off!r}, or loss.chunk_size=0.")
+  if any(value != off for _, value, off in extras):
     _require(cm.weight > 0, 'loss.cross_modal.weight', cm.weight,
              'hard negatives, queues and negative weighting act on the cross-modal term; '
              'give it a positive weight.')

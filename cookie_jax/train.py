@@ -179,7 +179,10 @@ class _BadRecords:
 
 
 def restore_or_initialise(config, ckpt, state, setup):
-  """Resume from this run's latest checkpoint, else initialise from `train.init_from`."""
+  """Resume from this run's latest checkpoint, else initialise from `train.init_from`.
+
+  `state` is the initial state, or, when a checkpoint exists, only its abstract shape (so
+  that a resume never holds two states)."""
   abstract = ckpt_lib.abstract_with_shardings(state, setup.state_shardings)
   latest = ckpt.latest_step()
   if latest is not None:
@@ -407,7 +410,10 @@ def _train(config, workdir: str, clock, run_files) -> dict:
   tok_lib.keep_run_tokenizer(workdir, pipeline.load_tokenizer(config.data),
                              resuming=ckpt.latest_step() is not None,
                              init_from=config.train.init_from, write=jax.process_index() == 0)
-  state, setup = step_lib.create_train_state(config, mesh)
+  if ckpt.latest_step() is None:
+    state, setup = step_lib.create_train_state(config, mesh)
+  else:  # restored straight into the abstract state: no initial state is made
+    _, state, setup = step_lib.train_state_setup(config, mesh)
   if config.train.freeze:
     from cookie_jax import freeze as freeze_lib  # pylint: disable=g-import-not-at-top
     logging.info('%s', freeze_lib.summary(state.params, config.train.freeze))
