@@ -34,8 +34,10 @@ In both cases Python runs a signal handler in the main thread only between bytec
 not while that thread compiles or waits for the devices. A watcher thread, woken by
 `signal.set_wakeup_fd` on every delivery, answers Ctrl-C at once instead: it says that
 the request is heard, and a second Ctrl-C ends the process there and then (exit 130),
-without saving. Checkpoints are written to a temporary folder and renamed when complete,
-so the latest complete one stays the latest.
+without saving (with several processes, that one: JAX's coordination service ends the
+others once it notices that one is gone, unless the same Ctrl-C reached them too, as a
+terminal's does for the processes it started). Checkpoints are written to a temporary
+folder and renamed when complete, so the latest complete one stays the latest.
 """
 
 import os
