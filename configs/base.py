@@ -83,7 +83,12 @@ def _base():
   config.eval.batch_size = 1024
   config.eval.every = 5_000
   config.checkpoint.every = 1_000
-  # FSDP within a host's 8 accelerators, data parallel across hosts.
+  # FSDP over groups of 8 chips, data parallel over the groups. On a GPU cluster a group
+  # is one node's 8 GPUs (NVLink); on a TPU slice the chip-to-chip links (ICI) join every
+  # chip, so a group is 8 neighbouring chips of the torus, whatever the chips per host
+  # (4 on v4/v5p, 4 or 8 on v5e/v6e): the mesh builder places it, and each host reads the
+  # batch rows its chips hold. 8 keeps the gathers short while the state, 1/8 per chip,
+  # fits any of these chips. Several slices: --config.mesh.dcn_data=<slices>.
   config.mesh.data = -1
   config.mesh.fsdp = 8
   return config

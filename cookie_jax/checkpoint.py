@@ -22,6 +22,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from cookie_jax import files
 from cookie_jax import stop as stop_lib
 from cookie_jax.errors import CheckpointMismatchError
 from cookie_jax.tree_paths import path_name
@@ -166,7 +167,7 @@ CHECKPOINTS = 'checkpoints'
 
 def checkpoint_dir(workdir: str) -> str:
   """Where a run keeps its checkpoints: WORKDIR/checkpoints."""
-  return os.path.join(os.fspath(workdir), CHECKPOINTS)
+  return files.join(workdir, CHECKPOINTS)
 
 
 def find_checkpoints(workdir: str, *, action: str = 'evaluate',
@@ -244,14 +245,14 @@ def load_params(path: str, abstract_params, step: int | None = None, *, fallback
   other difference is still a CheckpointMismatchError.
   """
   path = os.fspath(path)
-  if not os.path.exists(path):
+  if not files.exists(path):
     raise FileNotFoundError(f'config.train.init_from={path!r} does not exist; give a '
                             'workdir or checkpoint directory of a previous run.')
   base, leaf = os.path.split(path.rstrip('/'))
   if leaf.isdigit() and step is None:
     path, step = base, int(leaf)
-  if os.path.isdir(os.path.join(path, 'checkpoints')):
-    path = os.path.join(path, 'checkpoints')
+  if epath.Path(checkpoint_dir(path)).is_dir():
+    path = checkpoint_dir(path)
   manager = _reader(path)
   try:
     step = manager.latest_step() if step is None else step

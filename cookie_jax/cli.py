@@ -57,6 +57,11 @@ def run(main) -> None:
 def parse_flags_or_exit(argv):
   """absl flag parsing (config file and `--config.*` overrides) with one-line errors."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+  missing = missing_config_file(argv)
+  if missing:
+    # ml_collections defers this error to the first use of the config: a traceback.
+    print(f'error: {missing}', file=sys.stderr)
+    sys.exit(2)
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # pylint: disable=broad-except
@@ -65,6 +70,29 @@ def parse_flags_or_exit(argv):
     print(f'error: {flag_error(e, argv, has_config="config" in flags.FLAGS)}',
           file=sys.stderr)
     sys.exit(2)
+
+
+def missing_config_file(argv) -> str | None:
+  """One line for a `--config=FILE[:VARIANT]` whose FILE does not exist, naming the
+  nearest file of that folder."""
+  import difflib  # pylint: disable=g-import-not-at-top
+  args = list(argv[1:])
+  for i, arg in enumerate(args):
+    if arg == '--config' and i + 1 < len(args):  # `--config FILE`
+      arg = f'--config={args[i + 1]}'
+    if not arg.startswith('--config='):
+      continue
+    path = arg[len('--config='):].split(':', 1)[0]
+    if os.path.isfile(path):
+      return None
+    folder = os.path.dirname(path) or '.'
+    files = sorted(f for f in os.listdir(folder) if f.endswith('.py')) if os.path.isdir(
+        folder) else []
+    near = difflib.get_close_matches(os.path.basename(path), files, n=1)
+    hint = (f' Did you mean {os.path.join(os.path.dirname(path), near[0])}?' if near else
+            f' Config files in {folder}: {files}.' if files else '')
+    return f'{arg}: no such config file {path!r}.{hint}'
+  return None
 
 
 def _overrides(argv):

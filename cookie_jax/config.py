@@ -34,7 +34,10 @@ def default_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
   c.eval = _eval_config()
   # Device mesh sizes; -1 takes the devices left over. data * fsdp shards the batch,
   # fsdp also shards parameters and optimiser state, tensor shards heads and MLP.
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # dcn_data: the number of slices (TPU multislice, joined over the data-centre network);
+  # data, fsdp and tensor then describe one slice, and the batch is also split over the
+  # slices (the mesh's data axis is dcn_data x data). 1 = one slice.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1))
   c.checkpoint = _checkpoint_config()
   return c
 
@@ -334,12 +337,16 @@ def _check_method_options(config):
     _require(mo.queue_size % config.train.batch_size == 0, 'loss.momentum.queue_size',
              mo.queue_size, f'must be a multiple of train.batch_size='
              f'{config.train.batch_size}, so that every step enqueues one whole batch.')
-  extras = (hn.captions or hn.images or mo.queue_size > 0
-            or cm.negative_weighting != 'none')
-  _require(not (extras and losses.chunk_size), 'loss.chunk_size', losses.chunk_size,
-           'the chunked loss supports plain InfoNCE only; set it to 0 to use hard '
-           'negatives, momentum queues or negative weighting.')
-  if extras:
+  extras = (('loss.hard_negatives.captions', hn.captions, False),
+            ('loss.hard_negatives.images', hn.images, False),
+            ('loss.momentum.queue_size', mo.queue_size, 0),
+            ('loss.cross_modal.negative_weighting', cm.negative_weighting, 'none'))
+  if losses.chunk_size:
+    for key, value, off in extras:
+      _require(value == off, 'loss.chunk_size', losses.chunk_size,
+               f'the chunked loss supports plain InfoNCE only, not with {key}={value!r}; '
+               f"set {key.split('.', 1)[1]}={off!r}, or loss.chunk_size=0.")
+  if any(value != off for _, value, off in extras):
     _require(cm.weight > 0, 'loss.cross_modal.weight', cm.weight,
              'hard negatives, queues and negative weighting act on the cross-modal term; '
              'give it a positive weight.')
@@ -531,6 +538,8 @@ def _check_mesh(config, num_devices: int | None) -> None:
              'must be a positive size, or -1 for the devices left over.')
   _require(sum(config.mesh[a] == -1 for a in MESH_AXES) <= 1, 'mesh',
            config.mesh.to_dict(), 'at most one axis may be -1.')
+  _require(config.mesh.dcn_data >= 1, 'mesh.dcn_data', config.mesh.dcn_data,
+           'must be the number of slices (1 for one slice).')
   if num_devices is None:
     return
   shape = mesh_shape(config.mesh, num_devices)

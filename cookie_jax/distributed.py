@@ -73,6 +73,51 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
+# How long the other processes wait for process 0's `first_process_runs`: a day, so that
+# building a large dataset inside a run still works; a real hang ends sooner, when the
+# coordination service sees process 0 gone.
+FIRST_PROCESS_TIMEOUT_S = 24 * 3600
+
+
+def first_process_runs(what: str, fn, timeout_s: float = FIRST_PROCESS_TIMEOUT_S) -> None:
+  """`fn()` on process 0 alone; every other process waits until it has finished.
+
+  For work on storage all processes share that must happen once, such as building a
+  dataset into a shared data_dir (every process building it at once would race). `what`
+  names the work (the same on every process) in logs and errors. Where `fn` fails on
+  process 0, the others raise an error of the same kind with its message, so every
+  process ends with the same one line.
+  """
+  if jax.process_count() == 1:
+    fn()
+    return
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  # The coordination service's key-value store (what orbax's barriers use too): process 0
+  # posts how `fn` ended; the others block on the key instead of on a collective, which
+  # the CPU backend would give up on after 30 s.
+  client = jax_distributed.global_state.client
+  key = f'cookie_jax/first_process_runs/{what}'
+  if is_main_process():
+    try:
+      fn()
+    except BaseException as e:
+      client.key_value_set(key, f'{type(e).__name__}:{e}', allow_overwrite=True)
+      raise
+    client.key_value_set(key, 'done', allow_overwrite=True)
+    return
+  logging.info('Waiting for process 0 to %s.', what)
+  outcome = client.blocking_key_value_get(key, int(timeout_s * 1000))
+  if outcome != 'done':
+    kind, message = outcome.split(':', 1)
+    raise _error_class(kind)(f'process 0 could not {what}: {message}')
+
+
+def _error_class(name: str) -> type:
+  """The class of a user error by name, so that all processes report it alike."""
+  from cookie_jax.errors import USER_ERRORS  # pylint: disable=g-import-not-at-top
+  return next((c for c in USER_ERRORS if c.__name__ == name), RuntimeError)
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, cpu_collectives: str | None = None) -> str:
   """Joins the job's processes; explicit arguments override the environment.

@@ -21,14 +21,16 @@ touches the devices, so it adds no synchronisation to the loop:
 run appends its segment to the same record. A resume from step R after a crash at step
 S > R redoes steps R+1..S: the earlier segment is cut back to R, and the device time of
 the redone steps (its step time x redone / its steps) is reported as `recomputed`, which
-`goodput` (productive step time / wall time) does not count.
+`goodput` (productive step time / wall time) does not count. In a `gs://` workdir the
+record is rewritten locally and uploaded with metrics.jsonl (`files.RunFiles`).
 """
 
 import json
-import os
 import time
 
-from cookie_jax import metric_writer
+from cookie_jax import files, metric_writer
+
+GOODPUT = 'goodput.json'
 
 BUCKETS = ('startup', 'restore', 'compile', 'input_wait', 'step', 'checkpoint', 'eval')
 
@@ -69,10 +71,16 @@ def _ratio(part: float, whole: float) -> float:
 
 
 class GoodputRecord:
-  """The goodput of a run over all its starts, in `WORKDIR/goodput.json` (process 0)."""
+  """The goodput of a run over all its starts, in `WORKDIR/goodput.json` (process 0).
 
-  def __init__(self, workdir: str, clock: Clock, start_step: int):
-    self.path = os.path.join(workdir, 'goodput.json')
+  `run_files` is the loop's `files.RunFiles`, which uploads the record to a remote
+  workdir; without one the record is written straight to `workdir` at every `write`.
+  """
+
+  def __init__(self, workdir: str, clock: Clock, start_step: int,
+               run_files: files.RunFiles | None = None):
+    self.path = (run_files.fetch(GOODPUT) if run_files is not None
+                 else files.join(workdir, GOODPUT))
     self.clock = clock
     self.segments = self._earlier_segments(start_step)
     self.current = {'start_step': int(start_step), 'end_step': int(start_step)}
@@ -80,8 +88,7 @@ class GoodputRecord:
   def _earlier_segments(self, start_step: int) -> list[dict]:
     """Earlier starts of this run, cut back to `start_step` (what the checkpoint holds)."""
     try:
-      with open(self.path, encoding='utf-8') as f:
-        segments = json.load(f).get('segments', [])
+      segments = json.loads(files.read_text(self.path)).get('segments', [])
     except (OSError, ValueError):
       return []
     kept = []

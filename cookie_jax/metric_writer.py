@@ -9,11 +9,14 @@ checkpoint it restored, 0 for a fresh start) first drops what metrics.jsonl hold
 the records of steps it is about to redo, and marks a restart at R + 1 in TensorBoard
 (a `SessionLog.START` event, after which TensorBoard discards older events from step
 R + 1 on).
+
+The files go through `files.RunFiles`: in a local workdir they are appended in place; in
+a `gs://` one, which cannot append, they are kept locally and uploaded whole by its
+`sync` (see there for when, and why no record that a checkpoint covers is ever lost).
 """
 
 import json
 import math
-import os
 import sys
 import time
 from typing import Mapping
@@ -24,6 +27,10 @@ import numpy as np
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 import tqdm
+
+from cookie_jax import files
+
+METRICS, TENSORBOARD = 'metrics.jsonl', 'tensorboard'
 
 
 class _AboveTheBar:
@@ -54,21 +61,26 @@ def _scalar(v) -> float:
 
 
 class MetricWriter:
-  """Appends one JSON object per logged step and mirrors scalars to TensorBoard."""
+  """Appends one JSON object per logged step and mirrors scalars to TensorBoard.
+
+  `run_files` (a `files.RunFiles` of `workdir`) is shared with the other files the loop
+  keeps, and its owner syncs and closes it; without one the writer keeps its own, which
+  `close` uploads to a remote workdir.
+  """
 
   def __init__(self, workdir: str, total_steps: int, start_step: int = 0,
-               progress: bool = True, mirror=None):
+               progress: bool = True, mirror=None, run_files: files.RunFiles | None = None):
     self.enabled = jax.process_index() == 0
     self.total_steps = total_steps
     self._bar = None
     self._mirror = mirror
     if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, 'metrics.jsonl')
-    drop_records_after(path, start_step)
-    self._jsonl = open(path, 'a', encoding='utf-8')
-    self._tb = EventFileWriter(os.path.join(workdir, 'tensorboard'))
+    self._own_files = run_files is None
+    self._files = run_files or files.RunFiles(workdir)
+    drop_records_after(self._files.fetch(METRICS), start_step)
+    self._jsonl = self._files.open(METRICS, 'a')
+    self._tb = EventFileWriter(self._files.local(TENSORBOARD))
     self._tb.add_event(event_pb2.Event(
         wall_time=time.time(), step=int(start_step) + 1,
         session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
@@ -116,6 +128,8 @@ class MetricWriter:
     self._tb.close()
     if self._mirror is not None:
       self._mirror.close()
+    if self._own_files:
+      self._files.close()
 
 
 class DelayedFetch:
@@ -154,42 +168,37 @@ class DelayedFetch:
 
 
 def drop_records_after(path: str, step: int) -> int:
-  """Rewrites the metrics.jsonl at `path` without the records a run starting at `step`
-  will write again: those past `step`, and at `step` the test results and the closing
-  `time/*` record (a run writes them after its last save, so a restart writes them
-  again). A line cut short by a crash is dropped too.
+  """Rewrites the metrics.jsonl at `path` (local or gs://) without the records a run
+  starting at `step` will write again: those past `step`, and at `step` the test results
+  and the closing `time/*` record (a run writes them after its last save, so a restart
+  writes them again). A line cut short by a crash is dropped too.
   Returns the number of records dropped."""
-  if not os.path.exists(path):
+  if not files.exists(path):
     return 0
   kept, dropped = [], 0
-  with open(path, encoding='utf-8') as f:
-    for line in f:
-      try:
-        record = json.loads(line)
-        redo = record['step'] > step or (
-            record['step'] == step and all(k.startswith(('test/', 'time/'))
-                                           for k in record if k not in ('step', 'time')))
-      except (ValueError, KeyError, TypeError):
-        redo = True
-      if redo:
-        dropped += 1
-      else:
-        kept.append(line if line.endswith('\n') else line + '\n')
+  for line in files.read_text(path).split('\n'):
+    if not line:
+      continue
+    try:
+      record = json.loads(line)
+      redo = record['step'] > step or (
+          record['step'] == step and all(k.startswith(('test/', 'time/'))
+                                         for k in record if k not in ('step', 'time')))
+    except (ValueError, KeyError, TypeError):
+      redo = True
+    if redo:
+      dropped += 1
+    else:
+      kept.append(line + '\n')
   if dropped:
-    tmp = path + '.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-      f.writelines(kept)
-    os.replace(tmp, path)
+    files.write_text(path, ''.join(kept))
     logging.info('%s: dropped %d records past step %d, which this run redoes.', path,
                  dropped, step)
   return dropped
 
 
 def write_json(path: str, payload: Mapping) -> None:
+  """`payload` as the JSON file `path` (local or gs://), written whole; process 0 only."""
   if jax.process_index() != 0:
     return
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  files.write_text(path, json.dumps(payload, indent=2, sort_keys=True))

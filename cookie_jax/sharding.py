@@ -20,14 +20,17 @@ replicated arguments of shard_map'd functions are made here too (`batch_spec`,
 
 import contextlib
 import math
+import os
 from typing import Any, Mapping, Sequence
 
 from absl import logging
 import jax
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 
+from cookie_jax.errors import ConfigError
 from cookie_jax.tree_paths import path_name
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
@@ -62,31 +65,151 @@ _LOGGED_FALLBACKS: set = set()
 
 
 def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict[str, int]:
-  """Resolves -1 in the configured mesh sizes; errors name the key and the fix."""
+  """Resolves -1 in the configured mesh sizes; errors name the key and the fix.
+
+  With `dcn_data` = n > 1 (n slices joined over the data-centre network), the configured
+  sizes describe one slice (num_devices / n devices) and `data` is n times its per-slice
+  size in the result: the batch is split over the slices too.
+  """
+  dcn = int(mesh_config.get('dcn_data', 1) or 1)
+  if dcn < 1 or num_devices % dcn:
+    raise ConfigError(f'config.mesh.dcn_data={dcn}: it must be a positive number of slices '
+                     f'that divides the {num_devices} devices; use 1 for one slice.')
   sizes = {a: int(mesh_config[a]) for a in MESH_AXES}
+  per_slice = num_devices // dcn
   known = math.prod(s for s in sizes.values() if s != -1)
   free = [a for a, s in sizes.items() if s == -1]
+  per = ' per slice' if dcn > 1 else ''
   if len(free) > 1:
-    raise ValueError(f'config.mesh={sizes}: at most one axis may be -1.')
+    raise ConfigError(f'config.mesh={sizes}: at most one axis may be -1.')
   if free:
-    if num_devices % known:
-      raise ValueError(
+    if per_slice % known:
+      raise ConfigError(
           f'config.mesh={sizes}: the fixed axes use {known} devices, which does not divide '
-          f'the {num_devices} devices available; change the fixed sizes.')
-    sizes[free[0]] = num_devices // known
-  if math.prod(sizes.values()) != num_devices:
-    raise ValueError(
-        f'config.mesh={sizes} needs {math.prod(sizes.values())} devices but '
-        f'{num_devices} are available; set one axis to -1 or change the sizes.')
+          f'the {per_slice} devices available{per}; change the fixed sizes.')
+    sizes[free[0]] = per_slice // known
+  if math.prod(sizes.values()) != per_slice:
+    raise ConfigError(
+        f'config.mesh={sizes} needs {math.prod(sizes.values())} devices but {per_slice} are '
+        f'available{per}; set one axis to -1 or change the sizes.')
+  sizes['data'] *= dcn
   return sizes
 
 
 def make_mesh(mesh_config: Mapping[str, int] | ml_collections.ConfigDict,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The mesh of `mesh_config` over `devices` (default: all of them).
+
+  On TPU the devices are placed by their coordinates in the slice's torus
+  (`mesh_utils.create_device_mesh`), splitting physical axes only where the shape needs
+  it, so a host's devices need not hold one contiguous block of the batch: every input
+  path asks `process_rows` which rows are its own. Several slices (`mesh.dcn_data`) are
+  joined with `create_hybrid_device_mesh`, the batch split over them on `data`.
+  """
   devices = list(jax.devices() if devices is None else devices)
-  shape = mesh_shape(mesh_config, len(devices))
-  return jax.make_mesh(tuple(shape[a] for a in MESH_AXES), MESH_AXES,
-                       axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+  dcn = int(mesh_config.get('dcn_data', 1) or 1)
+  slices = sorted({getattr(d, 'slice_index', 0) or 0 for d in devices})
+  if dcn != len(slices) and (dcn > 1 or len(slices) > 1):
+    raise ConfigError(
+        f'config.mesh.dcn_data={dcn}: {describe_devices(devices)} '
+        f'{"form one slice" if len(slices) == 1 else f"span {len(slices)} slices"}; set '
+        f'mesh.dcn_data={len(slices)}.')
+  try:
+    shape = mesh_shape(mesh_config, len(devices))
+  except ConfigError as e:
+    raise ConfigError(f'{str(e).rstrip(".")}; {_what_builds(mesh_config, devices)}') from None
+  axes = tuple(shape[a] for a in MESH_AXES)
+  if dcn > 1:
+    per_slice = (shape['data'] // dcn,) + axes[1:]
+    build = lambda split: mesh_utils.create_hybrid_device_mesh(
+        per_slice, (dcn, 1, 1), devices, allow_split_physical_axes=split)
+  else:
+    build = lambda split: mesh_utils.create_device_mesh(
+        axes, devices, allow_split_physical_axes=split)
+  return Mesh(_device_grid(mesh_config, devices, build), MESH_AXES,
+              axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def _device_grid(mesh_config, devices, build) -> np.ndarray:
+  """`build(allow_split_physical_axes)`: unsplit where the topology allows, else split."""
+  errors = []
+  for split in (False, True):
+    try:
+      return build(split)
+    except (NotImplementedError, ValueError, AssertionError) as e:
+      errors.append(e)
+  raise ConfigError(
+      f'config.mesh={dict(mesh_config)}: the mesh cannot be laid on these devices '
+      f'({str(errors[-1]).splitlines()[0]}); {_what_builds(mesh_config, devices)}')
+
+
+def _what_builds(mesh_config, devices) -> str:
+  fsdp = [f for f in _divisors(len(devices))
+          if _builds(dict(mesh_config, data=-1, fsdp=f, tensor=1), devices)]
+  return (f'{describe_devices(devices)}; with mesh.data=-1 and mesh.tensor=1, the '
+          f'mesh.fsdp sizes that build are {fsdp}.')
+
+
+def _builds(mesh_config, devices) -> bool:
+  try:
+    shape = mesh_shape(mesh_config, len(devices))
+    mesh_utils.create_device_mesh(tuple(shape[a] for a in MESH_AXES), devices,
+                                  allow_split_physical_axes=True)
+    return True
+  except (NotImplementedError, ValueError, AssertionError):
+    return False
+
+
+def _divisors(n: int) -> list[int]:
+  return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def describe_devices(devices: Sequence[jax.Device]) -> str:
+  """'16 TPU v5 devices on 4 hosts (torus 2x2x4)': the topology, for error messages."""
+  d0 = devices[0]
+  kind = getattr(d0, 'device_kind', d0.platform)
+  hosts = len({d.process_index for d in devices})
+  coords = [getattr(d, 'coords', None) for d in devices]
+  torus = ''
+  if all(c is not None for c in coords):
+    torus = ' (torus ' + 'x'.join(str(max(c[i] for c in coords) + 1)
+                                  for i in range(len(coords[0]))) + ')'
+  return f'{len(devices)} {kind} devices on {hosts} host{"s" * (hosts > 1)}{torus}'
+
+
+# TPU slices by the names users type (the accelerator type of `gcloud compute tpus`) ->
+# libtpu's topology: chips per dimension of the torus. v4/v5p names count TensorCores
+# (two per chip), v5e/v6e names count chips.
+TPU_SLICES = {
+    **{f'v4-{2 * x * y * z}': f'v4:{x}x{y}x{z}'
+       for x, y, z in ((2, 2, 1), (2, 2, 2), (2, 2, 4), (2, 4, 4), (4, 4, 4), (4, 4, 8))},
+    **{f'v5p-{2 * x * y * z}': f'v5p:{x}x{y}x{z}'
+       for x, y, z in ((2, 2, 1), (2, 2, 2), (2, 2, 4), (2, 4, 4), (4, 4, 4), (4, 4, 8),
+                       (4, 8, 8), (8, 8, 8))},
+    **{f'{gen}-{x * y}': f'{gen}:{x}x{y}' for gen in ('v5e', 'v6e')
+       for x, y in ((2, 2), (2, 4), (4, 4), (4, 8), (8, 8), (8, 16), (16, 16))},
+}
+
+
+def tpu_slice_devices(name: str, slices: int = 1) -> list:
+  """The devices of `slices` TPU slices of type `name` ('v5p-32'), as `libtpu` describes
+  them on any host (no TPU needed): real coordinates and process (host) indices."""
+  if name not in TPU_SLICES:
+    raise ConfigError(f'Unknown TPU slice {name!r}; known: {", ".join(TPU_SLICES)}.')
+  # libtpu takes /tmp/libtpu_lockfile when it loads, so that two processes never drive
+  # one TPU; a topology description drives none, and tests, pre-flight checks and
+  # compiles may describe slices in several processes at once.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  try:
+    from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+    desc = topologies.get_topology_desc(topology_name=TPU_SLICES[name], platform='tpu',
+                                        **({'num_slices': slices} if slices > 1 else {}))
+  except (RuntimeError, ValueError, ImportError) as e:
+    raise ConfigError(
+        f'The TPU topology {name} cannot be described here ({str(e).splitlines()[0]}); it '
+        f'needs libtpu of the version jax[tpu]=={jax.__version__} pins: '
+        'pip install -e ".[tpu]".') from None
+  return list(desc.devices)
 
 
 def _fallback(what: str, name: str, dim: int, axes: tuple[str, ...], why: str) -> None:
@@ -187,20 +310,40 @@ def describe(shardings) -> dict[str, str]:
   return out
 
 
-def process_rows(mesh: Mesh, global_batch: int) -> tuple[int, int]:
-  """[start, stop): the rows of a global batch that this process's devices hold, which
-  `to_global` expects its local batch to be (one contiguous block per process)."""
-  index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
-  rows = sorted({r for idx in index_map.values()
-                 for r in range(*idx[0].indices(global_batch))})
-  if not rows or rows != list(range(rows[0], rows[-1] + 1)):
-    raise ValueError(f'This process holds rows {rows[:4]}... of the global batch, not one '
-                     'contiguous block; order the mesh devices by process.')
-  return rows[0], rows[-1] + 1
+def process_rows(mesh: Mesh, global_batch: int,
+                 process_index: int | None = None) -> np.ndarray:
+  """The rows of a global batch that the devices of process `process_index` (default:
+  this one) hold, ascending: the one answer to "which rows are mine".
+
+  On a TPU slice they need not be contiguous (the mesh follows the torus, not the
+  hosts). Every input path reads exactly these rows of each global batch, in this order,
+  which is the order `to_global` places a process's local batch in.
+  """
+  shards = batch_shards(mesh)
+  if global_batch < 1 or global_batch % shards:
+    raise ValueError(f'A global batch of {global_batch} rows cannot be split over the '
+                     f'{shards} batch shards of mesh {dict(mesh.shape)}; use a multiple '
+                     f'of {shards}.')
+  pi = jax.process_index() if process_index is None else process_index
+  index_map = batch_sharding(mesh).devices_indices_map((global_batch,))
+  rows = {r for d, idx in index_map.items() if d.process_index == pi
+          for r in range(*idx[0].indices(global_batch))}
+  return np.array(sorted(rows), np.int64)
+
+
+def local_rows(mesh: Mesh | None, global_batch: int, process_index: int,
+               process_count: int) -> np.ndarray:
+  """`process_rows` of the run's mesh; without a mesh (host-only use, tests), or for a
+  process count other than the run's, process p's contiguous block [p*b, (p+1)*b)."""
+  if mesh is not None and process_count == jax.process_count():
+    return process_rows(mesh, global_batch, process_index)
+  b = global_batch // process_count
+  return np.arange(process_index * b, (process_index + 1) * b, dtype=np.int64)
 
 
 def to_global(mesh: Mesh, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-  """Per-process numpy batch -> global jax.Arrays sharded over the batch axes."""
+  """Per-process numpy batch (this process's `process_rows`, in order) -> global
+  jax.Arrays sharded over the batch axes."""
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local_batch.items()}

@@ -5,6 +5,7 @@ state is a plain pytree for jit, optax and orbax; the module is rebuilt inside t
 with `nnx.merge`. Shardings come from the parameters' logical axes (cookie_jax.sharding).
 """
 
+import math
 from typing import Any, Callable
 
 import flax.struct
@@ -84,9 +85,27 @@ def with_params(state: TrainState, params) -> TrainState:
   return state.replace(params=params, extras=momentum_lib.restart_from(state.extras, params))
 
 
+def clip_logit_scale(params, max_logit_scale: float):
+  """`params` with the log logit scale clipped to log(max_logit_scale) after an update, as
+  open_clip clamps it in place. A clamp in the forward pass alone has no gradient above
+  it, so Adam's momentum could carry the parameter past it for good. The sigmoid form's
+  scale is the same parameter (its bias has no clamp, and needs none)."""
+  log_scale = params['log_logit_scale']
+  return {**params, 'log_logit_scale': jnp.minimum(log_scale, math.log(max_logit_scale))}
+
+
+# The dropout stream's tag, folded into the seed's key before the step. Initialisation
+# (`models.init_model`: nnx.Rngs(params=key(seed))) takes its n-th draw as
+# fold_in(key(seed), n), so the steps' keys must not be fold_in(key(seed), step); the tag
+# is far above any model's count of draws.
+DROPOUT_STREAM = 0x64726F70  # 'drop'
+
+
 def step_rng(seed: int, step: jax.Array) -> jax.Array:
-  """Dropout randomness of a step: a function of the seed and the step only."""
-  return jax.random.fold_in(jax.random.key(seed), step)
+  """Dropout randomness of a step: a function of the seed and the step only, on a stream
+  of its own (`DROPOUT_STREAM`), apart from the initialisation's keys."""
+  stream = jax.random.fold_in(jax.random.key(seed), DROPOUT_STREAM)
+  return jax.random.fold_in(stream, step)
 
 
 def split_micro_batches(batch, num_micro: int, mesh: Mesh):
@@ -101,6 +120,19 @@ def split_micro_batches(batch, num_micro: int, mesh: Mesh):
     y = jnp.swapaxes(y, 0, 1).reshape(num_micro, b // num_micro, *x.shape[1:])
     return jax.lax.with_sharding_constraint(y, spec)
   return jax.tree.map(split, batch)
+
+
+def _differentiable(tree) -> list[jax.Array]:
+  """The floating-point leaves of `tree`: the embeddings GradCache differentiates, without
+  the boolean `valid` masks of the extra negatives that travel beside them."""
+  return [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+
+
+def _with_differentiable(tree, floats: list[jax.Array]):
+  """`tree` with its floating-point leaves replaced, in order, by `floats`."""
+  floats = iter(floats)
+  return jax.tree.map(lambda x: next(floats) if jnp.issubdtype(x.dtype, jnp.inexact) else x,
+                      tree)
 
 
 def make_grad_fn(config: ml_collections.ConfigDict, setup: Setup, constants=None):
@@ -165,16 +197,17 @@ def make_grad_fn(config: ml_collections.ConfigDict, setup: Setup, constants=None
                               (micro, keys))
     replicated = replicated_fn(params)
 
-    def loss_of_embeddings(stacked, replicated):
-      pairs, negatives = stacked
+    def loss_of_embeddings(embeddings, replicated):
+      pairs, negatives = _with_differentiable(stacked, embeddings)
       terms = compute(pairs, replicated, objectives.merge_negatives(negatives, queues))
       return losses_lib.weighted_total(terms, loss_cfg), terms
     (total, terms), (g_stacked, g_replicated) = jax.value_and_grad(
-        loss_of_embeddings, argnums=(0, 1), has_aux=True)(stacked, replicated)
+        loss_of_embeddings, argnums=(0, 1), has_aux=True)(_differentiable(stacked),
+                                                           replicated)
 
     def backprop(acc, xs):
       batch_m, key_m, g_m = xs
-      _, vjp = jax.vjp(lambda p: inputs_fn(p, batch_m, key_m), params)
+      _, vjp = jax.vjp(lambda p: _differentiable(inputs_fn(p, batch_m, key_m)), params)
       return jax.tree.map(jnp.add, acc, vjp(g_m)[0]), None
     grads, _ = jax.lax.scan(backprop, jax.tree.map(jnp.zeros_like, params),
                             (micro, keys, g_stacked))
@@ -205,7 +238,8 @@ def make_train_step(config: ml_collections.ConfigDict, setup: Setup, constants=N
     (total, terms, scale), grads = grad_fn(state.params, batch, rng, queues)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params = clip_logit_scale(optax.apply_updates(state.params, updates),
+                              config.model.max_logit_scale)
     extras = state.extras
     if momentum.queue_size:
       extras = momentum_lib.update(extras, params, keys, momentum.momentum)

@@ -12,6 +12,10 @@ The loop keeps the host ahead of the devices, so that they never wait for it:
 Where the wall time goes (start-up, restore, compile, input wait, device step, checkpoint,
 evaluation) is kept by a `goodput.Clock` that only reads the host's clock, logged as
 `time/*` and written to WORKDIR/goodput.json (cookie_jax/goodput.py).
+
+Every file goes through `cookie_jax.files`, so a `gs://` workdir keeps all of them: the
+files the loop appends to or rewrites are uploaded by `files.RunFiles`, before each
+checkpoint save and at the end at least.
 """
 
 import os
@@ -24,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from cookie_jax import checkpoint as ckpt_lib
+from cookie_jax import files
 from cookie_jax import flops as flops_lib
 from cookie_jax import goodput as goodput_lib
 from cookie_jax import metric_writer
@@ -34,6 +39,8 @@ from cookie_jax.config import validate_config
 from cookie_jax.errors import ConfigError, NonFiniteError, PreemptedError  # pylint: disable=unused-import
 from cookie_jax.data import tokenizer as tok_lib
 from cookie_jax.data.defaults import eval_data_config
+
+TEST_RESULTS = 'test_retrieval.json'
 
 
 def _stopped(step: int, ckpt) -> PreemptedError:
@@ -46,18 +53,17 @@ def _stopped(step: int, ckpt) -> PreemptedError:
 
 
 def _check_workdir(workdir: str) -> None:
-  if '://' in workdir:
-    return  # Remote (gs://...) paths are checked by orbax and tfds when first written.
+  """Writes and removes a probe file, so that a workdir (local or gs://) that cannot be
+  written fails now, in one line, not at the first save."""
   try:
-    os.makedirs(workdir, exist_ok=True)
+    files.makedirs(workdir)
     # One probe per process: processes of a multi-host run may share the workdir.
-    probe = os.path.join(workdir, f'.write_test.{os.getpid()}.{jax.process_index()}')
-    with open(probe, 'w', encoding='utf-8') as f:
-      f.write('ok')
-    os.remove(probe)
+    probe = files.join(workdir, f'.write_test.{os.getpid()}.{jax.process_index()}')
+    files.write_text(probe, 'ok')
+    files.remove(probe)
   except OSError as e:
-    raise ConfigError(f'--workdir={workdir!r} cannot be written ({e.strerror}); choose a '
-                      'directory you can write to.') from None
+    raise ConfigError(f'--workdir={workdir!r} cannot be written ({e.strerror or e}); '
+                      'choose a directory you can write to.') from None
 
 
 def _input(config, mesh):
@@ -125,7 +131,7 @@ def _test_summary(data, result, workdir) -> str:
   return ceiling.summary(
       result, ceiling.chance_of(data), ceiling.retrieval_ceiling_of(data),
       split=data.split, files=[
-          ('figures', os.path.join(workdir, 'test_retrieval.json')),
+          ('figures', files.join(workdir, TEST_RESULTS)),
           ('pictures (python launch/eval.py --workdir=' + workdir + ')',
            pictures['examples'] + ', ' + pictures['recall'])])
 
@@ -173,7 +179,10 @@ class _BadRecords:
 
 
 def restore_or_initialise(config, ckpt, state, setup):
-  """Resume from this run's latest checkpoint, else initialise from `train.init_from`."""
+  """Resume from this run's latest checkpoint, else initialise from `train.init_from`.
+
+  `state` is the initial state, or, when a checkpoint exists, only its abstract shape (so
+  that a resume never holds two states)."""
   abstract = ckpt_lib.abstract_with_shardings(state, setup.state_shardings)
   latest = ckpt.latest_step()
   if latest is not None:
@@ -207,11 +216,11 @@ def restored_state(config: ml_collections.ConfigDict, workdir: str):
   return jax.device_get(restored), data_state
 
 
-def _wandb_mirror(config, workdir):
+def _wandb_mirror(config, workdir, run_files):
   if not config.train.wandb_project:
     return None
   from cookie_jax import wandb_log  # pylint: disable=g-import-not-at-top
-  return wandb_log.WandbMirror(workdir, config)
+  return wandb_log.WandbMirror(workdir, config, run_files)
 
 
 def check_finite(nonfinite_step: int, last_good: str, metrics=None) -> None:
@@ -238,15 +247,17 @@ class _Loop:
   save, stop."""
 
   def __init__(self, config, workdir, *, clock, ckpt, pipeline, train_iter, setup, state,
-               mirror):
+               mirror, run_files):
     self.config, self.workdir, self.clock, self.ckpt = config, workdir, clock, ckpt
     self.pipeline, self.train_iter, self.setup = pipeline, train_iter, setup
     self.state, self.step = state, int(state.step)
-    self.record = goodput_lib.GoodputRecord(workdir, clock, start_step=self.step)
+    self.files = run_files
+    self.record = goodput_lib.GoodputRecord(workdir, clock, start_step=self.step,
+                                            run_files=run_files)
     self.writer = metric_writer.MetricWriter(workdir, config.train.steps,
                                              start_step=self.step,
                                              progress=config.train.progress_bar,
-                                             mirror=mirror)
+                                             mirror=mirror, run_files=run_files)
     self.profiler = profiler_lib.StepProfiler(config.train.profile_steps, workdir)
     ckpt.install_stop_handlers(self.step)
     self.last_saved = ckpt.latest_step()
@@ -315,11 +326,14 @@ class _Loop:
     self.writer.write(log_step, {**{f'train/{k}': v for k, v in metrics.items()},
                                  **self.record.metrics()})
     self.record.write()
+    self.files.sync()  # a remote workdir: uploads when due (files.RunFiles)
     self.writer.progress(log_step, metrics)
     self.logged = {k: float(v) for k, v in metrics.items()}
 
   def _save(self, metrics=None, force: bool = False) -> None:
     self._flush()
+    # The records up to this step reach a remote workdir before its checkpoint does.
+    self.clock.call('checkpoint', self.files.sync, force=True)
     check_finite(int(self.state.nonfinite_step), self._last_good())
     if self.clock.call('checkpoint', self.ckpt.save, self.step, self.state,
                        self.train_iter.get_state(), self.config, metrics=metrics,
@@ -350,7 +364,7 @@ class _Loop:
     self.result = self._evaluate(split, data)
     self.result['step'] = self.step
     self.writer.write(self.step, self.result, prefix='test/')
-    metric_writer.write_json(os.path.join(self.workdir, 'test_retrieval.json'), self.result)
+    metric_writer.write_json(files.join(self.workdir, TEST_RESULTS), self.result)
     logging.info('Test retrieval at step %d: %s', self.step,
                  ', '.join(f'{k}={v:.2f}' for k, v in self.result.items()))
     self.summary = _test_summary(data, self.result, self.workdir)
@@ -376,7 +390,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     hf_import.configure_pretrained_towers(config)  # tower sizes from the HF checkpoints
   validate_config(config, num_devices=jax.device_count())
   _check_workdir(workdir)
-  mirror = _wandb_mirror(config, workdir)  # first, so that a missing package fails fast
+  # The files the loop appends to or rewrites; a gs:// workdir gets them on close too.
+  run_files = files.RunFiles(workdir, writer=jax.process_index() == 0)
+  try:
+    return _train(config, workdir, clock, run_files)
+  finally:
+    run_files.close()
+
+
+def _train(config, workdir: str, clock, run_files) -> dict:
+  """`train_and_evaluate` from the mesh on: input, model, restore, loop."""
+  mirror = _wandb_mirror(config, workdir, run_files)  # first: a missing package fails fast
   mesh = sharding.make_mesh(config.mesh)
   logging.info('Mesh: %s', dict(mesh.shape))
   pipeline, train_iter = _input(config, mesh)
@@ -386,7 +410,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tok_lib.keep_run_tokenizer(workdir, pipeline.load_tokenizer(config.data),
                              resuming=ckpt.latest_step() is not None,
                              init_from=config.train.init_from, write=jax.process_index() == 0)
-  state, setup = step_lib.create_train_state(config, mesh)
+  if ckpt.latest_step() is None:
+    state, setup = step_lib.create_train_state(config, mesh)
+  else:  # restored straight into the abstract state: no initial state is made
+    _, state, setup = step_lib.train_state_setup(config, mesh)
   if config.train.freeze:
     from cookie_jax import freeze as freeze_lib  # pylint: disable=g-import-not-at-top
     logging.info('%s', freeze_lib.summary(state.params, config.train.freeze))
@@ -398,5 +425,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_step = _AnnounceCompile(
       step_lib.make_train_step(config, setup, _loss_constants(config)))
   loop = _Loop(config, workdir, clock=clock, ckpt=ckpt, pipeline=pipeline,
-               train_iter=train_iter, setup=setup, state=state, mirror=mirror)
+               train_iter=train_iter, setup=setup, state=state, mirror=mirror,
+               run_files=run_files)
   return loop.run(train_step, validate, test)

@@ -7,16 +7,22 @@ step below the last one it has; after a crash the steps between the restored che
 and the crash are already there (a resumed run is exact, so their training values are
 the ones it would log again), and the mirror does not send them a second time. Each step
 therefore appears once.
+
+W&B keeps its own local files (the `wandb/` folder) in the workdir, or, for a `gs://`
+workdir, which it cannot write, in $WANDB_DIR or a temporary folder (kept: an offline
+run is synced from there).
 """
 
 import json
 import os
+import tempfile
 from typing import Mapping
 
 from absl import logging
 import jax
 import ml_collections
 
+from cookie_jax import files
 from cookie_jax.config import ConfigError
 
 RUN_FILE = 'wandb_run.json'
@@ -34,22 +40,34 @@ def _import_wandb():
   return wandb
 
 
-class WandbMirror:
-  """Sends what MetricWriter writes to one W&B run; a no-op on processes other than 0."""
+def _local_dir(workdir: str) -> str:
+  if not files.is_remote(workdir):
+    return workdir
+  return os.environ.get('WANDB_DIR') or tempfile.mkdtemp(prefix='cookie_jax-wandb-')
 
-  def __init__(self, workdir: str, config: ml_collections.ConfigDict):
+
+class WandbMirror:
+  """Sends what MetricWriter writes to one W&B run; a no-op on processes other than 0.
+
+  WORKDIR/wandb_run.json goes through `run_files` (`files.RunFiles`) when given, which
+  uploads it to a remote workdir with the metrics; else it is written in place.
+  """
+
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict,
+               run_files: files.RunFiles | None = None):
     self.enabled = jax.process_index() == 0
     self._run = None
     if not self.enabled:
       return
     wandb = _import_wandb()
-    self._path = os.path.join(workdir, RUN_FILE)
+    self._path = (run_files.fetch(RUN_FILE) if run_files is not None
+                  else files.join(workdir, RUN_FILE))
     stored = self._stored()
     cfg = config.train
     self._run = wandb.init(
         project=cfg.wandb_project, entity=cfg.wandb_entity or None,
         name=cfg.wandb_run or None, id=stored.get('id'), resume='allow',
-        dir=workdir, config=json.loads(config.to_json()))
+        dir=_local_dir(workdir), config=json.loads(config.to_json()))
     # W&B already has every step up to this one (from an earlier start of the run).
     self._resumed_after = self._sent = int(stored.get('last_step', -1))
     self._save()
@@ -58,16 +76,12 @@ class WandbMirror:
 
   def _stored(self) -> dict:
     try:
-      with open(self._path, encoding='utf-8') as f:
-        return json.load(f)
+      return json.loads(files.read_text(self._path))
     except (OSError, ValueError):
       return {}
 
   def _save(self) -> None:
-    tmp = self._path + '.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-      json.dump({'id': self._run.id, 'last_step': self._sent}, f)
-    os.replace(tmp, self._path)
+    files.write_text(self._path, json.dumps({'id': self._run.id, 'last_step': self._sent}))
 
   @property
   def run_id(self) -> str | None:

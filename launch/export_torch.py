@@ -3,7 +3,9 @@ r"""Exports a trained run to PyTorch / transformers:
 
 OUT/text_encoder and OUT/image_encoder load with `transformers.BertModel` / `ViTModel`;
 `CookieTorchModel.from_pretrained(OUT)` (OUT/torch_model.py) gives the full model's
-embeddings. See cookie_jax/interop/hf_export.py.
+embeddings; OUT itself loads with transformers' Auto classes and zero-shot pipeline
+(`trust_remote_code=True`) and with CLIP_benchmark (OUT/clip_benchmark_cookie.py), and
+OUT/README.md is its model card. See cookie_jax/interop/hf_export.py.
 """
 
 import os

@@ -2,23 +2,30 @@ r"""Runs COOKIE training on a Cloud TPU VM slice (v4 / v5e / v5p / v6e, one host
 
   python launch/tpu_pod.py create --name=cookie --zone=us-east5-a \
       --accelerator_type=v5p-32 --runtime_version=v2-alpha-tpuv5 [--spot]
-  python launch/tpu_pod.py run --name=cookie --zone=us-east5-a \
+  python launch/tpu_pod.py run --name=cookie --zone=us-east5-a --accelerator_type=v5p-32 \
       --config=configs/base.py:base --workdir=gs://BUCKET/cookie/run1 [-- --config.x=y ...]
   python launch/tpu_pod.py logs   --name=cookie --zone=us-east5-a [--worker=0] [--follow]
   python launch/tpu_pod.py stop   --name=cookie --zone=us-east5-a
   python launch/tpu_pod.py delete --name=cookie --zone=us-east5-a
 
 Every subcommand takes `--dry_run`, which prints the commands (each line `$ ...`) instead
-of running them. `run` gets the code onto every worker (a git clone of `--repo`, or else a
-tarball of this working tree copied with `tpu-vm scp`), installs the requirements with
-`jax[tpu]`, and starts `launch/train.py` on all workers at once under nohup (JAX joins
-them through cookie_jax.distributed's TPU auto-detection). `stop` sends SIGTERM, on
-which training saves a checkpoint; running `run` again resumes from it.
+of running them. `run` first checks the config here, for the slice `--accelerator_type`
+names (launch/preflight.py: the config built with the overrides exactly as
+launch/train.py builds it, validated for the slice's devices, its mesh laid on the
+slice's topology); a mistake ends there in one line, before anything is copied, also with
+`--dry_run`. Then it gets the code onto every worker (a git clone of `--repo`, or else a
+tarball of this working tree copied with `tpu-vm scp`), installs it into a virtual
+environment of a uv-managed Python (`--python`, independent of the image's own python3)
+with the requirements and `jax[tpu]`, and starts `launch/train.py` with it on all
+workers at once under nohup (JAX joins them through cookie_jax.distributed's TPU
+auto-detection). `stop` sends SIGTERM, on which training saves a checkpoint; running
+`run` again resumes from it.
 
-This file only builds and runs gcloud commands, and imports nothing but the standard
-library, so that it works on a workstation that has gcloud but not JAX. Slices are created
-as queued resources (the way v5p / v6e capacity, spot included, is handed out) unless
-`--no_queued` asks for a plain `tpu-vm create`.
+This file only builds and runs commands, and imports nothing but the standard library;
+the pre-flight check runs launch/preflight.py with this Python, which needs the project's
+requirements (`--skip_preflight` skips it on a workstation without them). Slices are
+created as queued resources (the way v5p / v6e capacity, spot included, is handed out)
+unless `--no_queued` asks for a plain `tpu-vm create`.
 """
 
 import argparse
@@ -32,6 +39,13 @@ REMOTE_TARBALL = '~/cookie_jax.tar.gz'
 LOG = '~/cookie_jax_train.log'
 PID = '~/cookie_jax_train.pid'
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The workers' environment: uv (a static binary, pinned) installs a CPython of its own
+# (`--python`), so the pins (jax 0.10.2 needs Python >= 3.11) never depend on the python3
+# of the runtime image; the venv holds the project, requirements.txt and jax[tpu].
+UV_VERSION = '0.13.8'
+UV = '~/.local/bin/uv'
+VENV = '~/cookie_jax_venv'
+WORKER_PYTHON = '3.11'  # the Python the test suite runs on; setup.py: >= 3.11
 
 
 def _where(args) -> list[str]:
@@ -78,17 +92,35 @@ def code_commands(args) -> list[list[str]]:
 
 
 def install_command(args) -> list[str]:
-  # requirements.txt pins jax; `jax[tpu]` adds the matching libtpu to that pin.
-  return _ssh(args, f'cd {REMOTE_DIR} && python3 -m pip install -q -U pip && '
-                    'python3 -m pip install -q -r requirements.txt "jax[tpu]" -e .')
+  """uv, a uv-managed CPython `--python` and a venv of it at VENV holding the project."""
+  steps = [
+      f'echo "cookie_jax install on $(hostname): uv {UV_VERSION} -> CPython {args.python} '
+      f'(uv-managed) -> venv {VENV} <- requirements.txt, jax[tpu], -e {REMOTE_DIR}"',
+      f'(test -x {UV} && {UV} --version | grep -q " {UV_VERSION}" || '
+      f'curl -LsSf https://astral.sh/uv/{UV_VERSION}/install.sh | '
+      'env UV_INSTALL_DIR="$HOME/.local/bin" UV_NO_MODIFY_PATH=1 sh)',
+      f'{UV} venv --clear --managed-python --python {shlex.quote(args.python)} {VENV}',
+      # requirements.txt pins jax; `jax[tpu]` adds the matching libtpu to that pin.
+      f'cd {REMOTE_DIR} && {UV} pip install --python {VENV}/bin/python '
+      '-r requirements.txt "jax[tpu]" -e .',
+      f'{VENV}/bin/python --version',
+  ]
+  return _ssh(args, ' && '.join(steps))
 
 
 def start_command(args) -> list[str]:
-  train = shlex.join(['python3', 'launch/train.py', f'--config={args.config}',
+  train = shlex.join(['launch/train.py', f'--config={args.config}',
                       f'--workdir={args.workdir}', *args.overrides])
   # setsid + nohup + </dev/null: training outlives the ssh session on every worker.
-  return _ssh(args, f'cd {REMOTE_DIR} && setsid nohup {train} > {LOG} 2>&1 < /dev/null & '
-                    f'echo $! > {PID}')
+  return _ssh(args, f'cd {REMOTE_DIR} && setsid nohup {VENV}/bin/python {train} > {LOG} '
+                    f'2>&1 < /dev/null & echo $! > {PID}')
+
+
+def preflight_command(args) -> list[str]:
+  """launch/preflight.py here, with this Python: the config against the slice."""
+  return [sys.executable, os.path.join(REPO_ROOT, 'launch', 'preflight.py'),
+          f'--config={args.config}', f'--accelerator_type={args.accelerator_type}',
+          *args.overrides]
 
 
 def run_commands(args) -> list[list[str]]:
@@ -142,7 +174,10 @@ def parse_args(argv):
   p.add_argument('--runtime_version', required=True,
                  help='e.g. v2-alpha-tpuv5 (v5p), v2-alpha-tpuv6e (v6e).')
   p.add_argument('--spot', action='store_true', help='Spot capacity (preemptible).')
-  p = sub.add_parser('run', parents=[common], help='Copy code, install, start training.')
+  p = sub.add_parser('run', parents=[common],
+                     help='Check the config here, then copy code, install, start training.')
+  p.add_argument('--accelerator_type', required=True, help='The slice, e.g. v5p-32: the '
+                 'pre-flight check validates the config for its devices and topology.')
   p.add_argument('--config', required=True, help='e.g. configs/base.py:base')
   p.add_argument('--workdir', required=True, help='gs://BUCKET/PATH shared by all workers.')
   p.add_argument('--repo', default='', help='git URL to clone on the workers; default: '
@@ -150,6 +185,10 @@ def parse_args(argv):
   p.add_argument('--ref', default='main', help='Branch or tag of --repo.')
   p.add_argument('--tarball', default='/tmp/cookie_jax.tar.gz', help='Local tarball path.')
   p.add_argument('--skip_install', action='store_true', help='Requirements are installed.')
+  p.add_argument('--python', default=WORKER_PYTHON, help='CPython version of the workers\' '
+                 'venv, installed by uv (setup.py: >= 3.11).')
+  p.add_argument('--skip_preflight', action='store_true', help='Do not check the config '
+                 'here first (e.g. on a workstation without the requirements).')
   p.add_argument('overrides', nargs='*', help='After `--`: flags for launch/train.py, '
                  'e.g. --config.train.steps=1000.')
   p = sub.add_parser('logs', parents=[common], help="Show a worker's training log.")
@@ -168,6 +207,11 @@ def main(argv=None) -> int:
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  if args.command == 'run' and not args.skip_preflight:
+    # Relative config paths resolve from the repository root, as on the workers.
+    checked = subprocess.run(preflight_command(args), cwd=REPO_ROOT, check=False)
+    if checked.returncode:
+      return checked.returncode  # its one line is on stderr; nothing was launched
   for cmd in commands:
     print('$ ' + shlex.join(cmd), flush=True)
     if not args.dry_run:

@@ -49,11 +49,15 @@ def random_params(model_cfg, seed: int = 0):
                        rng.normal(0, 0.3, s.shape)).astype(np.float32), state)
 
 
-def make_run(root: pathlib.Path) -> types.SimpleNamespace:
-  """A workdir holding one checkpoint (step STEP) with its config."""
+def make_run(root: pathlib.Path, *, logit_scale: float | None = None
+             ) -> types.SimpleNamespace:
+  """A workdir holding one checkpoint (step STEP) with its config; `logit_scale` sets
+  1 / temperature (random weights give about 1, and near-uniform class probabilities)."""
   root.mkdir(parents=True, exist_ok=True)
   config = tiny_config(root)
   params = random_params(config.model)
+  if logit_scale is not None:
+    params['log_logit_scale'] = np.log(np.float32(logit_scale)).astype(np.float32)
   workdir = root / 'run'
   ckpt = ckpt_lib.Checkpointer(str(workdir / 'checkpoints'), config.checkpoint)
   state = TrainState(step=jnp.asarray(STEP, jnp.int32), params=params, opt_state={},

@@ -54,3 +54,44 @@ def test_objectives_and_losses_do_not_import_the_data_room():
                  and any(m == 'cookie_jax.data' or m.startswith('cookie_jax.data.')
                          for m in _imports(tree)))
   assert not users, users
+
+
+# Local file calls that would make a local folder named `gs:` for a gs:// workdir; every
+# file a run, an evaluation, an index build or an export writes goes through
+# cookie_jax/files.py instead (DESIGN: Files).
+_LOCAL_FILE_CALLS = {'open', 'os.makedirs', 'os.mkdir', 'os.replace', 'os.rename',
+                     'os.remove', 'os.listdir', 'os.walk', 'os.path.exists', 'os.path.isdir',
+                     'os.path.isfile', 'shutil.copy', 'shutil.copyfile', 'shutil.move',
+                     'shutil.rmtree'}
+# The modules that touch local files only, and why.
+_LOCAL_ONLY = {
+    'cookie_jax/files.py': 'the one path API itself',
+    'cookie_jax/comm_audit.py': "XLA's HLO dumps, in a local temporary folder",
+    'cookie_jax/distributed.py': '/dev/accel0',
+    'cookie_jax/data/image_files.py': 'a local folder of images (launch/index.py --images)',
+    'cookie_jax/data/builders/karpathy.py': "the raw dataset's local manual_dir",
+    'cookie_jax/data/builders/msrvtt.py': "the raw dataset's local manual_dir",
+    'cookie_jax/interop/hf_export.py': 'writes inside the local folder files.local_dir gives',
+    'cookie_jax/interop/hf_import.py': 'a local Hugging Face folder',
+    'cookie_jax/interop/torch_model.py': 'the PyTorch-only loader of a local export',
+    'cookie_jax/interop/clip_benchmark_cookie.py': 'the PyTorch-only loader of a local export',
+    'cookie_jax/interop/hf_automodel.py': 'writes inside the local folder files.local_dir gives',
+    'cookie_jax/cli.py': 'the --config file, a local Python file ml_collections imports',
+}
+
+
+def _call_name(node) -> str:
+  parts, f = [], node.func
+  while isinstance(f, ast.Attribute):
+    parts.append(f.attr)
+    f = f.value
+  parts.append(f.id if isinstance(f, ast.Name) else '<expr>')  # epath.Path(p).open: fine
+  return '.'.join(reversed(parts))
+
+
+def test_files_of_a_run_go_through_cookie_jax_files():
+  found = sorted(f'{name}:{node.lineno} {_call_name(node)}'
+                 for name, tree in _modules() if name not in _LOCAL_ONLY
+                 for node in ast.walk(tree)
+                 if isinstance(node, ast.Call) and _call_name(node) in _LOCAL_FILE_CALLS)
+  assert not found, found

@@ -259,6 +259,22 @@ def test_karpathy_missing_folder_and_json_name_the_expected_place(tmp_path):
   assert {s: splits[s].num_examples for s in splits} == {'train': 2, 'val': 1, 'test': 1}
 
 
+def test_a_built_karpathy_dataset_opens_without_its_manual_dir(coco, tmp_path):
+  cfg, built, _ = coco
+  cfg = cfg.copy_and_resolve_references()
+  cfg.manual_dir = ''  # e.g. on a pod: built once into a gs:// data_dir, the images elsewhere
+  defaults.validate_data_config(cfg)
+  opened = sources.get_builder(cfg)
+  assert opened.data_path == built.data_path
+  assert ({s: opened.info.splits[s].num_examples for s in opened.info.splits} ==
+          {s: built.info.splits[s].num_examples for s in built.info.splits})
+  # Not built there: building it needs the folder, and the error names both keys.
+  cfg.data_dir = str(tmp_path)
+  with pytest.raises(FileNotFoundError, match=r"config.data.manual_dir='': "
+                     r"karpathy_captions/coco/1.1.0 is not built in config.data.data_dir="):
+    sources.get_builder(cfg)
+
+
 def test_karpathy_stores_exif_rotated_jpegs_upright(tmp_path):
   """Stored 80 wide x 40 high (left red, right blue) with EXIF orientation 6: shown
   rotated 90 degrees clockwise, so upright it is 40 wide x 80 high with red on top."""
@@ -498,7 +514,7 @@ def test_validate_data_config_names_key_value_and_fix():
   cases = [({'flip': True}, r"config.data.flip=True: .*'left of'"),
            ({'crop_scale': (0.9, 0.5)}, r'config.data.crop_scale=\(0.9, 0.5\)'),
            ({'builder': 'web'}, r"config.data.builder='web'"),
-           ({'builder': 'karpathy'}, r"config.data.manual_dir=''")]
+           ({'builder': 'karpathy'}, r"config.data.tokenizer=''")]
   for change, message in cases:
     cfg = defaults.data_config()
     cfg.update(change)

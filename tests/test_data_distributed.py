@@ -137,3 +137,203 @@ def test_two_processes_checkpointed_at_step_3_resume_on_one_like_an_uninterrupte
   for _ in range(3):
     a, b = next(whole), next(resumed)
     assert all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
+
+
+# -- a process's rows need not be one block: the device order of a TPU slice -----------
+
+_INTERLEAVED_CHILD = textwrap.dedent('''
+    import importlib.util, sys
+    import numpy as np
+    from cookie_jax import distributed
+    distributed.initialize()
+    import jax
+    from jax.experimental import multihost_utils
+    from cookie_jax import sharding, train
+    from cookie_jax.data import pipeline
+    spec = importlib.util.spec_from_file_location('config', sys.argv[1])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+
+    # The devices ordered p0d0, p1d0, p0d1, p1d1, ...: each process's rows of a batch
+    # interleave with the other's, as the hosts' do on a TPU slice's torus.
+    build = sharding.make_mesh
+
+    def interleaved(mesh_config, devices=None):
+      if devices is None:
+        mine = [[d for d in jax.devices() if d.process_index == p] for p in range(2)]
+        devices = [d for pair in zip(*mine) for d in pair]
+      return build(mesh_config, devices)
+    sharding.make_mesh = interleaved
+
+    mesh = sharding.make_mesh(config.mesh)
+    it = pipeline.TrainIterator(config.data, image_size=config.model.vision.image_size,
+                                global_batch_size=config.train.batch_size, seed=config.seed,
+                                mesh=mesh)
+    batch = {k: multihost_utils.process_allgather(v, tiled=True) for k, v in next(it).items()}
+    rows = sharding.process_rows(mesh, config.train.batch_size)
+    np.savez(f'{sys.argv[3]}_{jax.process_index()}.npz', rows=rows, **batch)
+    train.train_and_evaluate(config, sys.argv[2])
+''')
+
+
+def test_two_processes_whose_rows_interleave_train_and_validate_like_one(tmp_path):
+  """2 processes x 4 CPU devices in an order that interleaves their batch rows (as on
+  v5p-32): the global batches, losses, parameters and validation RSUM are those of 1
+  process x 8 devices."""
+  data_dir = str(tmp_path / 'tfds')
+  extra = {'train.steps': 2, 'eval.every': 2, 'mesh.data': 4, 'mesh.fsdp': 2,
+           'checkpoint.every': 2}
+  config = _config(data_dir, steps=2)
+  for key, value in extra.items():
+    section, name = key.split('.')
+    config[section][name] = value
+  reference = str(tmp_path / 'reference')
+  train.train_and_evaluate(config, reference)  # also builds the data for the children
+
+  config_file = pathlib.Path(_config_file(tmp_path, data_dir, 2))
+  config_file.write_text(config_file.read_text().replace(
+      '  return config\n', f'  for k, v in {extra!r}.items():\n'
+      "    config[k.split('.')[0]][k.split('.')[1]] = v\n  return config\n"))
+  script = tmp_path / 'interleaved.py'
+  script.write_text(_INTERLEAVED_CHILD)
+  run, dump = str(tmp_path / 'run'), str(tmp_path / 'batch')
+  _run_script_in_two_processes(script, [str(config_file), run, dump], tmp_path)
+
+  # Each process held every other pair of rows (2 rows per device), and the global
+  # batch they assembled is the 1-process batch.
+  two = [np.load(f'{dump}_{p}.npz') for p in range(2)]
+  np.testing.assert_array_equal(two[0]['rows'], [0, 1, 4, 5, 8, 9, 12, 13])
+  np.testing.assert_array_equal(two[1]['rows'], [2, 3, 6, 7, 10, 11, 14, 15])
+  one = next(pipeline.TrainIterator(config.data, image_size=16, global_batch_size=16,
+                                    seed=config.seed, mesh=sharding.make_mesh(config.mesh)))
+  for key, value in one.items():
+    np.testing.assert_array_equal(two[0][key], np.asarray(value), err_msg=key)
+
+  ref, got = _rows(reference), _rows(run)
+  assert sorted(got) == [1, 2] == sorted(ref)
+  for step in (1, 2):
+    for key in ('train/loss', 'train/loss/cross_modal', 'train/loss/textual',
+                'train/grad_norm'):
+      np.testing.assert_allclose(got[step][key], ref[step][key], rtol=1e-6, atol=1e-6,
+                                 err_msg=f'{key} at step {step}')
+  val = lambda w: [json.loads(l) for l in open(os.path.join(w, 'metrics.jsonl'))
+                   if '"val/rsum"' in l][-1]['val/rsum']
+  assert val(run) == val(reference)
+  ref_state, _ = train.restored_state(config, reference)
+  got_state, _ = train.restored_state(config, run)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6),
+               got_state.params, ref_state.params)
+
+
+def _run_script_in_two_processes(script, args, log_dir, expect_ok=True):
+  """Each process's (exit code, last 3000 characters of output)."""
+  port = _free_port()
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+  procs = [subprocess.Popen(
+      [sys.executable, str(script), *args], cwd=ROOT, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      env=dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+               JAX_PLATFORMS='cpu', JAX_ENABLE_COMPILATION_CACHE='false',
+               JAX_DEFAULT_MATMUL_PRECISION='highest',
+               COOKIE_COORDINATOR=f'127.0.0.1:{port}', COOKIE_NUM_PROCESSES='2',
+               COOKIE_PROCESS_ID=str(i), COOKIE_CPU_COLLECTIVES='gloo',
+               PYTHONPATH=str(ROOT))) for i in range(2)]
+  try:
+    logs = [p.communicate(timeout=600)[0].decode()[-3000:] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  if expect_ok:
+    assert all(p.returncode == 0 for p in procs), '\n'.join(logs)
+  return [(p.returncode, log) for p, log in zip(procs, logs)]
+
+
+# -- a dataset not yet built: one process builds it, the others wait, then read it -------
+
+_BUILD_ONCE_CHILD = textwrap.dedent('''
+    import importlib.util, sys
+    from cookie_jax import distributed
+    distributed.initialize()
+    import jax
+    from cookie_jax import train
+    from cookie_jax.data.builders import synthetic
+
+    build = synthetic.SyntheticShapes.download_and_prepare
+
+    def counted(self, *args, **kwargs):  # each build leaves a line in this process's file
+      with open(f'{sys.argv[3]}_{jax.process_index()}', 'a', encoding='utf-8') as f:
+        f.write(f'{self.data_path}\\n')
+      return build(self, *args, **kwargs)
+    synthetic.SyntheticShapes.download_and_prepare = counted
+
+    spec = importlib.util.spec_from_file_location('config', sys.argv[1])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    train.train_and_evaluate(module.get_config(), sys.argv[2])
+''')
+
+
+_BUILD_ONCE_READ_CHILD = textwrap.dedent('''
+    import json, sys
+    from cookie_jax import cli, distributed
+    distributed.initialize()
+    import jax
+    from cookie_jax.data import defaults, sources
+    from cookie_jax.data.builders import synthetic
+
+    build = synthetic.SyntheticShapes.download_and_prepare
+
+    def counted(self, *args, **kwargs):  # each build leaves a line in this process's file
+      with open(f'{sys.argv[2]}_{jax.process_index()}', 'a', encoding='utf-8') as f:
+        f.write(f'{self.data_path}\\n')
+      return build(self, *args, **kwargs)
+    synthetic.SyntheticShapes.download_and_prepare = counted
+
+    cfg = defaults.data_config()
+    cfg.update(json.loads(sys.argv[1]))
+    builder = cli.run_or_exit(lambda: sources.get_builder(cfg))
+    print('train examples:', builder.info.splits['train'].num_examples, flush=True)
+    cfg.update(dict(builder='karpathy', manual_dir=''))  # unbuilt, nothing to build from
+    cli.run_or_exit(lambda: sources.get_builder(cfg))
+''')
+
+
+def test_two_processes_build_an_unbuilt_dataset_once_and_share_a_failure(tmp_path):
+  """The mechanism alone, without training: process 0 builds, process 1 waits and reads
+  the same copy; where process 0 cannot build, both end with the same one line."""
+  script = tmp_path / 'read.py'
+  script.write_text(_BUILD_ONCE_READ_CHILD)
+  cfg = _data_cfg(tmp_path, cache_mb=0)  # an empty data_dir: nothing is built yet
+  out = _run_script_in_two_processes(
+      script, [json.dumps(cfg.to_dict()), str(tmp_path / 'builds')], tmp_path,
+      expect_ok=False)
+  # The synthetic set: built once, by process 0, and read by both.
+  assert len((tmp_path / 'builds_0').read_text().splitlines()) == 1
+  assert not (tmp_path / 'builds_1').exists()
+  counts = {l for _, log in out for l in log.splitlines() if l.startswith('train examples')}
+  assert len(counts) == 1, out
+  # Then a Karpathy set that is not built and has no manual_dir: one line on each.
+  for process, (code, log) in enumerate(out):
+    assert code == 1 and 'Traceback' not in log, log
+    last = log.strip().splitlines()[-1]
+    assert last.startswith('error: ' + ('' if process == 0 else
+                                        'process 0 could not build karpathy_captions/coco/'
+                                        f'1.1.0 in {cfg.data_dir}: ') +
+                           "config.data.manual_dir='': karpathy_captions/coco/1.1.0 is not "
+                           'built'), log
+
+
+@pytest.mark.slow
+def test_two_processes_build_an_unbuilt_dataset_once_and_both_train(tmp_path):
+  data_dir = tmp_path / 'tfds'  # empty: nothing is built yet
+  script = tmp_path / 'build_once.py'
+  script.write_text(_BUILD_ONCE_CHILD)
+  run, builds = tmp_path / 'run', tmp_path / 'builds'
+  _run_script_in_two_processes(
+      script, [_config_file(tmp_path, str(data_dir), 2), str(run), str(builds)], tmp_path)
+  # Process 0 built it, once; process 1 never did, and both trained on it.
+  assert len((tmp_path / 'builds_0').read_text().splitlines()) == 1
+  assert not (tmp_path / 'builds_1').exists()
+  assert sorted(_rows(str(run))) == [1, 2]

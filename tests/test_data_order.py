@@ -98,7 +98,7 @@ def test_mixture_entries_are_checked_against_the_data_keys():
   with pytest.raises(ValueError, match=r"mixture\[0\]\.synthetic: 'sede'"):
     defaults.validate_data_config(cfg)
   cfg.mixture = (({'builder': 'karpathy'}, 1.0),)
-  with pytest.raises(ValueError, match=r'mixture\[0\]: config\.data\.manual_dir'):
+  with pytest.raises(ValueError, match=r'mixture\[0\]: config\.data\.tokenizer'):
     defaults.validate_data_config(cfg)
   cfg.mixture = ((1.0,),)
   with pytest.raises(ValueError, match=r'mixture\[0\]=.*\(overrides, weight\)'):

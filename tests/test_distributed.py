@@ -106,9 +106,10 @@ def test_tpu_pod_dry_run_prints_the_command_sequence():
       '--zone=us-east5-a --project=my-proj --accelerator-type=v5p-32 '
       '--runtime-version=v2-alpha-tpuv5 --spot']
 
+  # (tests/test_preflight.py: the config is checked here first; skipped here for speed.)
   out = _tpu_pod('run', *COMMON, '--repo=https://github.com/acme/cookie_jax.git',
-                 '--ref=main', '--config=configs/base.py:base',
-                 '--workdir=gs://bucket/cookie/run1', '--',
+                 '--ref=main', '--accelerator_type=v5p-32', '--skip_preflight',
+                 '--config=configs/base.py:base', '--workdir=gs://bucket/cookie/run1', '--',
                  '--config.train.steps=1000')
   assert out.returncode == 0, out.stderr
   ssh = ('gcloud compute tpus tpu-vm ssh cookie-v5p --zone=us-east5-a --project=my-proj '
@@ -117,18 +118,21 @@ def test_tpu_pod_dry_run_prints_the_command_sequence():
   assert len(cmds) == 3 and all(c.startswith(ssh) for c in cmds), cmds
   assert 'git clone' in cmds[0] and 'https://github.com/acme/cookie_jax.git' in cmds[0]
   assert '"jax[tpu]"' in cmds[1] and 'requirements.txt' in cmds[1]
-  assert 'nohup python3 launch/train.py --config=configs/base.py:base' in cmds[2]
+  assert 'uv venv --clear --managed-python --python 3.11 ~/cookie_jax_venv' in cmds[1]
+  assert ('nohup ~/cookie_jax_venv/bin/python launch/train.py '
+          '--config=configs/base.py:base') in cmds[2]
   assert '--workdir=gs://bucket/cookie/run1 --config.train.steps=1000' in cmds[2]
   assert '> ~/cookie_jax_train.log 2>&1' in cmds[2]
 
   # Without --repo the working tree travels as a tarball, copied to every worker.
-  out = _tpu_pod('run', *COMMON, '--config=configs/base.py:base',
+  out = _tpu_pod('run', *COMMON, '--accelerator_type=v5p-32', '--skip_preflight',
+                 '--python=3.12', '--config=configs/base.py:base',
                  '--workdir=gs://bucket/cookie/run1')
   cmds = _commands(out.stdout)
   assert out.returncode == 0, out.stderr
   assert cmds[0].startswith('tar ') and cmds[1].startswith(
       'gcloud compute tpus tpu-vm scp ') and '--worker=all' in cmds[1]
-  assert len(cmds) == 5 and 'tar xzf' in cmds[2]
+  assert len(cmds) == 5 and 'tar xzf' in cmds[2] and '--python 3.12' in cmds[3]
 
   for sub, expected in (
       ('logs', "gcloud compute tpus tpu-vm ssh cookie-v5p --zone=us-east5-a "
@@ -144,7 +148,8 @@ def test_tpu_pod_dry_run_prints_the_command_sequence():
 
 
 def test_tpu_pod_rejects_a_local_workdir():
-  out = _tpu_pod('run', *COMMON, '--config=configs/base.py:base', '--workdir=/tmp/x')
+  out = _tpu_pod('run', *COMMON, '--accelerator_type=v5p-32', '--config=configs/base.py:base',
+                 '--workdir=/tmp/x')
   assert out.returncode != 0 and 'gs://' in out.stderr and 'Traceback' not in out.stderr
 
 

@@ -41,12 +41,17 @@ def _halves(w, h, first, second):
   return Image.fromarray(arr)
 
 
+def _exif(orientation: int) -> Image.Exif:
+  exif = Image.Exif()
+  exif[0x0112] = orientation  # 6: displayed rotated 90 degrees clockwise
+  return exif
+
+
 def _samples():
   """[(shard, key, image bytes | None, caption bytes | None)] and the expected skips."""
   rng = np.random.default_rng(0)
   photo = lambda h, w: _encode(Image.fromarray(rng.integers(0, 255, (h, w, 3), np.uint8)))
-  exif = Image.Exif()
-  exif[0x0112] = 6  # displayed rotated 90 degrees clockwise
+  exif = _exif(6)
   truncated = photo(64, 64)
   shard0 = [
       ('000000000', photo(60, 100), b'a big photo, resized'),
@@ -208,6 +213,15 @@ def test_each_setting_builds_its_own_copy_and_val_is_a_hash_of_the_key(built):
   assert 950 <= sum(webshards.split_of(k, 0.1) == 'val' for k in keys) <= 1050
 
 
+def test_a_built_copy_opens_by_its_name_without_the_shards(built):
+  root, (tar, _), _ = built
+  corpus = tar.builder_config.name.rsplit('_side', 1)[0]  # manual_dir's name and hash
+  cfg = _cfg('', root / 'tfds', name=corpus)
+  opened = sources.get_builder(cfg)
+  assert opened.data_path == tar.data_path
+  assert opened.info.splits['train'].num_examples == 6
+
+
 def test_bad_folders_name_the_path_and_the_layout(tmp_path):
   data_dir = tmp_path / 'tfds'
   with pytest.raises(FileNotFoundError, match=r"manual_dir='.*nowhere': folder not found"):
@@ -305,3 +319,52 @@ def test_launcher_trains_5_steps_on_the_built_folder(built, tmp_path):
   rows = [json.loads(l) for l in open(tmp_path / 'run' / 'metrics.jsonl')]
   losses = {r['step']: r['train/loss'] for r in rows if 'train/loss' in r}
   assert sorted(losses) == [1, 2, 3, 4, 5] and all(np.isfinite(list(losses.values())))
+
+
+def test_orientation_from_img2datasets_metadata_is_applied_once(tmp_path):
+  """img2dataset's default run decodes with OpenCV (EXIF ignored), re-encodes without EXIF
+  and keeps the orientation in its metadata; with --disable_all_reencoding (or a JPEG it
+  need not resize) the bytes keep their EXIF, and the metadata names it as well. Either
+  way the stored photo is upright, turned once, and its original size is the upright's."""
+  def exif_json(name):  # the metadata's `exif` as img2dataset writes it: exifread, JSON
+    return json.dumps({'Image Orientation': name, 'EXIF ExifImageWidth': '80'})
+  sideways = _halves(80, 40, RED, BLUE)  # the stored pixel grid: 80 wide, 40 high
+  tagged = lambda o: _encode(sideways, exif=_exif(o), quality=95)
+  # (key, bytes, metadata, red half on top?) -- 6 turns clockwise, 8 counter-clockwise.
+  cases = [
+      ('reencoded6', _encode(sideways, quality=95), exif_json('Rotated 90 CW'), True),
+      ('reencoded8', _encode(sideways, quality=95), exif_json('Rotated 90 CCW'), False),
+      ('kept6', tagged(6), exif_json('Rotated 90 CW'), True),
+      ('kept8', tagged(8), exif_json('Rotated 90 CCW'), False),
+  ]
+  meta = lambda key, exif: {'url': f'http://x/{key}.jpg', 'key': key, 'status': 'success',
+                            'width': 80, 'height': 40, 'original_width': 80,
+                            'original_height': 40, 'exif': exif}
+  with tarfile.open(tmp_path / '00000.tar', 'w') as tar:
+    for key, image, exif, _ in cases:
+      for name, data in ((f'{key}.jpg', image), (f'{key}.txt', b'a photo'),
+                         (f'{key}.json', json.dumps(meta(key, exif), indent=4).encode())):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+  (tmp_path / 'pq').mkdir()
+  rows = [dict(meta(key, exif), jpg=image, caption='a photo') for key, image, exif, _ in cases]
+  pq.write_table(pa.Table.from_pylist(rows), tmp_path / 'pq' / '00000.parquet')
+  for kind, path in (('tar', tmp_path / '00000.tar'),
+                     ('parquet', tmp_path / 'pq' / '00000.parquet')):
+    examples, skips = webshards.shard_examples(0, kind, str(path),
+                                               webshards.Settings(MAX_SIDE, 95), 'train')
+    assert not skips.counts and [k for k, _, _ in examples] == [c[0] for c in cases]
+    for (key, _, _, red_on_top), (_, _, ex) in zip(cases, examples):
+      up = _pixels(ex).astype(int)
+      assert up.shape == (48, 24, 3), (kind, key)  # upright 40 x 80, resized to 24 x 48
+      top, bottom = (RED, BLUE) if red_on_top else (BLUE, RED)
+      np.testing.assert_allclose(up[5, 12], top, atol=12, err_msg=f'{kind} {key}')
+      np.testing.assert_allclose(up[42, 12], bottom, atol=12, err_msg=f'{kind} {key}')
+      assert (ex['original_height'], ex['original_width']) == (80, 40), (kind, key)
+  # Every orientation name exifread prints, and what carries none.
+  for name, value in webshards.EXIFREAD_ORIENTATIONS.items():
+    assert webshards.metadata_orientation({'exif': exif_json(name)}) == value
+  for exif in (None, '', 'not json', json.dumps({'Image Make': 'x'}), exif_json('9')):
+    assert webshards.metadata_orientation({'exif': exif}) == 1
+  assert webshards.metadata_orientation({}) == 1

@@ -403,10 +403,11 @@ def trained_run(tmp_path_factory):
 def test_trained_model_exported_to_pytorch_gives_the_same_embeddings(trained_run):
   out = trained_run.out
   assert sorted(p.name for p in out.iterdir()) == [
-      'config.json', 'configuration_cookie.py', 'cookie.safetensors', 'cookie_config.json',
-      'image_encoder', 'image_processing_cookie.py', 'model.safetensors', 'modeling_cookie.py',
-      'preprocessor_config.json', 'special_tokens_map.json', 'text_encoder',
-      'tokenizer.json', 'tokenizer_config.json', 'torch_model.py', 'vocab.txt']
+      'README.md', 'clip_benchmark_cookie.py', 'config.json', 'configuration_cookie.py',
+      'cookie.safetensors', 'cookie_config.json', 'image_encoder', 'image_processing_cookie.py',
+      'model.safetensors', 'modeling_cookie.py', 'preprocessor_config.json',
+      'processing_cookie.py', 'processor_config.json', 'special_tokens_map.json',
+      'text_encoder', 'tokenizer.json', 'tokenizer_config.json', 'torch_model.py', 'vocab.txt']
   _loads_cleanly(transformers.BertModel, out / 'text_encoder')
   _loads_cleanly(transformers.ViTModel, out / 'image_encoder')
   rng = np.random.default_rng(1)
@@ -495,8 +496,10 @@ def test_automodel_from_pretrained_equals_jax_and_round_trips(trained_run, tmp_p
   model = _model_with(trained_run.config.model, trained_run.params)
   jax_image, jax_text, jax_scale = map(np.asarray, _jax_embeddings(model, images, ids, mask))
   config = json.loads((trained_run.out / 'config.json').read_text())
-  assert config['auto_map'] == {'AutoConfig': 'configuration_cookie.CookieConfig',
-                                'AutoModel': 'modeling_cookie.CookieModel'}
+  assert config['auto_map'] == {
+      'AutoConfig': 'configuration_cookie.CookieConfig',
+      'AutoModel': 'modeling_cookie.CookieModel',
+      'AutoModelForZeroShotImageClassification': 'modeling_cookie.CookieModel'}
   assert config['architectures'] == ['CookieModel'] and config['cookie_jax']['step'] == 3
 
   _block_jax(monkeypatch)  # the folder's own code, with no JAX and no cookie_jax
@@ -634,3 +637,14 @@ def test_model_variants_export_exactly(overrides, tmp_path):
   print(f'Variant export max abs diff: image {diffs[0]:.2e}, text {diffs[1]:.2e}')
   assert max(diffs) <= TOL
   _assert_same(_flat(params), hf_export.read_export(tmp_path / 'out'))
+
+
+def test_without_torch_the_messages_give_the_cpu_build_command(tmp_path, monkeypatch, caplog):
+  monkeypatch.setitem(sys.modules, 'torch', None)  # `import torch` fails from here on
+  cpu = 'pip install torch --index-url https://download.pytorch.org/whl/cpu'
+  with caplog.at_level('WARNING'):
+    assert not hf_export.hf_automodel.write_automodel(tmp_path, default_config('tiny').model)
+  assert cpu in caplog.text and 'CUDA build' in caplog.text
+  (tmp_path / 'pytorch_model.bin').write_bytes(b'')
+  with pytest.raises(ModuleNotFoundError, match=f'needs torch .*`{cpu}`'):
+    hf_import._read_torch_bin(tmp_path / 'pytorch_model.bin', 'here')  # pylint: disable=protected-access

@@ -1,6 +1,8 @@
 """The sharding room: mesh sizes, logical-axis rules, fallbacks and the batch layout."""
 
+import importlib.util
 import logging
+import pathlib
 
 import jax
 import numpy as np
@@ -8,6 +10,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from cookie_jax import sharding
+from cookie_jax.config import ConfigError, default_config, validate_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _mesh(data, fsdp, tensor):
@@ -67,8 +72,100 @@ def test_batch_specs_and_process_rows():
   assert sharding.batch_spec(stacked=True) == P(None, ('data', 'fsdp'))
   assert sharding.batch_shards(mesh) == 8
   assert sharding.gallery_spec(mesh) == P(('data', 'fsdp', 'tensor'))
-  assert sharding.process_rows(mesh, 16) == (0, 16)  # one process holds every row
+  # One process holds every row.
+  np.testing.assert_array_equal(sharding.process_rows(mesh, 16), np.arange(16))
   batch = sharding.to_global(mesh, {'x': np.arange(16, dtype=np.float32)})
   assert batch['x'].sharding.spec == P(('data', 'fsdp'))
   np.testing.assert_array_equal(np.asarray(batch['x']), np.arange(16))
   assert len(batch['x'].addressable_shards) == jax.device_count()
+
+
+# -- real TPU slices, as libtpu describes them on this CPU host (no TPU, no compile) ----
+
+SLICES = ('v5e-16', 'v5e-256', 'v5p-32', 'v5p-128', 'v6e-16', 'v6e-256')
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
+                                  reason='libtpu is not installed (pip install -e ".[tpu]")')
+
+
+def _recipe(variant):
+  spec = importlib.util.spec_from_file_location('base', ROOT / 'configs' / 'base.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def _rows_placed_on(mesh, global_batch, process_index):
+  """The batch rows on a host's devices, read off the mesh's device grid directly: the
+  batch is split over data x fsdp, row-major, so the device at grid position (i, j, t)
+  holds shard i * fsdp + j."""
+  shards = mesh.shape['data'] * mesh.shape['fsdp']
+  per = global_batch // shards
+  rows = set()
+  for (i, j, _), device in np.ndenumerate(mesh.devices):
+    if device.process_index == process_index:
+      k = i * mesh.shape['fsdp'] + j
+      rows.update(range(k * per, (k + 1) * per))
+  return np.array(sorted(rows))
+
+
+@needs_libtpu
+@pytest.mark.parametrize('variant', ['base', 'cc3m'])
+@pytest.mark.parametrize('name', SLICES)
+def test_recipe_meshes_build_on_real_tpu_slices_and_each_host_reads_its_rows(name, variant):
+  devices = sharding.tpu_slice_devices(name)
+  config = _recipe(variant)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  assert mesh.devices.size == len(devices)
+  batch = config.train.batch_size
+  hosts = sorted({d.process_index for d in devices})
+  owned = []
+  for p in hosts:
+    rows = sharding.process_rows(mesh, batch, p)
+    np.testing.assert_array_equal(rows, _rows_placed_on(mesh, batch, p))
+    assert len(rows) == batch // len(hosts)
+    owned.append(rows)
+  np.testing.assert_array_equal(np.sort(np.concatenate(owned)), np.arange(batch))
+
+
+@needs_libtpu
+def test_on_v5p_32_the_hosts_rows_interleave():
+  """The case a per-host contiguous block got wrong: on v5p-32 the torus order puts each
+  of the 4 hosts' rows in 4 separate runs (16 runs in all)."""
+  mesh = sharding.make_mesh(_recipe('base').mesh, sharding.tpu_slice_devices('v5p-32'))
+  runs = [1 + int(np.sum(np.diff(sharding.process_rows(mesh, 4096, p)) != 1))
+          for p in range(4)]
+  assert runs == [4, 4, 4, 4]
+
+
+@needs_libtpu
+def test_several_slices_split_the_batch_over_dcn_data():
+  devices = sharding.tpu_slice_devices('v5e-16', slices=2)
+  config = _recipe('base')
+  config.mesh.dcn_data = 2
+  mesh = sharding.make_mesh(config.mesh, devices)
+  assert dict(mesh.shape) == {'data': 4, 'fsdp': 8, 'tensor': 1}
+  # Slice s holds the s-th half of the batch: the gradient all-reduce crosses DCN once.
+  for s in (0, 1):
+    hosts = {d.process_index for d in devices if d.slice_index == s}
+    rows = np.concatenate([sharding.process_rows(mesh, 4096, p) for p in sorted(hosts)])
+    np.testing.assert_array_equal(np.sort(rows), np.arange(s * 2048, (s + 1) * 2048))
+  for dcn, fix in ((1, 'mesh.dcn_data=2'), (3, 'mesh.dcn_data=2')):
+    config.mesh.dcn_data = dcn
+    with pytest.raises(ConfigError, match=r'^config\.mesh\.dcn_data=%d: .*%s' % (dcn, fix)):
+      sharding.make_mesh(config.mesh, devices)
+
+
+@needs_libtpu
+def test_a_mesh_or_batch_the_slice_cannot_hold_is_one_line():
+  devices = sharding.tpu_slice_devices('v5p-32')
+  with pytest.raises(ConfigError) as e:
+    sharding.make_mesh({'data': -1, 'fsdp': 3, 'tensor': 1}, devices)
+  assert 'config.mesh=' in str(e.value) and '\n' not in str(e.value)
+  assert 'does not divide the 16 devices' in str(e.value)
+  config = default_config('tiny')
+  config.mesh.update(_recipe('base').mesh)
+  config.train.batch_size = 100
+  with pytest.raises(ConfigError, match=r'config\.train\.batch_size=100: .*multiple of 16'):
+    validate_config(config, num_devices=len(devices))
+  with pytest.raises(ConfigError, match=r"Unknown TPU slice 'v5p-31'; known: .*v5p-32"):
+    sharding.tpu_slice_devices('v5p-31')

@@ -189,3 +189,49 @@ def test_nonfinite_step_freezes_the_state():
   for p, q in zip(jax.tree.leaves(jax.device_get(state.params)),
                   jax.tree.leaves(snapshot.params)):
     np.testing.assert_array_equal(p, q)
+
+
+def test_logit_scale_pushed_past_the_clamp_returns_and_moves_again():
+  """A log scale above log(max_logit_scale) (say, carried there by Adam's momentum) is
+  clipped back after the update, and from there the gradient moves it: at scale 100 the
+  loss of unrelated images and captions asks for a lower one. (The program of
+  `single_device_run`: one compile for both.)"""
+  config = _config()
+  config.mesh.data = 1
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  state, setup = step.create_train_state(config, mesh)
+  bound = np.float32(np.log(config.model.max_logit_scale))
+  params = dict(state.params, log_logit_scale=jax.numpy.asarray(bound + 0.5))
+  state = state.replace(params=jax.device_put(params, setup.state_shardings.params))
+  train_step = step.make_train_step(config, setup)
+  seen = []
+  for batch in _batches(4, seed=5):
+    state, metrics = train_step(state, sharding.to_global(mesh, batch))
+    seen.append(float(state.params['log_logit_scale']))
+  # Step 1 (learning rate 0 in the warmup) returns it to the clamp; then it moves down.
+  assert seen[0] == bound, seen
+  assert seen[3] < seen[2] < seen[1] < bound, seen
+  assert float(metrics['temperature']) > 1 / config.model.max_logit_scale
+
+
+def test_no_step_key_is_an_initialisation_key():
+  """Dropout draws from a stream of its own: none of the keys of steps 0..9,999 is a key
+  that initialisation drew (nnx.Rngs' n-th draw is fold_in(key(seed), n))."""
+  config = _config()
+  config.model.num_prototypes, config.model.concept_gcn_depth = 8, 1  # more draws
+  for seed in (0, 3):
+    rngs = step.nnx.Rngs(params=jax.random.key(seed))
+    models.CookieModel(config.model, rngs=rngs)
+    count = int(rngs.params.count[...])
+    assert count > 50
+    replay = step.nnx.Rngs(params=jax.random.key(seed))
+    init_keys = {tuple(np.asarray(jax.random.key_data(replay.params())))
+                 for _ in range(count)}
+    assert len(init_keys) == count
+    step_keys = np.asarray(jax.random.key_data(jax.vmap(
+        lambda s, seed=seed: step.step_rng(seed, s))(np.arange(10_000))))
+    assert len({tuple(k) for k in step_keys}) == 10_000
+    assert not init_keys & {tuple(k) for k in step_keys}
+    # The same seed and step give the same key (what an exact resume needs).
+    np.testing.assert_array_equal(jax.random.key_data(step.step_rng(seed, 1_234)),
+                                  step_keys[1_234])

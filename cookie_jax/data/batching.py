@@ -22,8 +22,8 @@ def load_tokenizer(data_cfg) -> Tokenizer:
   else:
     raise ValueError(
         f"config.data.tokenizer='': only the synthetic datasets ship their own vocabulary; "
-        f'builder={data_cfg.builder!r} needs a local folder with tokenizer.json or '
-        'vocab.txt (e.g. bert-base-uncased).')
+        f'builder={data_cfg.builder!r} needs a folder (local or gs://...) with '
+        'tokenizer.json or vocab.txt (e.g. bert-base-uncased).')
   return tok_lib.finalize(tok, data_cfg.max_len)
 
 

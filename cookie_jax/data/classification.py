@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
+from cookie_jax import sharding
 from cookie_jax.data import augment, image_files, sources
 
 # File order on every read, so that images and labels pair by position.
@@ -36,9 +37,11 @@ def looks_like_imagenet(names) -> bool:
 
 
 class _Rows:
-  """Row ownership and padding of a pass of `num_images` images in global batches."""
+  """Row ownership and padding of a pass of `num_images` images in global batches: this
+  process holds the rows of each batch that the mesh places on its devices."""
 
-  def __init__(self, num_images: int, batch_size: int, process_index, process_count):
+  def __init__(self, num_images: int, batch_size: int, process_index, process_count,
+               mesh=None):
     self.process_count = jax.process_count() if process_count is None else process_count
     self.process_index = jax.process_index() if process_index is None else process_index
     if batch_size % self.process_count:
@@ -47,17 +50,22 @@ class _Rows:
     self.num_images = num_images
     self.batch_size = batch_size
     self.local_batch_size = batch_size // self.process_count
+    owned = np.zeros(batch_size, bool)
+    owned[sharding.local_rows(mesh, batch_size, self.process_index,
+                              self.process_count)] = True
+    self._owned_np, self._owned = owned, tf.constant(owned)
 
   @property
   def num_batches(self) -> int:
     return math.ceil(self.num_images / self.batch_size)
 
   def mine(self, index):
-    return (index % self.batch_size) // self.local_batch_size == self.process_index
+    """Whether global row `index` (a Python int or an int64 tensor) is this process's."""
+    return tf.gather(self._owned, index % self.batch_size)
 
   def padding(self) -> int:
     total = self.num_batches * self.batch_size
-    return sum(1 for i in range(self.num_images, total) if self.mine(i))
+    return int(self._owned_np[np.arange(self.num_images, total) % self.batch_size].sum())
 
 
 class TfdsClassification:
@@ -65,7 +73,7 @@ class TfdsClassification:
 
   def __init__(self, builder, split: str, *, label_key: str = 'label', image_key: str = '',
                image_size: int, mean, std, batch_size: int, process_index=None,
-               process_count=None, num_parallel_calls: int = -1):
+               process_count=None, num_parallel_calls: int = -1, mesh=None):
     self.builder, self.split = builder, split
     self.name = builder.name
     features = builder.info.features
@@ -95,7 +103,7 @@ class TfdsClassification:
     self.keys = [f'{builder.name}/{split}/{i}' for i in range(self.num_images)]
     self.skipped: list[tuple[str, str]] = []
     self.kept = np.ones(self.num_images, bool)
-    self._rows = _Rows(self.num_images, batch_size, process_index, process_count)
+    self._rows = _Rows(self.num_images, batch_size, process_index, process_count, mesh)
     self.batch_size = batch_size
 
   @property

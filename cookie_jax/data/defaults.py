@@ -50,17 +50,17 @@ def _source_keys() -> dict:
       # Token length after truncation / padding.
       max_len=32,
 
-      # A local folder holding tokenizer.json or vocab.txt, or either file. '' = the
-      # WordPiece vocabulary trained on and stored with the synthetic dataset (image or
-      # video) being read; 'synthetic' = the synthetic image set's (config `synthetic`)
-      # whatever the builder, e.g. to fine-tune a synthetic-image run on synthetic_video.
+      # A folder (local, or any path etils.epath reads: gs://...) holding tokenizer.json or
+      # vocab.txt, or either file. '' = the WordPiece vocabulary stored with the synthetic
+      # dataset (image or video) being read; 'synthetic' = the synthetic image set's (config
+      # `synthetic`) whatever the builder, e.g. to fine-tune a synthetic run on synthetic_video.
       tokenizer='',
       # Lowercase before WordPiece; used for a bare vocab.txt (tokenizer.json says itself).
       lowercase=True,
-      # builder='karpathy': the folder with dataset_<name>.json and the images;
-      # builder='msrvtt': the MSRVTT folder (annotations and videos; see builders/msrvtt.py);
-      # builder='img2dataset': the folder img2dataset wrote (*.tar or *.parquet shards; a
-      # local path or anything tfds reads, e.g. gs://...).
+      # The raw files, read only to build the dataset ('' once it is built in data_dir):
+      # karpathy: the folder with dataset_<name>.json and the images; msrvtt: the MSRVTT
+      # folder (see builders/msrvtt.py); img2dataset: the folder img2dataset wrote (*.tar
+      # or *.parquet shards; a local path or anything tfds reads, e.g. gs://...).
       manual_dir='',
       # builder='karpathy': 'coco' or 'flickr30k'.
       karpathy_dataset='coco',
@@ -295,18 +295,11 @@ def validate_data_config(data_cfg) -> None:
   _require(d.builder in BUILDERS, 'builder', d.builder, f'use one of {list(BUILDERS)}.')
   _require(d.max_len >= 2, 'max_len', d.max_len,
            'needs room for [CLS] and [SEP]; use e.g. 32.')
+  # manual_dir (the raw files) is not required here: a copy already built in data_dir
+  # opens without it, and building one without it fails naming both (data/sources.py).
   if d.builder == 'karpathy':
-    _require(bool(d.manual_dir), 'manual_dir', d.manual_dir,
-             'builder=karpathy needs the folder with dataset_<name>.json and the images.')
     _require(d.karpathy_dataset in ('coco', 'flickr30k'), 'karpathy_dataset',
              d.karpathy_dataset, "use 'coco' or 'flickr30k'.")
-  if d.builder == 'img2dataset':
-    _require(bool(d.manual_dir), 'manual_dir', d.manual_dir,
-             'builder=img2dataset needs the folder of img2dataset shards (.tar or .parquet).')
-  if d.builder == 'msrvtt':
-    _require(bool(d.manual_dir), 'manual_dir', d.manual_dir,
-             'builder=msrvtt needs the MSRVTT folder with MSRVTT_data.json, '
-             'MSRVTT_JSFUSION_test.csv and the videos.')
   if d.builder == 'img2dataset':
     validate_img2dataset(d)
   if d.builder == 'tfds':
@@ -314,8 +307,8 @@ def validate_data_config(data_cfg) -> None:
              "builder=tfds needs a prepared dataset's name, e.g. 'coco_captions'.")
   if d.builder not in OWN_VOCAB_BUILDERS:
     _require(bool(d.tokenizer), 'tokenizer', d.tokenizer,
-             'only the synthetic datasets ship a vocabulary; give a local folder with '
-             'tokenizer.json or vocab.txt (e.g. of bert-base-uncased).')
+             'only the synthetic datasets ship a vocabulary; give a folder (local or '
+             'gs://...) with tokenizer.json or vocab.txt (e.g. of bert-base-uncased).')
   _require(d.num_frames >= 0, 'num_frames', d.num_frames,
            'must be >= 0 (0 = every stored frame of a clip).')
   _check_generated_sizes(d)

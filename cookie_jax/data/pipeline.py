@@ -82,6 +82,11 @@ class EvalData:
     self.mesh = mesh
     self.process_index, self.process_count = processes(process_index, process_count)
     self.local_batch_size = local_batch(batch_size, self.process_count, 'eval.batch_size')
+    # This process's rows of each global batch, as the mesh places them.
+    self.rows = sharding.local_rows(mesh, batch_size, self.process_index,
+                                    self.process_count)
+    self._owned = np.zeros(batch_size, bool)
+    self._owned[self.rows] = True
     self._builder = sources.get_builder(data_cfg)
     self._keys = sources.feature_keys(data_cfg)
     self._shape, self._frames = sources.visual_shape(data_cfg, self._builder, self._keys)
@@ -121,7 +126,7 @@ class EvalData:
 
   def _mine(self, index):
     """True where global row `index` belongs to this process."""
-    return (index % self.batch_size) // self.local_batch_size == self.process_index
+    return self._owned[index % self.batch_size]
 
   def _out(self, batch):
     return batch if self.mesh is None else sharding.to_global(self.mesh, batch)
@@ -161,15 +166,14 @@ class EvalData:
 
   def text_batches(self):
     """{'input_ids', 'attention_mask': int32 [b, L], 'mask': bool [b]}."""
-    b, start = self.local_batch_size, self.process_index * self.local_batch_size
     total = self.num_text_batches * self.batch_size
     rows = {k: np.zeros((total,) + v.shape[1:], v.dtype) for k, v in self._tokens.items()}
     for k, v in self._tokens.items():
       rows[k][:self.num_captions] = v
     rows['mask'] = np.arange(total) < self.num_captions
     for i in range(self.num_text_batches):
-      lo = i * self.batch_size + start
-      yield self._out({k: v[lo:lo + b] for k, v in rows.items()})
+      mine = i * self.batch_size + self.rows
+      yield self._out({k: v[mine] for k, v in rows.items()})
 
 
 def eval_data(data_cfg, split: str, *, image_size: int, batch_size: int,

@@ -8,8 +8,10 @@ decode only what it uses (a JPEG crop window) and choose a caption per visit. Fo
 video builders `image` is a clip: its frames, each encoded ([T] strings).
 """
 
+from absl import logging
 import numpy as np
 
+from cookie_jax import distributed
 from cookie_jax.data.tf_env import tf  # pylint: disable=g-bad-import-order  # GPUs first
 import tensorflow_datasets as tfds
 
@@ -29,62 +31,116 @@ def _data_dir(data_cfg):
   return data_cfg.data_dir or None
 
 
-def get_builder(data_cfg) -> tfds.core.DatasetBuilder:
-  """The dataset builder, prepared: generated or built from local files on first use."""
-  kind = data_cfg.builder
+def _needs_manual_dir(builder, data_cfg, what: str) -> None:
+  """Raises where the dataset is not built and manual_dir names nothing to build from."""
+  if not data_cfg.manual_dir:
+    raise FileNotFoundError(
+        f"config.data.manual_dir='': {builder.info.full_name} is not built in "
+        f"config.data.data_dir={data_cfg.data_dir!r}, and building it needs {what}. Set "
+        'config.data.manual_dir to build it (once, e.g. launch/build_data.py), or '
+        'config.data.data_dir to where it is built.')
+
+
+def _make(data_cfg):
+  """(the builder `config.data` names, built or not; a function that builds it).
+
+  A built copy opens from data_dir alone: manual_dir (the raw files) is read only to
+  build it.
+  """
+  kind, data_dir = data_cfg.builder, _data_dir(data_cfg)
   if kind == 'synthetic':
-    s = data_cfg.synthetic
     builder = synthetic.SyntheticShapes(
-        data_dir=_data_dir(data_cfg), config=synthetic.synthetic_config(**s.to_dict()))
-    builder.download_and_prepare(file_format=FILE_FORMAT)
-    return builder
+        data_dir=data_dir, config=synthetic.synthetic_config(**data_cfg.synthetic.to_dict()))
+    return builder, lambda: builder.download_and_prepare(file_format=FILE_FORMAT)
   if kind == 'karpathy':
-    # Checked here too, so that a missing folder is reported before tfds makes any.
-    karpathy.annotations_path(data_cfg.manual_dir, data_cfg.karpathy_dataset)
-    builder = karpathy.KarpathyCaptions(data_dir=_data_dir(data_cfg),
-                                        config=data_cfg.karpathy_dataset)
-    builder.download_and_prepare(
-        file_format=FILE_FORMAT,
-        download_config=tfds.download.DownloadConfig(manual_dir=data_cfg.manual_dir))
-    return builder
+    if data_cfg.karpathy_dataset not in karpathy.JSON_NAMES:  # before tfds's own error
+      raise ValueError(f'config.data.karpathy_dataset={data_cfg.karpathy_dataset!r}: use '
+                       "'coco' or 'flickr30k'.")
+    builder = karpathy.KarpathyCaptions(data_dir=data_dir, config=data_cfg.karpathy_dataset)
+
+    def build_karpathy():
+      _needs_manual_dir(builder, data_cfg, 'the folder with '
+                        f'{karpathy.JSON_NAMES[data_cfg.karpathy_dataset]} and the images')
+      # Checked here too, so that a missing folder is reported before tfds makes any.
+      karpathy.annotations_path(data_cfg.manual_dir, data_cfg.karpathy_dataset)
+      builder.download_and_prepare(
+          file_format=FILE_FORMAT,
+          download_config=tfds.download.DownloadConfig(manual_dir=data_cfg.manual_dir))
+    return builder, build_karpathy
   if kind == 'synthetic_zeroshot':
     # Zero-shot classification of a synthetic run (cookie_jax/eval/zeroshot_run.py); its
     # images are drawn like the run's own (`synthetic.image_size`, `synthetic.seed`).
     builder = zeroshot_shapes.SyntheticZeroshot(
-        data_dir=_data_dir(data_cfg), config=zeroshot_shapes.zeroshot_config(
+        data_dir=data_dir, config=zeroshot_shapes.zeroshot_config(
             image_size=data_cfg.synthetic.image_size, seed=data_cfg.synthetic.seed))
-    builder.download_and_prepare(file_format=FILE_FORMAT)
-    return builder
+    return builder, lambda: builder.download_and_prepare(file_format=FILE_FORMAT)
   if kind == 'synthetic_video':
     builder = synthetic_video.SyntheticVideo(
-        data_dir=_data_dir(data_cfg),
+        data_dir=data_dir,
         config=synthetic_video.synthetic_video_config(**data_cfg.synthetic_video.to_dict()))
-    builder.download_and_prepare(file_format=FILE_FORMAT)
-    return builder
+    return builder, lambda: builder.download_and_prepare(file_format=FILE_FORMAT)
   if kind == 'msrvtt':
     m = data_cfg.msrvtt
-    msrvtt.locate(data_cfg.manual_dir, m.train_list)  # named errors before tfds makes any
-    builder = msrvtt.Msrvtt(data_dir=_data_dir(data_cfg), config=msrvtt.msrvtt_config(
+    builder = msrvtt.Msrvtt(data_dir=data_dir, config=msrvtt.msrvtt_config(
         train_list=m.train_list, frames=m.frames, image_size=m.image_size))
-    builder.download_and_prepare(
-        file_format=FILE_FORMAT,
-        download_config=tfds.download.DownloadConfig(manual_dir=data_cfg.manual_dir))
-    return builder
+
+    def build_msrvtt():
+      _needs_manual_dir(builder, data_cfg, 'the MSRVTT folder (annotations and videos)')
+      msrvtt.locate(data_cfg.manual_dir, m.train_list)  # named errors before tfds makes any
+      builder.download_and_prepare(
+          file_format=FILE_FORMAT,
+          download_config=tfds.download.DownloadConfig(manual_dir=data_cfg.manual_dir))
+    return builder, build_msrvtt
   if kind == 'img2dataset':
-    return img2dataset.prepare(data_cfg, _data_dir(data_cfg))
+    builder = img2dataset.make_builder(data_cfg, data_dir)
+
+    def build_img2dataset():
+      _needs_manual_dir(builder, data_cfg, 'the folder of img2dataset shards')
+      img2dataset.build(builder, data_cfg)
+    return builder, build_img2dataset
   if kind == 'tfds':
-    if not data_cfg.tfds_name:
-      raise ValueError("config.data.tfds_name='': builder='tfds' needs the name of a "
-                       "prepared tfds dataset, e.g. 'coco_captions'.")
-    builder = tfds.builder(data_cfg.tfds_name, data_dir=_data_dir(data_cfg))
-    if not builder.is_prepared():
-      raise FileNotFoundError(
-          f'config.data.tfds_name={data_cfg.tfds_name!r} is not prepared in '
-          f'{builder.data_dir}. Nothing is downloaded during training; prepare it first, '
-          f'e.g. `tfds build {data_cfg.tfds_name} --data_dir=<config.data.data_dir>`.')
-    return builder
+    return _prepared_tfds(data_cfg), None
   raise ValueError(f"config.data.builder={kind!r}: use 'synthetic', 'karpathy', 'tfds', "
                    "'msrvtt', 'synthetic_video' or 'img2dataset'.")
+
+
+def _prepared_tfds(data_cfg) -> tfds.core.DatasetBuilder:
+  if not data_cfg.tfds_name:
+    raise ValueError("config.data.tfds_name='': builder='tfds' needs the name of a "
+                     "prepared tfds dataset, e.g. 'coco_captions'.")
+  builder = tfds.builder(data_cfg.tfds_name, data_dir=_data_dir(data_cfg))
+  if not builder.is_prepared():
+    raise FileNotFoundError(
+        f'config.data.tfds_name={data_cfg.tfds_name!r} is not prepared in '
+        f'{builder.data_dir}. Nothing is downloaded during training; prepare it first, '
+        f'e.g. `tfds build {data_cfg.tfds_name} --data_dir=<config.data.data_dir>`.')
+  return builder
+
+
+def get_builder(data_cfg) -> tfds.core.DatasetBuilder:
+  """The dataset builder, prepared: opened where built, else built once.
+
+  In a run of several processes only process 0 builds; the others wait for it, then open
+  what it wrote. A process whose data_dir does not hold that copy (a folder on each
+  host, not shared) then builds its own.
+  """
+  builder, build = _make(data_cfg)
+  if build is None or (builder.is_prepared() and not distributed.is_main_process()):
+    return builder
+  # Process 0 reports on every dataset, built before or now, so that no process waits
+  # for a report that never comes.
+  where = data_cfg.data_dir or 'the default data_dir'
+  distributed.first_process_runs(f'build {builder.info.full_name} in {where}',
+                                 lambda: builder.is_prepared() or build())
+  if distributed.is_main_process():
+    return builder
+  builder, build = _make(data_cfg)  # a new look at data_dir, after process 0's build
+  if not builder.is_prepared():
+    logging.warning('%s: process 0 built it, but not in this host\'s %s (not a folder all '
+                    "hosts share); building this host's own copy.",
+                    builder.info.full_name, where)
+    build()
+  return builder
 
 
 def build(data_cfg, beam_pipeline_options: str = '') -> tfds.core.DatasetBuilder:

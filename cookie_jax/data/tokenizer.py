@@ -1,14 +1,13 @@
 """BERT WordPiece tokenisation with Hugging Face `tokenizers` (the Rust "fast" tokenizer).
 
-Everything is read from local files: a directory holding `tokenizer.json` or `vocab.txt`,
-or either file itself. For the synthetic dataset a vocabulary is trained at build time and
+Everything is read from files, local or gs:// (through `etils.epath`): a directory
+holding `tokenizer.json` or `vocab.txt`, or either file itself; nothing is downloaded. For the synthetic dataset a vocabulary is trained at build time and
 shipped in the dataset's metadata, so the default config runs with no download at all.
 """
 
 import collections
 import json
 import os
-import pathlib
 from typing import Iterable, Sequence
 
 from absl import logging
@@ -16,6 +15,7 @@ from etils import epath
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from cookie_jax import files
 from cookie_jax.errors import TokenizerMismatchError  # pylint: disable=unused-import
 
 SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
@@ -97,13 +97,15 @@ def wordpiece_tokenizer(vocab: Sequence[str] | dict, lowercase: bool = True) -> 
   return tok
 
 
-def _read_vocab_txt(path: pathlib.Path) -> list[str]:
+def _read_vocab_txt(path: epath.Path) -> list[str]:
   return [line.rstrip('\n') for line in path.read_text(encoding='utf-8').splitlines()]
 
 
 def tokenizer_from_path(path: str, lowercase: bool = True) -> Tokenizer:
-  """`tokenizer.json` (kept as is) or `vocab.txt` (BERT pipeline), or a folder of either."""
-  p = pathlib.Path(path).expanduser()
+  """`tokenizer.json` (kept as is) or `vocab.txt` (BERT pipeline), or a folder of either;
+  a local path or any path etils.epath reads (gs://...), so every host of a pod can read
+  one copy."""
+  p = epath.Path(path).expanduser()
   if p.is_dir():
     candidates = [p / 'tokenizer.json', p / 'vocab.txt']
     found = [c for c in candidates if c.is_file()]
@@ -114,11 +116,11 @@ def tokenizer_from_path(path: str, lowercase: bool = True) -> Tokenizer:
     p = found[0]
   if not p.is_file():
     raise FileNotFoundError(
-        f'config.data.tokenizer={path!r}: no such file or folder. Give a local folder with '
-        "'tokenizer.json' or 'vocab.txt' (nothing is downloaded), or '' for the synthetic "
-        "dataset's own vocabulary.")
+        f'config.data.tokenizer={path!r}: no such file or folder. Give a folder (local or '
+        "gs://...) with 'tokenizer.json' or 'vocab.txt' (nothing is downloaded), or '' for "
+        "the synthetic dataset's own vocabulary.")
   if p.name.endswith('.json'):
-    return Tokenizer.from_file(str(p))
+    return Tokenizer.from_str(p.read_text(encoding='utf-8'))
   return wordpiece_tokenizer(_read_vocab_txt(p), lowercase=lowercase)
 
 
@@ -179,10 +181,7 @@ def save_run_tokenizer(workdir: str, tok: Tokenizer) -> None:
   tok = Tokenizer.from_str(tok.to_str())
   tok.no_padding()
   tok.no_truncation()
-  path = epath.Path(workdir) / RUN_TOKENIZER
-  tmp = path.parent / f'{RUN_TOKENIZER}.tmp'
-  tmp.write_text(tok.to_str(pretty=True))
-  tmp.rename(path)
+  files.write_text(files.join(workdir, RUN_TOKENIZER), tok.to_str(pretty=True))
 
 
 def _essentials(tok: Tokenizer) -> dict:

@@ -89,7 +89,10 @@ class TrainIterator:
                                                                 process_count)
     self.local_batch_size = batching.local_batch(global_batch_size, self.process_count,
                                                  'train.batch_size')
-    self.first_row = self._first_row()
+    # This process's rows of each global batch (any set: on a TPU slice they interleave
+    # with other hosts'), from the mesh; the records it reads are exactly those rows.
+    self.rows = sharding.local_rows(mesh, global_batch_size, self.process_index,
+                                    self.process_count)
     components = mixture_components(data_cfg)
     self.parts = [Part(i, cfg) for i, (cfg, _) in enumerate(components)]
     self.mixture = order.Mixture([w for _, w in components], self.seed)
@@ -114,21 +117,8 @@ class TrainIterator:
     self._step = int(start_step)
     self._iterator = None
 
-  def _first_row(self):
-    """This process's rows of each global batch start here (they are contiguous)."""
-    if self.mesh is None or self.process_count != jax.process_count():
-      return self.process_index * self.local_batch_size
-    start, stop = sharding.process_rows(self.mesh, self.global_batch_size)
-    if stop - start != self.local_batch_size:
-      raise ValueError(f'The mesh gives this process {stop - start} rows of the global '
-                       f'batch, not train.batch_size / processes = {self.local_batch_size}.')
-    return start
-
-  # -- which records, which random numbers (numpy, per step) --
-
   def _positions(self, step):
-    start = int(step) * self.global_batch_size + self.first_row
-    return np.arange(start, start + self.local_batch_size, dtype=np.int64)
+    return int(step) * self.global_batch_size + self.rows
 
   def _records(self, parts, visits, attempts):
     out = np.empty_like(visits)

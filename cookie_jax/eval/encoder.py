@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from cookie_jax import checkpoint as ckpt_lib
-from cookie_jax import sharding
+from cookie_jax import files, sharding
 from cookie_jax.eval import protocol
 from cookie_jax.models import abstract_model
 from cookie_jax.config import ConfigError, config_from_dict, validate_config
@@ -59,15 +59,14 @@ class Encoder:
     """This process's rows of global batches of the tokenised `texts`, the last one
     padded and masked (as `pipeline.EvalData.text_batches`)."""
     tokens = tok_lib.encode(self.tokenizer, list(texts))
-    b = self.batch_size // jax.process_count()
     total = math.ceil(len(texts) / self.batch_size) * self.batch_size
     rows = {k: np.zeros((total,) + v.shape[1:], v.dtype) for k, v in tokens.items()}
     for k, v in tokens.items():
       rows[k][:len(texts)] = v
     rows['mask'] = np.arange(total) < len(texts)
-    start = jax.process_index() * b
+    mine = sharding.process_rows(self.mesh, self.batch_size)
     for lo in range(0, total, self.batch_size):
-      yield {k: v[lo + start:lo + start + b] for k, v in rows.items()}
+      yield {k: v[lo + mine] for k, v in rows.items()}
 
   def encode_texts(self, texts: Sequence[str], *, progress: bool = False) -> np.ndarray:
     """L2-normalised [len(texts), D]; every process gets all rows."""
@@ -118,7 +117,7 @@ def from_run(workdir: str, *, step: int | None = None,
   tokenizer = pipeline.load_tokenizer(config.data)
   tok_lib.check_run_tokenizer(workdir, tokenizer, 'encoding with this run')
   return Encoder(graphdef, params, mesh, tokenizer, config, size,
-                 {'workdir': os.path.abspath(os.fspath(workdir)), 'step': int(step)})
+                 {'workdir': files.absolute(workdir), 'step': int(step)})
 
 
 def export_config(path) -> ml_collections.ConfigDict:
@@ -155,4 +154,4 @@ def from_export(path, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Encoder:
   tokenizer = tok_lib.finalize(tok_lib.tokenizer_from_path(os.fspath(path)),
                                config.data.max_len)
   return Encoder(graphdef, params, mesh, tokenizer, config, _check_batch(config, batch_size),
-                 {'export': os.path.abspath(os.fspath(path))})
+                 {'export': files.absolute(path)})

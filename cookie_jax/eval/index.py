@@ -12,8 +12,9 @@ batched, and writes the index folder:
   embeddings.npy, indexed.json, skipped.json   all chunks together, once every chunk
                      is written; faiss.index too when faiss-cpu is installed.
 
-A chunk is written to a temporary file and renamed, so a crash loses at most the chunk in
-progress; running the same build again skips the chunks on disk and resumes. An
+A chunk is written whole (`files.open_whole`: a temporary file and a rename, or one
+upload to a `gs://` index folder), so a crash loses at most the chunk in progress; running
+the same build again skips the chunks written and resumes. An
 unreadable image is skipped, counted and named (skipped.json), never fatal.
 
 `Index.search` finds the top-k images of query embeddings with faiss (`IndexFlatIP`,
@@ -29,9 +30,11 @@ import pathlib
 import time
 
 from absl import logging
+from etils import epath
 import jax
 import numpy as np
 
+from cookie_jax import files
 from cookie_jax.eval import search
 from cookie_jax.config import ConfigError
 
@@ -103,33 +106,37 @@ def tfds_source(name: str, split: str, data_dir: str = '', image_key: str = '') 
   except ValueError as e:
     raise ConfigError(str(e)) from None
   n = builder.info.splits[split].num_examples
-  spec = {'tfds': name, 'split': split, 'data_dir': os.path.abspath(data_dir) if data_dir
+  spec = {'tfds': name, 'split': split, 'data_dir': files.absolute(data_dir) if data_dir
           else '', 'image_key': key}
   return Source(spec, [f'{name}/{split}/{i}' for i in range(n)])
 
 
-def _read_json(path: pathlib.Path):
+def _read_json(path: epath.Path):
   return json.loads(path.read_text(encoding='utf-8'))
 
 
-def _write_json(path: pathlib.Path, obj) -> None:
-  tmp = path.with_name(path.name + '.tmp')
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + '\n', encoding='utf-8')
-  os.replace(tmp, path)
+def _write_json(path: epath.Path, obj) -> None:
+  files.write_text(path, json.dumps(obj, indent=2, sort_keys=True) + '\n')
 
 
-def _chunk_path(index_dir: pathlib.Path, c: int) -> pathlib.Path:
+def _chunk_path(index_dir: epath.Path, c: int) -> epath.Path:
   return index_dir / CHUNKS / f'{c:05d}.npz'
 
 
-def _write_chunk(path: pathlib.Path, **arrays) -> None:
-  tmp = path.with_name(path.name + '.tmp')
-  with open(tmp, 'wb') as f:
-    np.savez(f, **arrays)
-  os.replace(tmp, path)
+def _write_arrays(path: epath.Path, save, *args, **arrays) -> None:
+  """`save(file, ...)` (np.save, np.savez) into `path`, which appears only when whole."""
+  with files.open_whole(path) as f:
+    save(f, *args, **arrays)
 
 
-def _start(index_dir: pathlib.Path, source: Source, encoder, chunk_size: int) -> tuple:
+def _load(path: epath.Path):
+  """The array of an .npy file, or the arrays of an .npz file as a dict."""
+  with path.open('rb') as f:
+    data = np.load(f)
+    return dict(data) if isinstance(data, np.lib.npyio.NpzFile) else data
+
+
+def _start(index_dir: epath.Path, source: Source, encoder, chunk_size: int) -> tuple:
   """(manifest, keys): a new index, or the one on disk if it is the same build."""
   manifest = {'format': FORMAT, 'source': source.spec, 'encoder': encoder.source,
               'chunk_size': int(chunk_size), 'image_size': encoder.image_size,
@@ -150,7 +157,7 @@ def _start(index_dir: pathlib.Path, source: Source, encoder, chunk_size: int) ->
                       index_dir / KEYS, len(keys), len(source.keys),
                       len(set(source.keys) - set(keys)))
     return saved, keys
-  (index_dir / CHUNKS).mkdir(parents=True, exist_ok=True)
+  files.makedirs(index_dir / CHUNKS)
   _write_json(index_dir / KEYS, source.keys)
   manifest.update(num_images=len(source.keys), complete=False)
   _write_json(index_dir / MANIFEST, manifest)
@@ -198,7 +205,7 @@ def build_index(encoder, source: Source, index_dir, *, chunk_size: int = DEFAULT
                       f'process\'s devices); this run has {jax.process_count()}.')
   if chunk_size < 1:
     raise ConfigError(f'--chunk_size={chunk_size} must be >= 1.')
-  index_dir = pathlib.Path(index_dir)
+  index_dir = epath.Path(index_dir)
   manifest, keys = _start(index_dir, source, encoder, chunk_size)
   source = dataclasses.replace(source, keys=keys)
   chunk_size = manifest['chunk_size']
@@ -222,8 +229,8 @@ def build_index(encoder, source: Source, index_dir, *, chunk_size: int = DEFAULT
     for c in todo:
       lo, hi = c * chunk_size, min(len(keys), (c + 1) * chunk_size)
       emb, rows, skipped, errors = _encode_chunk(encoder, source, lo, hi, bar)
-      _write_chunk(_chunk_path(index_dir, c), embeddings=emb, rows=rows, skipped=skipped,
-                   errors=np.asarray(errors, dtype=str))
+      _write_arrays(_chunk_path(index_dir, c), np.savez, embeddings=emb, rows=rows,
+                    skipped=skipped, errors=np.asarray(errors, dtype=str))
       encoded += hi - lo
       if on_chunk is not None:
         on_chunk(c)
@@ -239,24 +246,21 @@ def build_index(encoder, source: Source, index_dir, *, chunk_size: int = DEFAULT
   return manifest
 
 
-def _consolidate(index_dir: pathlib.Path, keys, num_chunks: int) -> dict:
+def _consolidate(index_dir: epath.Path, keys, num_chunks: int) -> dict:
   """All chunks as one embedding matrix (+ faiss), written once every chunk exists."""
-  parts = [np.load(_chunk_path(index_dir, c)) for c in range(num_chunks)]
+  parts = [_load(_chunk_path(index_dir, c)) for c in range(num_chunks)]
   emb = np.concatenate([p['embeddings'] for p in parts]).astype(np.float32)
   rows = np.concatenate([p['rows'] for p in parts])
   skipped = [{'path': keys[int(r)], 'error': str(e)} for p in parts
              for r, e in zip(p['skipped'], p['errors'])]
-  tmp = index_dir / (EMBEDDINGS + '.tmp')
-  with open(tmp, 'wb') as f:
-    np.save(f, emb)
-  os.replace(tmp, index_dir / EMBEDDINGS)
+  _write_arrays(index_dir / EMBEDDINGS, np.save, emb)
   _write_json(index_dir / INDEXED, [keys[int(r)] for r in rows])
   _write_json(index_dir / SKIPPED, skipped)
   faiss = faiss_module()
   if faiss is not None and len(emb):
     index = faiss.IndexFlatIP(emb.shape[1])
     index.add(emb)
-    faiss.write_index(index, str(index_dir / FAISS))
+    files.write_bytes(index_dir / FAISS, faiss.serialize_index(index).tobytes())
   if skipped:
     logging.warning('Skipped %d unreadable images (listed in %s), e.g. %s: %s',
                     len(skipped), index_dir / SKIPPED, skipped[0]['path'], skipped[0]['error'])
@@ -267,14 +271,14 @@ def _consolidate(index_dir: pathlib.Path, keys, num_chunks: int) -> dict:
 @dataclasses.dataclass
 class Index:
   """A complete index: unit embeddings [M, D] and the key of each row."""
-  directory: pathlib.Path
+  directory: epath.Path
   manifest: dict
   embeddings: np.ndarray
   keys: list
 
   @classmethod
   def load(cls, index_dir) -> 'Index':
-    d = pathlib.Path(index_dir)
+    d = epath.Path(index_dir)
     if not (d / MANIFEST).is_file():
       raise FileNotFoundError(f'--index={str(index_dir)!r} holds no {MANIFEST}; build it '
                               'first with `launch/index.py build --index=...`.')
@@ -283,7 +287,7 @@ class Index:
       raise FileNotFoundError(f'--index={str(index_dir)!r} is not complete (a build was '
                               'interrupted); run the same build command again to finish it.')
     keys = _read_json(d / INDEXED)
-    emb = np.load(d / EMBEDDINGS)
+    emb = _load(d / EMBEDDINGS)
     if not len(keys):
       raise ValueError(f'{index_dir} indexes no image: every file was unreadable '
                        f'(see {d / SKIPPED}).')
@@ -300,8 +304,8 @@ class Index:
                         'the index was built without it; rebuild, or use --search=jax.')
     q = search.as_embeddings(queries, 'query embeddings')
     if faiss is not None and (self.directory / FAISS).is_file():
-      scores, rows = faiss.read_index(str(self.directory / FAISS)).search(
-          np.ascontiguousarray(q), k)
+      stored = np.frombuffer((self.directory / FAISS).read_bytes(), np.uint8)
+      scores, rows = faiss.deserialize_index(stored).search(np.ascontiguousarray(q), k)
       return scores, rows
     return search.sharded_topk(q, self.embeddings, k, mesh=mesh)
 

@@ -8,11 +8,12 @@ notebook or GUI the caller may be running.
 
 import dataclasses
 import io
-import os
 import textwrap
 from typing import Sequence
 
 import numpy as np
+
+from cookie_jax import files
 
 # Enough pixels that a 16 or 32 px synthetic image reads as shapes, not as a smudge.
 MIN_PIXELS = 128
@@ -52,13 +53,10 @@ def to_uint8(image, mean, std, min_pixels: int = MIN_PIXELS) -> np.ndarray:
 
 
 def _save(fig, path: str) -> None:
+  """The figure as a PNG at `path` (local or gs://): rendered in memory, written whole."""
   buf = io.BytesIO()
   fig.savefig(buf, format='png')
-  os.makedirs(os.path.dirname(os.fspath(path)) or '.', exist_ok=True)
-  tmp = f'{path}.tmp'
-  with open(tmp, 'wb') as f:
-    f.write(buf.getvalue())
-  os.replace(tmp, path)
+  files.write_bytes(path, buf.getvalue())
 
 
 def _show(ax, image, *, border: str | None = None, dashed: bool = False) -> None:

@@ -12,7 +12,6 @@ again), the curve from exact ranks (`search.positive_ranks`) and the examples fr
 `search.sharded_topk`.
 """
 
-import os
 import re
 
 from absl import logging
@@ -22,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from cookie_jax import checkpoint as ckpt_lib
-from cookie_jax import sharding
+from cookie_jax import files, sharding
 from cookie_jax.eval import protocol, search
 from cookie_jax.config import ConfigError, config_from_dict, validate_config
 from cookie_jax.data import tokenizer as tok_lib
@@ -43,7 +42,7 @@ def output_paths(workdir: str, split: str, step: int, *, layout: str = 'full',
   # A tfds split expression such as 'test[:100]' must not become a path.
   name = re.sub(r'[^A-Za-z0-9_.+-]+', '_', split).strip('_') or 'split'
   stem = '-'.join(part for part in (task, name, layout, str(step)) if part)
-  base = os.path.join(os.fspath(workdir), 'eval', stem)
+  base = files.join(workdir, 'eval', stem)
   return {'json': f'{base}.json', 'recall': f'{base}-recall.png',
           'examples': f'{base}-examples.png'}
 

@@ -16,13 +16,13 @@ It writes into WORKDIR/eval/ (process 0 only):
                                                  example images.
 """
 
-import os
 import re
 
 from absl import logging
 import jax
 import numpy as np
 
+from cookie_jax import files, sharding
 from cookie_jax.config import ConfigError
 from cookie_jax.eval import encoder as encoder_lib
 from cookie_jax.eval import zeroshot
@@ -40,8 +40,7 @@ def output_paths(workdir: str, name: str, split: str, step: int,
   clean = lambda s: re.sub(r'[^A-Za-z0-9_.+-]+', '_', s).strip('_') or 'set'
   if label_key != 'label':
     name = f'{name}.{label_key}'
-  base = os.path.join(os.fspath(workdir), 'eval',
-                      f'zeroshot-{clean(name)}-{clean(split)}-{step}')
+  base = files.join(workdir, 'eval', f'zeroshot-{clean(name)}-{clean(split)}-{step}')
   return {'json': f'{base}.json', 'confusions': f'{base}-confusions.png'}
 
 
@@ -58,11 +57,12 @@ def _synthetic_set(config, split):
 
 
 def image_set(config, *, dataset: str = '', image_folder: str = '', split: str = '',
-              label_key: str = 'label', data_dir: str = '', batch_size: int):
+              label_key: str = 'label', data_dir: str = '', batch_size: int, mesh=None):
   """(the labelled image set, default templates name) for the arguments above."""
   from cookie_jax.data import classification  # pylint: disable=g-import-not-at-top  # TF
   view = dict(image_size=config.model.vision.image_size, mean=config.data.mean,
               std=config.data.std, batch_size=batch_size)
+  rows = dict(mesh=mesh)  # which rows of each batch this process reads (tfds sets)
   try:
     if image_folder:
       return classification.ImageFolder(image_folder, **view), 'clip'
@@ -79,10 +79,10 @@ def image_set(config, *, dataset: str = '', image_folder: str = '', split: str =
             f'--dataset={dataset!r} is not prepared in {builder.data_dir}; nothing is '
             f'downloaded here. Prepare it first, e.g. `tfds build {dataset}`.')
       return classification.TfdsClassification(builder, split or 'test', label_key=label_key,
-                                                **view), 'clip'
+                                                **view, **rows), 'clip'
     builder, split = _synthetic_set(config, split)
     return classification.TfdsClassification(builder, split, label_key=label_key,
-                                              **view), 'synthetic'
+                                              **view, **rows), 'synthetic'
   except ValueError as e:
     raise ConfigError(str(e)) from None
 
@@ -157,7 +157,8 @@ def zeroshot_checkpoint(config, workdir: str, *, step: int | None = None, datase
   step, config = encoder_lib.run_config(workdir, step=step, config=config)
   data, default_templates = image_set(config, dataset=dataset, image_folder=image_folder,
                                       split=split, label_key=label_key, data_dir=data_dir,
-                                      batch_size=config.eval.batch_size)
+                                      batch_size=config.eval.batch_size,
+                                      mesh=sharding.make_mesh(config.mesh))
   names, names_source = class_names_of(data, class_names)
   template_list = zeroshot.load_templates(templates or default_templates)
   encoder = encoder_lib.from_run(workdir, step=step, config=config)

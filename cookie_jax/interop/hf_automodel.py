@@ -3,6 +3,8 @@
     AutoModel.from_pretrained(OUT, trust_remote_code=True)           # modeling_cookie.CookieModel
     AutoTokenizer.from_pretrained(OUT)                               # the run's WordPiece
     AutoImageProcessor.from_pretrained(OUT, trust_remote_code=True)  # the eval view
+    AutoProcessor.from_pretrained(OUT, trust_remote_code=True)       # both: text=, images=
+    pipeline('zero-shot-image-classification', model=OUT, trust_remote_code=True)
 
 work with no cookie_jax and no JAX installed, and `save_pretrained` / `push_to_hub` work
 as for any transformers model. Written beside the tower folders of `hf_export`:
@@ -10,7 +12,8 @@ as for any transformers model. Written beside the tower folders of `hf_export`:
   OUT/config.json, OUT/model.safetensors   `CookieConfig` (auto_map) and the whole model;
   OUT/configuration_cookie.py, modeling_cookie.py, torch_model.py   its code;
   OUT/tokenizer.json, vocab.txt, tokenizer_config.json, special_tokens_map.json;
-  OUT/preprocessor_config.json, image_processing_cookie.py   the image processor.
+  OUT/preprocessor_config.json, image_processing_cookie.py   the image processor;
+  OUT/processor_config.json, processing_cookie.py   the two as one `CookieProcessor`.
 
 The model is not written twice by hand: the export loads `CookieTorchModel` from the
 tower folders and cookie.safetensors it has just written (the loader that
@@ -21,8 +24,12 @@ needs torch; without it the export still writes everything else and says so.
 
 import json
 import pathlib
+import shutil
+import tempfile
 
 from absl import logging
+
+from cookie_jax.interop import TORCH_CPU_INSTALL
 
 
 def _read_json(path: pathlib.Path) -> dict:
@@ -56,7 +63,9 @@ def write_automodel(output, model_cfg, *, tokenizer=None, data_cfg=None,
   except ImportError:
     logging.warning('torch is not installed, so the AutoModel files (config.json, '
                     'model.safetensors, modeling_cookie.py) were not written; the tower '
-                    'folders and torch_model.py were. `pip install torch` and export again.')
+                    'folders and torch_model.py were. Install the CPU build of torch (%s; '
+                    'a plain `pip install torch` pulls a CUDA build of several GB) and '
+                    'export again.', TORCH_CPU_INSTALL)
     return False
   # pylint: disable=g-import-not-at-top
   from cookie_jax.interop import hf_export
@@ -74,7 +83,9 @@ def write_automodel(output, model_cfg, *, tokenizer=None, data_cfg=None,
   model = CookieModel(config)
   model.cookie.load_state_dict(CookieTorchModel.from_pretrained(out).state_dict())
   # Registered so that save_pretrained writes auto_map and copies the code files (with
-  # their relative imports: configuration_cookie.py, torch_model.py).
+  # their relative imports: configuration_cookie.py, torch_model.py). The zero-shot image
+  # classification pipeline loads its model with this Auto class, as for CLIP and SigLIP.
+  config.auto_map = {'AutoModelForZeroShotImageClassification': 'modeling_cookie.CookieModel'}
   CookieConfig.register_for_auto_class()
   CookieModel.register_for_auto_class('AutoModel')
   model.eval().save_pretrained(out)
@@ -82,6 +93,23 @@ def write_automodel(output, model_cfg, *, tokenizer=None, data_cfg=None,
     hf_export.write_tokenizer(tokenizer, out, data_cfg.max_len)
   if data_cfg is not None:
     CookieImageProcessor.register_for_auto_class('AutoImageProcessor')
-    image_processor(model_cfg.vision.image_size, data_cfg.mean,
-                    data_cfg.std).save_pretrained(out)
+    image_proc = image_processor(model_cfg.vision.image_size, data_cfg.mean, data_cfg.std)
+    image_proc.save_pretrained(out)
+    if tokenizer is not None:
+      write_processor(out, image_proc)
   return True
+
+
+def write_processor(out: pathlib.Path, image_proc) -> None:
+  """processor_config.json and processing_cookie.py: `AutoProcessor` takes text= and
+  images= together, as CLIPProcessor does."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  from cookie_jax.interop.processing_cookie import CookieProcessor  # pylint: disable=g-import-not-at-top
+  CookieProcessor.register_for_auto_class()
+  # Saved aside and only its own two files taken: transformers would write the tokenizer
+  # files again, in its own form, over the ones `write_tokenizer` wrote.
+  with tempfile.TemporaryDirectory() as tmp:
+    tokenizer = transformers.BertTokenizer.from_pretrained(out)  # what write_tokenizer wrote
+    CookieProcessor(image_processor=image_proc, tokenizer=tokenizer).save_pretrained(tmp)
+    for name in ('processor_config.json', 'processing_cookie.py'):
+      shutil.copy(pathlib.Path(tmp) / name, out / name)

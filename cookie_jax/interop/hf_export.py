@@ -6,11 +6,18 @@
                        the shared transformer, projection heads and temperature,
   OUT/torch_model.py   `CookieTorchModel`, which loads all of it with torch alone;
   OUT/config.json, OUT/model.safetensors, ...  the whole model for
-                       `AutoModel.from_pretrained(OUT, trust_remote_code=True)`, with
-                       its tokenizer and image processor (`hf_automodel.py`).
+                       `AutoModel.from_pretrained(OUT, trust_remote_code=True)` and
+                       transformers' zero-shot pipeline, with its tokenizer, image
+                       processor and processor (`hf_automodel.py`),
+  OUT/clip_benchmark_cookie.py  the model with open_clip's interface, for CLIP_benchmark,
+  OUT/README.md        the model card (`model_card.py`).
 
 Tower weights use transformers' original (4.x) key layout, which both 4.x and 5.x load.
 Every tensor is written by the rules of `keys.py`, the same ones the importer reads.
+
+OUT may be a `gs://` folder: safetensors and transformers' `save_pretrained` write local
+files only, so the export is written to a local temporary folder and copied there
+(`files.local_dir`).
 """
 
 import json
@@ -24,7 +31,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from cookie_jax.interop import hf_automodel, keys
+from cookie_jax import files
+from cookie_jax.interop import hf_automodel, keys, model_card
 from cookie_jax.models import abstract_model
 
 FORMAT = 'cookie_jax.torch/1'
@@ -163,8 +171,12 @@ TRAINING_ONLY = ('prototypes', 'concept_gcn', 'logit_bias')
 
 
 def export_params(params, model_cfg, output, *, tokenizer=None, data_cfg=None,
-                  step: int | None = None) -> dict:
-  """Writes an export of `params` (the model's pure dict) to `output`; returns the paths."""
+                  step: int | None = None, config=None, figures=()) -> dict:
+  """Writes an export of `params` (the model's pure dict) to `output` (local or gs://);
+  returns the paths.
+
+  `config` (the run's whole config) and `figures` (`model_card.run_figures`) go into the
+  model card."""
   video = model_cfg.video
   if video.num_frames > 0 and video.temporal != 'mean':
     raise ValueError(
@@ -172,9 +184,19 @@ def export_params(params, model_cfg, output, *, tokenizer=None, data_cfg=None,
         "temporal transformer, and leaving its weights out would change the model. Export "
         "a temporal='mean' video model (or an image-text model); the JAX checkpoint "
         'itself keeps every weight.')
-  out = pathlib.Path(output)
-  out.mkdir(parents=True, exist_ok=True)
   params = jax.device_get(params)
+  with files.local_dir(output) as local:
+    automodel = _write_export(params, model_cfg, pathlib.Path(local), tokenizer=tokenizer,
+                              data_cfg=data_cfg, step=step)
+  return {'output': files.join(output), 'text_encoder': files.join(output, 'text_encoder'),
+          'image_encoder': files.join(output, 'image_encoder'),
+          'cookie': files.join(output, COOKIE_WEIGHTS), 'tokenizer': tokenizer is not None,
+          'step': step, 'automodel': automodel}
+
+
+def _write_export(params, model_cfg, out: pathlib.Path, *, tokenizer, data_cfg,
+                  step) -> bool:
+  """The files of `export_params` in the local folder `out`; True with the AutoModel."""
   pad_id = 0
   if tokenizer is not None and tokenizer.token_to_id('[PAD]') is not None:
     pad_id = tokenizer.token_to_id('[PAD]')
@@ -192,16 +214,17 @@ def export_params(params, model_cfg, output, *, tokenizer=None, data_cfg=None,
     logging.info('Not exported (training-only, unused at retrieval): %s.',
                  ', '.join(training_only))
   _write_json(out / COOKIE_CONFIG, cookie_config(model_cfg, step=step, data_cfg=data_cfg))
-  # The loader travels with the weights, so that a PyTorch-only machine needs no cookie_jax.
-  shutil.copy(pathlib.Path(__file__).with_name('torch_model.py'), out / 'torch_model.py')
+  # The loaders travel with the weights, so that a PyTorch-only machine needs no cookie_jax.
+  for name in ('torch_model.py', 'image_processing_cookie.py', 'clip_benchmark_cookie.py'):
+    shutil.copy(pathlib.Path(__file__).with_name(name), out / name)
+  model_card.write(out, model_cfg, step=step, config=config, data_cfg=data_cfg,
+                   figures=figures)
   automodel = hf_automodel.write_automodel(out, model_cfg, tokenizer=tokenizer,
                                            data_cfg=data_cfg, step=step)
   # transformers' save_pretrained writes its model.safetensors through safetensors too.
   for path in out.rglob('*.safetensors'):
     os.chmod(path, _default_file_mode())
-  return {'output': str(out), 'text_encoder': str(out / 'text_encoder'),
-          'image_encoder': str(out / 'image_encoder'), 'cookie': str(out / COOKIE_WEIGHTS),
-          'tokenizer': tokenizer is not None, 'step': step, 'automodel': automodel}
+  return automodel
 
 
 def read_export(output) -> dict:
@@ -277,7 +300,9 @@ def export_run(workdir: str, output: str, step: int | None = None) -> dict:
                           abstract)
   params, step = ckpt_lib.load_params(directory, abstract, step)
   tokenizer = _run_tokenizer(workdir, config.data)
+  from cookie_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  figures = model_card.run_figures(tok_lib.run_root(workdir), step)
   result = export_params(params, config.model, output, tokenizer=tokenizer,
-                         data_cfg=config.data, step=step)
+                         data_cfg=config.data, step=step, config=config, figures=figures)
   logging.info('Exported %s step %d to %s.', directory, step, output)
   return result

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from cookie_jax.config import ConfigError
-from cookie_jax.interop import keys
+from cookie_jax.interop import TORCH_CPU_INSTALL, keys
 from cookie_jax.models.bert import Bert
 from cookie_jax.models.cookie import DTYPES
 from cookie_jax.models.presets import model_config
@@ -135,8 +135,8 @@ def _read_torch_bin(file: pathlib.Path, where: str) -> dict:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise ModuleNotFoundError(
-        f'{where}: {file.name} is a PyTorch pickle, and reading it needs torch '
-        "(`pip install 'cookie_jax[torch]'`); or convert the folder to model.safetensors.")
+        f'{where}: {file.name} is a PyTorch pickle, and reading it needs torch (its CPU '
+        f'build: `{TORCH_CPU_INSTALL}`); or convert the folder to model.safetensors.')
   # weights_only: tensors and plain containers only, never arbitrary pickled code.
   state = torch.load(str(file), map_location='cpu', weights_only=True)
   return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in state.items()}

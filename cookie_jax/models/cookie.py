@@ -7,7 +7,7 @@ r"""COOKIE: two towers, a weight-sharing transformer on top, pooling, projection
 With `shared.depth == 0` it is a plain dual encoder (tower outputs are pooled directly).
 Video clips [B, T, H, W, 3] take the image path, with a temporal step between the ViT
 and the shared transformer (models/video.py).
-The temperature is learned as a log logit scale and clamped at `max_logit_scale`; with
+The temperature is learned as a log logit scale, kept at most `max_logit_scale`; with
 `logit_bias` the model also learns SigLIP's logit bias (losses/sigmoid.py).
 """
 
@@ -94,8 +94,13 @@ class CookieModel(nnx.Module):
                                remat=cfg.remat, rngs=rngs)
 
   def logit_scale(self) -> jax.Array:
-    """1 / temperature, clamped."""
-    return jnp.exp(jnp.minimum(self.log_logit_scale[...], self.max_log_scale))
+    """1 / temperature, clamped at `max_logit_scale`.
+
+    Training keeps the parameter at or below the clamp (`step.clip_logit_scale` after
+    every update), where this passes the whole gradient, also at the clamp itself
+    (`jnp.minimum` would halve it there); the clamp only bounds parameters from elsewhere."""
+    log_scale = self.log_logit_scale[...]
+    return jnp.exp(jnp.where(log_scale > self.max_log_scale, self.max_log_scale, log_scale))
 
   def sigmoid_params(self) -> tuple[jax.Array, jax.Array]:
     """(t, c) of the sigmoid loss: the clamped logit scale and the learned bias."""

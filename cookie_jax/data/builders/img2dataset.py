@@ -1,7 +1,8 @@
 """`img2dataset`: an img2dataset output folder (webdataset tars or parquet) as a tfds
 dataset in ArrayRecord, built locally over a pool of processes or on Apache Beam.
 
-Each sample becomes one example: the image made upright (EXIF), RGB and at most
+Each sample becomes one example: the image made upright (EXIF, or where img2dataset
+re-encoded it without EXIF, the orientation its metadata kept), RGB and at most
 `max_side` on its longer side, as JPEG; its caption; its key, URL and original size.
 Bad samples are skipped and counted in the dataset's metadata, with the first places
 (`shard:key`) of each kind (see `webshards.SKIP_REASONS`); a key that an earlier sample
@@ -73,8 +74,12 @@ def _skip_file(data_dir, split) -> str:
 class Img2dataset(tfds.core.GeneratorBasedBuilder):
   """Image-caption pairs from img2dataset shards."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'First release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'First release.',
+      '1.1.0': "Images that img2dataset re-encoded without EXIF are turned upright by the "
+               "orientation in its metadata ('exif'), their original sizes swapped to match.",
+  }
   BUILDER_CONFIGS = [DEFAULT]
   MANUAL_DOWNLOAD_INSTRUCTIONS = webshards.LAYOUT
   code_path = None  # see SyntheticShapes: no checksums lookup, nothing is downloaded
@@ -92,7 +97,7 @@ class Img2dataset(tfds.core.GeneratorBasedBuilder):
             'captions': tfds.features.Sequence(tfds.features.Text()),  # one per image
             'key': tfds.features.Text(),  # img2dataset's key, unique in the dataset
             'url': tfds.features.Text(),  # '' where the shard does not say
-            # Of the image img2dataset downloaded (its metadata), else of the upright
+            # Upright, of the image img2dataset downloaded (its metadata), else of the
             # image in the shard; before this builder's resize.
             'original_height': tfds.features.Scalar(dtype=np.int32),
             'original_width': tfds.features.Scalar(dtype=np.int32),
@@ -211,17 +216,28 @@ def _map_shards(kind, shards, settings, split, workers):
       yield done.result()
 
 
-def prepare(data_cfg, data_dir=None, beam_options=None) -> Img2dataset:
-  """The builder for `config.data`, built first where it is not yet (on Beam where
-  `beam_options`, a `PipelineOptions`, is given; else locally)."""
+def make_builder(data_cfg, data_dir=None) -> Img2dataset:
+  """The builder for `config.data`, built or not: named by img2dataset.name (or else by
+  manual_dir) and the settings, so a built copy opens without its shards."""
   w = data_cfg.img2dataset
   cfg = img2dataset_config(w.name or corpus_name(data_cfg.manual_dir), w.max_side,
                            w.quality, w.val_fraction)
   builder = Img2dataset(data_dir=data_dir, config=cfg)
   builder.workers = w.workers
-  if builder.is_prepared():
-    return builder
+  return builder
+
+
+def build(builder: Img2dataset, data_cfg, beam_options=None) -> None:
+  """Builds it from the shards in manual_dir (on Beam where `beam_options`, a
+  `PipelineOptions`, is given; else locally)."""
   webshards.list_shards(data_cfg.manual_dir)  # named errors before tfds makes any folder
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=data_cfg.manual_dir, beam_options=beam_options))
+
+
+def prepare(data_cfg, data_dir=None, beam_options=None) -> Img2dataset:
+  """The builder for `config.data`, built first where it is not yet."""
+  builder = make_builder(data_cfg, data_dir)
+  if not builder.is_prepared():
+    build(builder, data_cfg, beam_options)
   return builder

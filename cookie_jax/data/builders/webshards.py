@@ -35,6 +35,15 @@ SKIP_REASONS = {
 }
 _EXAMPLES_KEPT = 5  # example places per kind in the metadata and the warning
 
+# img2dataset (default, without --disable_all_reencoding) decodes with OpenCV, which
+# ignores EXIF, and re-encodes without it, but keeps the source's EXIF in its metadata:
+# `exif`, a JSON string of exifread's tags (`.json` of a webdataset sample, parquet
+# column), the orientation as exifread prints tag 0x0112 (exifread/tags/exif.py).
+EXIFREAD_ORIENTATIONS = {
+    'Horizontal (normal)': 1, 'Mirrored horizontal': 2, 'Rotated 180': 3,
+    'Mirrored vertical': 4, 'Mirrored horizontal then rotated 90 CCW': 5,
+    'Rotated 90 CW': 6, 'Mirrored horizontal then rotated 90 CW': 7, 'Rotated 90 CCW': 8}
+
 LAYOUT = """\
 config.data.manual_dir must be an img2dataset output folder, either
   --output_format webdataset: 00000.tar, 00001.tar, ... each holding {key}.jpg (or .png,
@@ -206,7 +215,8 @@ def _tar_raw(path, wanted):
 def _parquet_raw(path, wanted):
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top  # only for parquet
   image_col, caption_col, names = parquet_columns(path)
-  extra = [c for c in ('key', 'url', 'original_width', 'original_height') if c in names]
+  extra = [c for c in ('key', 'url', 'original_width', 'original_height', 'exif')
+           if c in names]
   stem = epath.Path(path).stem
   pos = 0
   with epath.Path(path).open('rb') as f:
@@ -254,6 +264,23 @@ def _size(meta, key, fallback) -> int:
   return int(value) if isinstance(value, (int, float)) and value > 0 else fallback
 
 
+def metadata_orientation(meta: dict) -> int:
+  """The EXIF orientation (1-8) that img2dataset's metadata `exif` names; 1 where it
+  names none (no `exif`, run with --extract_exif False, or unreadable)."""
+  exif = meta.get('exif')
+  if isinstance(exif, (str, bytes)):
+    try:
+      exif = json.loads(exif)
+    except ValueError:
+      return 1
+  if not isinstance(exif, dict):
+    return 1
+  value = str(exif.get('Image Orientation', '')).strip()
+  if value.isdigit():  # exifread prints a value outside its table as the number
+    return int(value) if 1 <= int(value) <= 8 else 1
+  return EXIFREAD_ORIENTATIONS.get(value, 1)
+
+
 def shard_examples(shard_index: int, kind: str, path: str, settings: Settings, split: str):
   """The clean examples of one shard for `split`, and what was skipped.
 
@@ -277,12 +304,18 @@ def shard_examples(shard_index: int, kind: str, path: str, settings: Settings, s
       skips.add(reason, order, where)
       continue
     try:
-      jpeg, h, w = upright.upright_jpeg(image, settings.max_side, settings.quality)
+      up = upright.upright_jpeg(image, settings.max_side, settings.quality,
+                                fallback_orientation=metadata_orientation(meta))
     except Exception:  # pylint: disable=broad-except  # any unreadable image is skipped
       skips.add('corrupt_image', order, where)
       continue
+    # img2dataset measures the stored pixel grid (OpenCV, orientation ignored): upright,
+    # its sides swap where the orientation turns by 90 degrees.
+    size_keys = ('original_height', 'original_width')
+    if up.orientation in upright.SWAPS_SIDES:
+      size_keys = size_keys[::-1]
     out.append((key, order, {
-        'image': jpeg, 'captions': [text], 'key': key, 'url': str(meta.get('url') or ''),
-        'original_height': _size(meta, 'original_height', h),
-        'original_width': _size(meta, 'original_width', w)}))
+        'image': up.jpeg, 'captions': [text], 'key': key, 'url': str(meta.get('url') or ''),
+        'original_height': _size(meta, size_keys[0], up.height),
+        'original_width': _size(meta, size_keys[1], up.width)}))
   return out, skips

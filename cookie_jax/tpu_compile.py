@@ -1,0 +1,233 @@
+"""A recipe compiled for a TPU slice on any host, and what the TPU compiler says of it.
+
+`libtpu` describes every TPU topology on any host (`sharding.tpu_slice_devices`), and a
+`jax.jit` over a mesh of those devices lowers and compiles the real TPU program on the
+CPU, as MaxText's `train_compile.py` does. From the compiled program:
+
+* **memory** per chip (`memory_analysis()`): arguments, outputs, temporaries and code,
+  against the chip's HBM: whether the step fits, before a slice is reserved;
+* **speed**, an *estimate* (`cost_analysis()`): the compiler's FLOPs, bytes accessed and
+  `optimal_seconds`, its roofline estimate of the step on that chip. The MFU divides
+  our own model FLOPs (`flops.py`), never the compiler's, by that time. A calibration on
+  the same chip (a replicated 8192^3 bf16 matmul and a 1 GiB elementwise op) is reported
+  beside it, so the reader sees what the cost model assumes of the chip;
+* **collectives** of the TPU program, counted by `comm_audit` against the FSDP ideal.
+
+Nothing here is measured on a TPU; every speed figure is labelled an estimate.
+"""
+
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from cookie_jax import comm_audit, flops as flops_lib, sharding, step as step_lib
+from cookie_jax.errors import ConfigError
+
+GiB = 2**30
+
+# HBM per chip (GiB), by libtpu's device kind.
+HBM_GIB = {'TPU v4': 32, 'TPU v5 lite': 16, 'TPU v5': 95, 'TPU v6 lite': 32}
+
+
+def chip_hbm_bytes(device) -> int:
+  kind = device.device_kind
+  if kind not in HBM_GIB:
+    raise ConfigError(f'No HBM size is known for {kind!r}; known: {sorted(HBM_GIB)}.')
+  return HBM_GIB[kind] * GiB
+
+
+def memory(compiled) -> dict[str, int]:
+  """Bytes per chip: what the program's buffers take, and their total."""
+  m = compiled.memory_analysis()
+  out = {'arguments': m.argument_size_in_bytes, 'outputs': m.output_size_in_bytes,
+         'aliased': m.alias_size_in_bytes, 'temporaries': m.temp_size_in_bytes,
+         'code': m.generated_code_size_in_bytes}
+  # Donated (aliased) outputs reuse their arguments' buffers.
+  out['total'] = (out['arguments'] + out['outputs'] - out['aliased'] + out['temporaries']
+                  + out['code'])
+  return out
+
+
+def cost(compiled) -> dict[str, float]:
+  """The compiler's estimate per chip: FLOPs, bytes accessed, optimal_seconds."""
+  analysis = compiled.cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+  return {k: float(analysis.get(k, float('nan')))
+          for k in ('flops', 'bytes accessed', 'optimal_seconds')}
+
+
+def compile_train_step(config: ml_collections.ConfigDict, mesh):
+  """(compiled train step, seconds to compile) of `config` over `mesh`."""
+  state, batch, setup = comm_audit.abstract_inputs(config, mesh)
+  start = time.perf_counter()
+  compiled = step_lib.make_train_step(config, setup).lower(state, batch).compile()
+  return compiled, time.perf_counter() - start
+
+
+def calibration(device) -> dict[str, float]:
+  """What the cost model assumes of one chip: TFLOP/s of a replicated 8192^3 bf16 matmul
+  and TB/s of a 1 GiB elementwise op, each from its `optimal_seconds`."""
+  single = jax.sharding.SingleDeviceSharding(device)
+
+  def estimate(fn, *shapes):
+    args = [jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=single) for s in shapes]
+    return cost(jax.jit(fn).lower(*args).compile())['optimal_seconds']
+
+  n = 8192
+  matmul = estimate(jnp.matmul, (n, n), (n, n))
+  elems = GiB // 2  # bf16: 1 GiB read, 1 GiB written
+  elementwise = estimate(lambda x: x * 2 + 1, (elems,))
+  return {'matmul_tflops': 2 * n**3 / matmul / 1e12,
+          'elementwise_tbps': 2 * GiB / elementwise / 1e12}
+
+
+def _per_chip_report(config, mesh, compiled, seconds) -> dict:
+  devices = mesh.devices.size
+  device = mesh.devices.flat[0]
+  hbm = chip_hbm_bytes(device)
+  mem = memory(compiled)
+  est = cost(compiled)
+  model_flops = flops_lib.train_step_flops(config)['total'] / devices
+  peak = flops_lib.peak_flops_per_device(config.model.dtype, device)
+  step_s = est['optimal_seconds']
+  audit = comm_audit.audit(config, mesh, {'partitioned': None,
+                                          'optimised': compiled.as_text()})
+  return {
+      'batch': int(config.train.batch_size),
+      'per_chip_batch': config.train.batch_size / devices,
+      'memory': mem, 'hbm': hbm, 'fits': mem['total'] <= hbm,
+      'compile_seconds': seconds,
+      'estimate': {
+          'compiler_flops': est['flops'], 'bytes_accessed': est['bytes accessed'],
+          'optimal_seconds': step_s, 'model_flops': model_flops,
+          'pairs_per_sec_per_chip': config.train.batch_size / devices / step_s,
+          'mfu': model_flops / step_s / peak if peak else None,
+      },
+      'collectives': {'bytes': audit['bytes'], 'ideal': audit['ideal'],
+                      'ratio': audit['ratio'],
+                      'counts': {k: r['count'] for k, r in audit['rows'].items()}},
+  }
+
+
+def _required_bytes(error: Exception) -> int | None:
+  """What the TPU compiler says a program that does not fit needs, in bytes."""
+  m = re.search(r'RESOURCE_EXHAUSTED: .*?\(([\d.]+)([KMGT])\) exceeds', str(error))
+  if not m:
+    return None
+  return int(float(m.group(1)) * 1024 ** ('KMGT'.index(m.group(2)) + 1))
+
+
+def compiled_total(config, mesh) -> tuple[int, bool]:
+  """(bytes per chip, whether the compiler accepted it) of `config`'s step over `mesh`;
+  a program the compiler refuses for want of HBM gives what it said it needs."""
+  try:
+    return memory(compile_train_step(config, mesh)[0])['total'], True
+  except jax.errors.JaxRuntimeError as e:
+    needed = _required_bytes(e)
+    if needed is None:
+      raise
+    return needed, False
+
+
+def largest_batch(config, mesh, first: dict, budget: float = 0.9, tries: int = 3) -> dict:
+  """The largest global batch (a multiple of the batch shards) whose step fits in
+  `budget` of HBM: memory = fixed + per_pair * batch from two compiles (the configured
+  batch and twice it), extrapolated, then compiled to check and refitted, at most
+  `tries` times."""
+  shards, hbm = sharding.batch_shards(mesh), first['hbm']
+  b1, m1 = config.train.batch_size, first['memory']['total']
+
+  def at(batch):
+    trial = config.copy_and_resolve_references()
+    trial.train.batch_size = batch
+    return compiled_total(trial, mesh)
+
+  m2, _ = at(2 * b1)
+  per_pair = max((m2 - m1) / b1, 1.0)
+  fixed = m1 - per_pair * b1
+  best, compiles = (b1 if m1 <= budget * hbm else 0), 1
+  guess = int((budget * hbm - fixed) / per_pair) // shards * shards
+  for _ in range(tries):
+    if guess <= best:
+      break
+    total, accepted = at(guess)
+    compiles += 1
+    if accepted and total <= budget * hbm:
+      best = guess
+      break
+    # Refit the line through (b1, m1) and this point, and aim below it.
+    per_pair = max((total - m1) / (guess - b1), 1.0)
+    guess = int((budget * hbm - m1) / per_pair + b1) // shards * shards
+  return {'batch': best, 'per_chip_batch': best / mesh.devices.size,
+          'compiles': compiles + 1}
+
+
+def compile_for_slice(config: ml_collections.ConfigDict, slice_name: str, *,
+                      slices: int = 1, fit_batch: bool = True,
+                      calibrate: bool = True) -> dict:
+  """The train step of `config` compiled for `slices` TPU slices of type `slice_name`
+  (e.g. 'v5p-32'), with the mesh a run there would use. Returns the report (see the
+  module doc); speed figures are the TPU compiler's estimates."""
+  devices = sharding.tpu_slice_devices(slice_name, slices)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  sharding.process_rows(mesh, config.train.batch_size, 0)  # a batch the mesh divides
+  try:
+    compiled, seconds = compile_train_step(config, mesh)
+  except jax.errors.JaxRuntimeError as e:
+    needed = _required_bytes(e)
+    if needed is None:
+      raise
+    hbm = chip_hbm_bytes(devices[0])
+    raise ConfigError(
+        f'{slice_name}: the train step at train.batch_size={config.train.batch_size} needs '
+        f'{needed / GiB:.1f} GiB of temporaries per chip, the chip has {hbm / GiB:.0f} GiB: '
+        f'it does not fit, by at least {(needed - hbm) / GiB:.1f} GiB. Lower '
+        'train.batch_size, set model.remat=True, or raise mesh.fsdp.') from None
+  report = {'slice': slice_name, 'slices': slices, 'chips': len(devices),
+            'hosts': len({d.process_index for d in devices}),
+            'device_kind': devices[0].device_kind, 'mesh': dict(mesh.shape),
+            'jax': jax.__version__, **_per_chip_report(config, mesh, compiled, seconds)}
+  if calibrate:
+    report['calibration'] = calibration(devices[0])
+  if fit_batch:
+    report['largest_batch'] = largest_batch(config, mesh, report)
+  return report
+
+
+def table(report: dict) -> str:
+  """The report as a few lines of text; speed figures marked as estimates."""
+  mem, est = report['memory'], report['estimate']
+  g = lambda b: f'{b / GiB:.2f} GiB'
+  verdict = ('fits' if report['fits'] else
+             f'does not fit, by {g(mem["total"] - report["hbm"])}')
+  lines = [
+      f'{report["slice"]} x {report["slices"]}: {report["chips"]} chips '
+      f'({report["device_kind"]}) on {report["hosts"]} hosts, mesh {report["mesh"]}, '
+      f'batch {report["batch"]} ({report["per_chip_batch"]:g} per chip)',
+      f'HBM per chip: arguments {g(mem["arguments"])}, temporaries '
+      f'{g(mem["temporaries"])}, outputs {g(mem["outputs"])}, total {g(mem["total"])} '
+      f'of {g(report["hbm"])}: {verdict}',
+      f'compile: {report["compile_seconds"]:.0f} s',
+      f'estimate (TPU compiler cost model, not a measurement): step '
+      f'{est["optimal_seconds"] * 1e3:.1f} ms, {est["pairs_per_sec_per_chip"]:.0f} '
+      f'pairs/s per chip, MFU '
+      + (f'{est["mfu"]:.1%}' if est['mfu'] is not None else 'n/a')
+      + f' (model FLOPs {est["model_flops"]:.3g} per chip; compiler FLOPs '
+      f'{est["compiler_flops"]:.3g}, bytes {est["bytes_accessed"]:.3g})',
+      f'collectives: {report["collectives"]["counts"]}, '
+      f'{report["collectives"]["bytes"] / 2**20:.1f} MiB per chip = '
+      f'{report["collectives"]["ratio"]:.2f}x the FSDP ideal',
+  ]
+  if 'calibration' in report:
+    c = report['calibration']
+    lines.append(f'calibration (same cost model): 8192^3 bf16 matmul '
+                 f'{c["matmul_tflops"]:.0f} TFLOP/s, 1 GiB elementwise '
+                 f'{c["elementwise_tbps"]:.2f} TB/s')
+  if 'largest_batch' in report:
+    lb = report['largest_batch']
+    lines.append(f'largest batch in 90% of HBM: {lb["batch"]} '
+                 f'({lb["per_chip_batch"]:g} per chip), from {lb["compiles"]} compiles')
+  return '\n'.join(lines)

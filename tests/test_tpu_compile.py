@@ -1,0 +1,64 @@
+"""The train step compiled for a real multi-host TPU topology on this CPU host (libtpu's
+compiler, no TPU): memory, cost estimate and collectives are reported and sane."""
+
+import importlib.util
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from cookie_jax import sharding, tpu_compile
+from cookie_jax.config import ConfigError, default_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
+                                reason='libtpu is not installed (pip install -e ".[tpu]")')
+
+
+def test_tiny_step_compiles_for_two_v5p_hosts_with_memory_cost_and_collectives():
+  config = default_config('tiny')
+  config.train.batch_size = 64
+  config.mesh.update(dict(data=-1, fsdp=4))
+  report = tpu_compile.compile_for_slice(config, 'v5p-16', fit_batch=False,
+                                         calibrate=False)
+  assert (report['chips'], report['hosts']) == (8, 2)
+  assert report['mesh'] == {'data': 2, 'fsdp': 4, 'tensor': 1}
+  mem = report['memory']
+  assert report['hbm'] == 95 * 2**30 and report['fits']
+  # The arguments hold at least this chip's quarter of the fp32 parameters and their
+  # two Adam moments, and everything is far below a v5p chip's HBM.
+  params = 91_000  # the tiny model, about 91k parameters
+  assert 3 * 4 * params / 4 * 0.9 < mem['arguments'] < 2**30
+  assert 0 < mem['temporaries'] and mem['total'] < 2**30
+  est = report['estimate']
+  assert est['optimal_seconds'] > 0 and est['compiler_flops'] > 0
+  assert 0 < est['mfu'] < 1 and est['pairs_per_sec_per_chip'] > 0
+  # FSDP over 4 chips: the TPU program gathers the parameters and reduces the gradients.
+  counts = report['collectives']['counts']
+  assert counts['all-gather'] > 0 and counts['all-reduce'] + counts['reduce-scatter'] > 0
+  assert 0.3 < report['collectives']['ratio'] < 5
+  text = tpu_compile.table(report)
+  assert 'estimate (TPU compiler cost model, not a measurement)' in text
+  assert 'fits' in text
+
+
+def test_bad_topologies_and_meshes_are_one_line():
+  with pytest.raises(ConfigError, match=r"Unknown TPU slice 'v5p-33'; known: .*v5p-32"):
+    tpu_compile.compile_for_slice(default_config('tiny'), 'v5p-33')
+  config = default_config('tiny')
+  config.mesh.fsdp = 3
+  with pytest.raises(ConfigError, match=r'mesh.fsdp sizes that build are \[1, 2, 4, 8\]'):
+    tpu_compile.compile_for_slice(config, 'v5p-16')
+  out = subprocess.run(
+      [sys.executable, str(ROOT / 'launch' / 'compile.py'),
+       f'--config={ROOT / "configs" / "base.py"}:tiny', '--topology=v5p-33'],
+      capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
+  assert out.returncode == 1 and 'Traceback' not in out.stderr
+  assert "error: Unknown TPU slice 'v5p-33'" in out.stderr
+
+
+def test_the_slice_names_are_libtpus_topologies():
+  assert sharding.TPU_SLICES['v5p-32'] == 'v5p:2x2x4'
+  assert sharding.TPU_SLICES['v5e-256'] == 'v5e:16x16'
+  assert len(sharding.tpu_slice_devices('v6e-16')) == 16
