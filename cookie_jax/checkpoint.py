@@ -13,8 +13,6 @@ Retention keeps the last `checkpoint.keep` steps plus the best by validation RSU
 
 import json
 import os
-import signal
-import threading
 from typing import Any
 
 from absl import logging
@@ -25,6 +23,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from cookie_jax import files
+from cookie_jax import stop as stop_lib
 from cookie_jax.errors import CheckpointMismatchError
 from cookie_jax.tree_paths import path_name
 
@@ -69,90 +68,18 @@ def abstract_with_shardings(tree, shardings):
                       tree, shardings)
 
 
-class StopSignals:
-  """SIGTERM and Ctrl-C (SIGINT) as requests to save at the current step and stop.
+class _Manager(ocp.CheckpointManager):
+  """orbax's manager, told about a stop by the loop (cookie_jax/stop.py).
 
-  Python runs a signal handler in the main thread only between bytecodes, so not while
-  that thread compiles or waits for the devices. A watcher thread, woken by
-  `signal.set_wakeup_fd` on every delivery, answers at once instead: it says that the
-  request is heard, and a second Ctrl-C ends the process there and then (exit 130),
-  without saving. Checkpoints are written to a temporary folder and renamed when
-  complete, so the latest complete one stays the latest.
+  orbax asks `reached_preemption(step)` on every save, also from the thread that
+  finishes an async save, with that save's older step; asked of JAX, it would move JAX's
+  preemption counter back and could put the processes' agreed stop behind them.
   """
 
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+  stop = None  # the run's StopSignals
 
-  def __init__(self):
-    self.signal = None  # the first stop signal received
-    self._interrupts = 0
-    self._previous = None
-
-  def install(self, directory: str) -> None:
-    if threading.current_thread() is not threading.main_thread():
-      return  # signal handlers can only be set from the main thread
-    self._directory = directory
-    self._previous = {s: signal.getsignal(s) for s in self.SIGNALS}
-    for s in self.SIGNALS:
-      # The handler only keeps Python from raising KeyboardInterrupt mid-step; the
-      # watcher counts each delivery once.
-      signal.signal(s, self._handle)
-    read_fd, self._write_fd = os.pipe()
-    os.set_blocking(self._write_fd, False)
-    self._previous_wakeup = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
-    threading.Thread(target=self._watch, args=(read_fd,), name='stop_signals',
-                     daemon=True).start()
-
-  def restore(self) -> None:
-    if self._previous is None:
-      return
-    signal.set_wakeup_fd(self._previous_wakeup)
-    os.close(self._write_fd)  # ends the watcher
-    for s, handler in self._previous.items():
-      signal.signal(s, handler)
-    self._previous = None
-
-  def _handle(self, signum, frame):
-    del frame
-    if self.signal is None:
-      self.signal = signum
-
-  def _watch(self, read_fd: int) -> None:
-    with os.fdopen(read_fd, 'rb', buffering=0) as pipe:
-      while data := pipe.read(64):
-        for signum in data:
-          self._received(signum)
-
-  def _received(self, signum: int) -> None:
-    if signum not in self.SIGNALS:
-      return
-    if self.signal is None:
-      self.signal = signum
-    if signum != signal.SIGINT:
-      logging.warning('SIGTERM received: saving a checkpoint at the current step, then '
-                      'stopping.')
-      return
-    self._interrupts += 1
-    if self._interrupts == 1:
-      _say('Ctrl-C: saving a checkpoint at the current step, then stopping (Ctrl-C again '
-           'stops at once, without saving).')
-      return
-    _say(f'Ctrl-C again: stopped without saving. Latest complete checkpoint: '
-         f'{_latest_on_disk(self._directory)}.')
-    os._exit(130)  # pylint: disable=protected-access
-
-
-def _latest_on_disk(directory: str) -> str:
-  """DIR/N of the newest finished step (orbax renames a save to its step when done)."""
-  try:
-    steps = [int(p.name) for p in epath.Path(directory).iterdir() if p.name.isdigit()]
-  except OSError:
-    steps = []
-  return f'{directory}/{max(steps)}' if steps else 'none'
-
-
-def _say(message: str) -> None:
-  logging.warning('%s', message)
-  logging.flush()
+  def reached_preemption(self, step: int) -> bool:
+    return self.stop is not None and self.stop.stop_step == step
 
 
 class Checkpointer:
@@ -169,14 +96,14 @@ class Checkpointer:
         preservation_policy=policies.AnyPreservationPolicy(policy),
         enable_async_checkpointing=cfg.async_save,
         create=True)
-    self.manager = ocp.CheckpointManager(self.directory, item_handlers=_handlers(),
-                                         options=options)
-    self._stop = StopSignals()
+    self.manager = _Manager(self.directory, item_handlers=_handlers(), options=options)
+    self._stop = self.manager.stop = stop_lib.StopSignals()
 
   # Preemption and Ctrl-C ----------------------------------------------------------------
-  def install_stop_handlers(self):
-    """SIGTERM (how schedulers preempt) and Ctrl-C ask the loop to save and stop."""
-    self._stop.install(self.directory)
+  def install_stop_handlers(self, start_step: int):
+    """SIGTERM (how schedulers preempt) and Ctrl-C ask the loop to save and stop; with
+    several processes, at a step they agree on (cookie_jax/stop.py)."""
+    self._stop.install(self.directory, start_step)
 
   def restore_stop_handlers(self):
     self._stop.restore()
@@ -187,8 +114,8 @@ class Checkpointer:
     return self._stop.signal
 
   def preempted(self, step: int) -> bool:
-    # orbax's check covers multi-host preemption notices (all hosts agree on the step).
-    return self._stop.signal is not None or self.manager.reached_preemption(step)
+    """Whether to save `step` and stop; asked after every step of the loop, in order."""
+    return self._stop.requested(step)
 
   # Save / restore -----------------------------------------------------------------------
   def should_save(self, step: int) -> bool:

@@ -259,7 +259,7 @@ class _Loop:
                                              progress=config.train.progress_bar,
                                              mirror=mirror, run_files=run_files)
     self.profiler = profiler_lib.StepProfiler(config.train.profile_steps, workdir)
-    ckpt.install_stop_handlers()
+    ckpt.install_stop_handlers(self.step)
     self.last_saved = ckpt.latest_step()
     # Model FLOPs per step, for train/tflops_per_device and train/mfu (flops.py).
     self.flops_per_step = flops_lib.train_step_flops(config)['total']

@@ -1,10 +1,7 @@
 """Scale-out: 2 processes x 4 CPU devices (gloo) train and checkpoint exactly like 1 x 8,
 the TPU pod launcher's command sequence, and the chunked loss against the plain one."""
 
-import json
-import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -15,106 +12,15 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from cookie_jax import sharding, train
-from cookie_jax.config import default_config
 from cookie_jax.data import pipeline
 from cookie_jax.losses import contrastive
+import two_processes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CHILD_TIMEOUT_S = 600
 
-# The tiny run of the multi-process test, as `key: value` so that the children's config
-# file and the in-process reference apply exactly the same settings.
-OVERRIDES = {
-    'model.vision.image_size': 16,
-    'data.max_len': 12,
-    'data.synthetic.train_images': 64,
-    'data.synthetic.eval_images': 16,
-    'data.synthetic.image_size': 16,
-    'train.batch_size': 16,
-    'train.log_every': 1,
-    'train.progress_bar': False,
-    # Constant after warmup, so a 2-step run is a prefix of the 4-step run.
-    'optim.schedule': 'constant',
-    'optim.warmup_steps': 1,
-    'loss.textual.weight': 0.5,
-    'eval.batch_size': 16,
-    'eval.test_at_end': False,
-    'checkpoint.every': 2,
-    'checkpoint.keep_best': False,
-}
-
-
-def _config(data_dir, steps):
-  config = default_config('tiny')
-  for key, value in {**OVERRIDES, 'data.data_dir': data_dir, 'train.steps': steps}.items():
-    *path, last = key.split('.')
-    node = config
-    for part in path:
-      node = node[part]
-    node[last] = value
-  return config
-
-
-def _config_file(tmp_path, data_dir, steps) -> str:
-  path = tmp_path / f'config_{steps}.py'
-  path.write_text(
-      'from cookie_jax.config import default_config\n\n\n'
-      'def get_config():\n'
-      "  config = default_config('tiny')\n"
-      f'  for key, value in {({**OVERRIDES, "data.data_dir": data_dir, "train.steps": steps})!r}.items():\n'
-      "    *path, last = key.split('.')\n"
-      '    node = config\n'
-      '    for part in path:\n'
-      '      node = node[part]\n'
-      '    node[last] = value\n'
-      '  return config\n')
-  return str(path)
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
-def _run_two_processes(config_file: str, workdir: str, log_dir: pathlib.Path) -> None:
-  """launch/train.py as 2 processes x 4 CPU devices joined by gloo; kills both on failure."""
-  port = _free_port()
-  procs, logs = [], []
-  # No shared compilation cache: with one, the process that finds its program there starts
-  # its first collective minutes before the one that compiles, and gloo gives up after 30 s.
-  base_env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
-  for i in range(2):
-    env = dict(base_env, JAX_ENABLE_COMPILATION_CACHE='false',
-               XLA_FLAGS='--xla_force_host_platform_device_count=4',
-               JAX_PLATFORMS='cpu', JAX_DEFAULT_MATMUL_PRECISION='highest',
-               COOKIE_COORDINATOR=f'127.0.0.1:{port}', COOKIE_NUM_PROCESSES='2',
-               COOKIE_PROCESS_ID=str(i), COOKIE_CPU_COLLECTIVES='gloo',
-               PYTHONPATH=str(ROOT))
-    log = open(log_dir / f'process_{i}_{port}.log', 'w+', encoding='utf-8')
-    logs.append(log)
-    procs.append(subprocess.Popen(
-        [sys.executable, str(ROOT / 'launch' / 'train.py'), f'--config={config_file}',
-         f'--workdir={workdir}'], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
-  try:
-    for p in procs:
-      p.wait(timeout=CHILD_TIMEOUT_S)
-  except subprocess.TimeoutExpired:
-    pass
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  failed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode != 0]
-  if failed:
-    tails = []
-    for i, log in enumerate(logs):
-      log.seek(0)
-      tails.append(f'--- process {i} ---\n' + log.read()[-3000:])
-    pytest.fail(f'Processes (id, rc) {failed} failed:\n' + '\n'.join(tails))
-  for log in logs:
-    log.close()
+# Also imported from here by test_data_distributed.py.
+_config, _config_file = two_processes.config, two_processes.config_file
+_free_port, _run_two_processes = two_processes.free_port, two_processes.run_two_processes
 
 
 _TrainIterator = pipeline.TrainIterator  # the real one, before the test replaces it
@@ -136,9 +42,7 @@ class _TwoProcessStream(_TrainIterator):
         k: np.concatenate([first[k], second[k]]) for k in first})
 
 
-def _metrics(workdir):
-  rows = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
-  return [r for r in rows if 'train/loss' in r]
+_metrics = two_processes.metrics
 
 
 

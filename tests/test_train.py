@@ -19,7 +19,7 @@ import pytest
 
 from cookie_jax import checkpoint as ckpt_lib
 from cookie_jax import flops
-from cookie_jax import sharding, step as step_lib, train
+from cookie_jax import sharding, step as step_lib, stop as stop_lib, train
 from cookie_jax.config import default_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -301,7 +301,7 @@ def test_second_ctrl_c_stops_at_once_while_the_main_thread_waits(tmp_path, monke
                                                                  caplog):
   exits, exited = [], threading.Event()
   monkeypatch.setattr(os, '_exit', lambda code: (exits.append(code), exited.set()))
-  stop = ckpt_lib.StopSignals()
+  stop = stop_lib.StopSignals()
   before = signal.getsignal(signal.SIGINT)
   directory = tmp_path / 'checkpoints'
   for name in ('2', '4', '6.orbax-checkpoint-tmp-1'):  # 6 was being written
