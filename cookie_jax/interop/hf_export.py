@@ -187,7 +187,7 @@ def export_params(params, model_cfg, output, *, tokenizer=None, data_cfg=None,
   params = jax.device_get(params)
   with files.local_dir(output) as local:
     automodel = _write_export(params, model_cfg, pathlib.Path(local), tokenizer=tokenizer,
-                              data_cfg=data_cfg, step=step)
+                              data_cfg=data_cfg, step=step, config=config, figures=figures)
   return {'output': files.join(output), 'text_encoder': files.join(output, 'text_encoder'),
           'image_encoder': files.join(output, 'image_encoder'),
           'cookie': files.join(output, COOKIE_WEIGHTS), 'tokenizer': tokenizer is not None,
@@ -195,7 +195,7 @@ def export_params(params, model_cfg, output, *, tokenizer=None, data_cfg=None,
 
 
 def _write_export(params, model_cfg, out: pathlib.Path, *, tokenizer, data_cfg,
-                  step) -> bool:
+                  step, config, figures) -> bool:
   """The files of `export_params` in the local folder `out`; True with the AutoModel."""
   pad_id = 0
   if tokenizer is not None and tokenizer.token_to_id('[PAD]') is not None:
