@@ -23,10 +23,12 @@ def test_using_the_library_snippet_runs_and_reports_every_metric(capsys):
   assert set(metrics) == {'loss', 'loss/cross_modal', 'loss/visual', 'loss/textual',
                           'temperature', 'grad_norm', 'learning_rate', 'nonfinite_step'}
   assert metrics['nonfinite_step'] == -1 and int(scope['state'].step) == 1
-  # 16 random pairs: the cross-modal and visual terms start at about log(16), chance;
-  # the textual one below it, since its two views differ only by dropout.
+  # 16 random pairs: the cross-modal and visual terms start at about log(16), chance (at
+  # the initial scale 1/0.07 random embeddings land within about 1 of it: 3.37 with the
+  # dropout stream of its own); the textual one below it, since its two views differ only
+  # by dropout.
   for term in ('loss/cross_modal', 'loss/visual'):
-    assert abs(metrics[term] - np.log(16)) < 0.5, (term, metrics[term])
+    assert abs(metrics[term] - np.log(16)) < 1.0, (term, metrics[term])
   assert 0 < metrics['loss/textual'] < np.log(16) - 0.5, metrics['loss/textual']
   weighted = (metrics['loss/cross_modal'] + 0.2 * metrics['loss/visual']
               + 0.2 * metrics['loss/textual'])
