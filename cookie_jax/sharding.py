@@ -321,7 +321,7 @@ def process_rows(mesh: Mesh, global_batch: int,
   """
   shards = batch_shards(mesh)
   if global_batch < 1 or global_batch % shards:
-    raise ValueError(f'A global batch of {global_batch} rows cannot be split over the '
+    raise ConfigError(f'A global batch of {global_batch} rows cannot be split over the '
                      f'{shards} batch shards of mesh {dict(mesh.shape)}; use a multiple '
                      f'of {shards}.')
   pi = jax.process_index() if process_index is None else process_index
