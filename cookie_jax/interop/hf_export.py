@@ -1,7 +1,9 @@
 """PyTorch / transformers checkpoints out: a trained COOKIE model as
 
   OUT/text_encoder/    a `transformers.BertModel` folder (+ the tokenizer files),
-  OUT/image_encoder/   a `transformers.ViTModel` folder (+ preprocessor_config.json),
+  OUT/image_encoder/   a `transformers.ViTModel` folder (+ preprocessor_config.json), or
+                       the CLIPVisionModel / SiglipVisionModel / Dinov2Model(WithRegisters)
+                       of the tower's layout (hf_vision.py),
   OUT/cookie.safetensors + OUT/cookie_config.json
                        the shared transformer, projection heads and temperature,
   OUT/torch_model.py   `CookieTorchModel`, which loads all of it with torch alone;
@@ -32,7 +34,7 @@ import ml_collections
 import numpy as np
 
 from cookie_jax import files
-from cookie_jax.interop import hf_automodel, keys, model_card
+from cookie_jax.interop import hf_automodel, hf_vision, keys, model_card
 from cookie_jax.models import abstract_model
 
 FORMAT = 'cookie_jax.torch/1'
@@ -55,17 +57,9 @@ def bert_config(text_cfg, *, pad_token_id: int = 0) -> dict:
 
 
 def vit_config(vision_cfg) -> dict:
-  """config.json of a `ViTModel` with our image tower's sizes."""
-  return dict(
-      architectures=['ViTModel'], model_type='vit', hidden_size=vision_cfg.width,
-      num_hidden_layers=vision_cfg.depth, num_attention_heads=vision_cfg.heads,
-      intermediate_size=vision_cfg.mlp_dim, hidden_act='gelu',
-      hidden_dropout_prob=vision_cfg.dropout,
-      attention_probs_dropout_prob=vision_cfg.attention_dropout, initializer_range=0.02,
-      layer_norm_eps=1e-12, image_size=vision_cfg.image_size,
-      patch_size=vision_cfg.patch_size, num_channels=3, qkv_bias=True,
-      encoder_stride=vision_cfg.patch_size, pooler_output_size=vision_cfg.width,
-      pooler_act='tanh', dtype='float32')
+  """config.json of the transformers class of our image tower's layout (`ViTModel` for the
+  default one; CLIP, SigLIP, DINOv2: hf_vision.py) with its sizes."""
+  return hf_vision.config_json(vision_cfg)
 
 
 def _get(params, path):
@@ -107,7 +101,8 @@ def write_tower(params, tower: str, tower_cfg, out_dir, *, pad_token_id: int = 0
     config, rules = bert_config(tower_cfg, pad_token_id=pad_token_id), keys.bert_rules(
         tower_cfg.depth)
   else:
-    config, rules = vit_config(tower_cfg), keys.vit_rules(tower_cfg.depth)
+    config = vit_config(tower_cfg)
+    rules = hf_vision.rules(hf_vision.family(tower_cfg), tower_cfg)
   _write_json(out / 'config.json', config)
   _save_safetensors(state_dict(params, rules), out / 'model.safetensors')
 

@@ -1,0 +1,232 @@
+"""The vision towers people start from: CLIP, SigLIP (SigLIP 2 at a fixed resolution is a
+SiglipModel too), DINOv2 and DINOv2 with registers, in from a transformers folder and back
+out to the same class, compared number for number with transformers' own forward."""
+
+import json
+import shutil
+
+from flax import nnx
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+import torch
+import transformers
+
+from cookie_jax import sharding
+from cookie_jax.config import ConfigError, default_config, validate_config
+from cookie_jax.interop import hf_export, hf_import, hf_vision
+from cookie_jax.models import positions
+
+TOL = 1e-5  # max abs difference, fp32 (the issue's bar)
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+MESH = dict(data=2, fsdp=2, tensor=2, dcn_data=1)
+
+
+def _perturb(module: torch.nn.Module, seed: int) -> None:
+  # No tensor at its init value (LayerNorms, LayerScale, tokens), so a swap shows.
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for p in module.parameters():
+      p.add_(0.05 * torch.randn(p.shape, generator=gen))
+
+
+def _clip(full):
+  vision = dict(SMALL, intermediate_size=64, image_size=32, patch_size=8)
+  if not full:
+    return transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**vision))
+  return transformers.CLIPModel(transformers.CLIPConfig(
+      vision_config=vision, text_config=dict(SMALL, intermediate_size=64, vocab_size=99)))
+
+
+def _siglip(full):
+  if not full:
+    return transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+        **SMALL, intermediate_size=64, image_size=32, patch_size=8))
+  # SigLIP 2 at a fixed resolution is published as a SiglipModel (model_type 'siglip'):
+  # another grid and MLP width here, 16 x 16 images of 4 x 4 patches.
+  return transformers.SiglipModel(transformers.SiglipConfig(
+      vision_config=dict(SMALL, intermediate_size=48, image_size=16, patch_size=4),
+      text_config=dict(SMALL, intermediate_size=48, vocab_size=99)))
+
+
+def _dinov2(registers):
+  if not registers:
+    return transformers.Dinov2Model(transformers.Dinov2Config(
+        **SMALL, mlp_ratio=2, image_size=32, patch_size=8))
+  return transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(
+      **SMALL, mlp_ratio=2, image_size=32, patch_size=8, num_register_tokens=2))
+
+
+# id -> (build, class that loads the export, our image size, family)
+CASES = {
+    'clip': (lambda: _clip(False), transformers.CLIPVisionModel, 32, 'clip'),
+    'clip_full_model': (lambda: _clip(True), transformers.CLIPVisionModel, 32, 'clip'),
+    'siglip': (lambda: _siglip(False), transformers.SiglipVisionModel, 32, 'siglip'),
+    'siglip2_fixed_res': (lambda: _siglip(True), transformers.SiglipVisionModel, 16, 'siglip'),
+    # Positions kept at the 4 x 4 pre-training grid and resized to 3 x 3 for 24-pixel
+    # inputs (the folder's preprocessor crop size), as transformers does.
+    'dinov2': (lambda: _dinov2(False), transformers.Dinov2Model, 24, 'dinov2'),
+    'dinov2_registers': (lambda: _dinov2(True), transformers.Dinov2WithRegistersModel, 24,
+                         'dinov2_with_registers'),
+}
+
+
+def _vision_half(model):
+  return getattr(model, 'vision_model', model)
+
+
+@pytest.fixture(scope='module', params=list(CASES))
+def folder(request, tmp_path_factory):
+  build, cls, size, fam = CASES[request.param]
+  torch.manual_seed(0)
+  model = build()
+  _perturb(model, 0)
+  path = tmp_path_factory.mktemp(request.param)
+  model.save_pretrained(path)
+  if fam.startswith('dinov2'):
+    (path / 'preprocessor_config.json').write_text(json.dumps(dict(
+        crop_size=dict(height=size, width=size), do_center_crop=True,
+        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])))
+  return dict(path=path, model=_vision_half(model).eval(), cls=cls, size=size, family=fam)
+
+
+def _forward(module, images, mesh=None):
+  """(last hidden state, pooled) of our tower; on `mesh` with its parameters and the
+  batch sharded by the training rules."""
+  run = nnx.jit(lambda m, x: (lambda h: (h, m.pooled(h)))(m(x)))
+  if mesh is None:
+    return tuple(map(np.asarray, run(module, images)))
+  graphdef, state = nnx.split(module)
+  nnx.replace_by_pure_dict(state, jax.device_put(nnx.to_pure_dict(state),
+                                                 sharding.param_shardings(state, mesh)))
+  images = jax.device_put(images, sharding.batch_sharding(mesh))
+  with sharding.activation_sharding(mesh):
+    return tuple(map(np.asarray, run(nnx.merge(graphdef, state), images)))
+
+
+def _reference(model, images):
+  with torch.no_grad():
+    out = model(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2))
+  return out.last_hidden_state.numpy(), out.pooler_output.numpy()
+
+
+def test_imported_tower_equals_transformers_on_1_and_8_devices_and_exports_back(
+    folder, tmp_path):
+  module, cfg = hf_import.load_tower(folder['path'], 'vision')
+  assert cfg.image_size == folder['size']
+  assert hf_vision.family(cfg) == folder['family']
+  images = np.random.default_rng(0).normal(size=(4, cfg.image_size, cfg.image_size, 3)
+                                           ).astype(np.float32)
+  ref = _reference(folder['model'], images)
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(MESH))
+  assert mesh.devices.size == 8
+  diffs = {}
+  for where, m in (('1 device', None), ('8 devices', mesh)):
+    hidden, pooled = _forward(module, images, m)
+    assert hidden.shape == ref[0].shape and pooled.shape == ref[1].shape
+    diffs[where] = (np.abs(hidden - ref[0]).max(), np.abs(pooled - ref[1]).max())
+  print(f"{folder['family']} max abs diff (hidden, pooled): {diffs}")
+  assert max(max(d) for d in diffs.values()) <= TOL
+
+  # Out to the same class: no missing or unexpected keys, the very tensors, equal outputs.
+  params = nnx.to_pure_dict(nnx.state(module))
+  hf_export.write_tower(params, 'vision', cfg, tmp_path / 'image_encoder')
+  model, info = folder['cls'].from_pretrained(tmp_path / 'image_encoder',
+                                              output_loading_info=True)
+  assert not any(info[k] for k in ('missing_keys', 'unexpected_keys', 'mismatched_keys'))
+  again = _reference(model.eval(), images)
+  np.testing.assert_array_equal(again[0], ref[0])
+  np.testing.assert_array_equal(again[1], ref[1])
+  settings, flat = hf_import.tower_weights(tmp_path / 'image_encoder', 'vision')
+  # The same sizes and layout; DINOv2's config.json gives its position grid's image size.
+  expected = {k: v for k, v in cfg.items() if 'dropout' not in k}
+  if folder['family'].startswith('dinov2'):
+    expected['image_size'] = 32
+  assert settings == expected
+  assert flat.keys() == {tuple(k.key for k in p)
+                         for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+  for path, value in flat.items():
+    leaf = params
+    for k in path:
+      leaf = leaf[k]
+    np.testing.assert_array_equal(value, np.asarray(leaf), str(path))
+
+
+@pytest.mark.parametrize('old,new', [(4, 3), (37, 16), (4, 6)])
+def test_position_resize_matrices_equal_torch_interpolate(old, new):
+  table = np.random.default_rng(old).normal(size=(1, old * old, 5)).astype(np.float32)
+  grid = torch.from_numpy(table.reshape(1, old, old, 5)).permute(0, 3, 1, 2)
+  for method, antialias in (('bicubic', False), ('bicubic_antialias', True)):
+    ref = torch.nn.functional.interpolate(grid, size=(new, new), mode='bicubic',
+                                          align_corners=False, antialias=antialias)
+    ref = ref.permute(0, 2, 3, 1).reshape(1, new * new, 5).numpy()
+    got = np.asarray(positions.resize_grid(table, old, (new, new), method))
+    assert np.abs(got - ref).max() <= 2e-6, method
+
+
+def test_image_init_sets_layout_sizes_and_preprocessing(tmp_path):
+  torch.manual_seed(0)
+  model = _dinov2(registers=True)
+  model.save_pretrained(tmp_path / 'dino')
+  (tmp_path / 'dino' / 'preprocessor_config.json').write_text(json.dumps(dict(
+      crop_size=dict(height=24, width=24), image_mean=[0.5, 0.5, 0.5],
+      image_std=[0.25, 0.25, 0.25])))
+  config = default_config('tiny')
+  config.model.image_init = str(tmp_path / 'dino')
+  hf_import.configure_pretrained_towers(config)
+  v = config.model.vision
+  assert (v.image_size, v.patch_size, v.width, v.depth, v.mlp_dim) == (24, 8, 32, 2, 64)
+  assert (v.registers, v.position_grid, v.layer_scale, v.pooler) == (2, 4, 1.0, 'cls')
+  assert (v.position_interpolation, v.layer_norm_eps) == ('bicubic_antialias', 1e-6)
+  assert tuple(config.data.mean) == (0.5,) * 3 and tuple(config.data.std) == (0.25,) * 3
+  validate_config(config)
+  # DINOv2 resizes its positions to any input: an image size set by hand is kept.
+  config = default_config('tiny')
+  config.model.image_init, config.model.vision.image_size = str(tmp_path / 'dino'), 40
+  assert hf_import.configure_pretrained_towers(config).model.vision.image_size == 40
+  # A normalisation set by hand that is not the folder's is refused.
+  config = default_config('tiny')
+  config.model.image_init, config.data.mean = str(tmp_path / 'dino'), (0.1, 0.2, 0.3)
+  with pytest.raises(ConfigError, match=r'config.data.mean=\(0.1, 0.2, 0.3\) clashes'):
+    hf_import.configure_pretrained_towers(config)
+
+
+def test_bad_vision_folders_are_refused_in_one_line(tmp_path):
+  def refused(hf_config, match, weights=None):
+    path = tmp_path / f'f{len(list(tmp_path.iterdir()))}'
+    hf_config.save_pretrained(path)
+    if weights is not None:
+      save_file(weights, str(path / 'model.safetensors'), metadata={'format': 'pt'})
+    with pytest.raises(ConfigError, match=match) as e:
+      hf_import.tower_weights(path, 'vision')
+    assert '\n' not in str(e.value)
+    return str(e.value)
+
+  refused(transformers.BertConfig(), r"model_type='bert'.*vision tower loads ViTModel, "
+          r'CLIPVisionModel, .*Dinov2WithRegistersModel only.*use it as text_init')
+  refused(transformers.Siglip2VisionConfig(), r"model_type='siglip2_vision_model': "
+          r"SigLIP 2's NaFlex .* not reproduced")
+  refused(transformers.CLIPVisionConfig(hidden_act='relu'),
+          r"hidden_act='relu'; the image tower computes the activations \['gelu', "
+          r"'gelu_pytorch_tanh', 'quick_gelu'\] only")
+  refused(transformers.Dinov2Config(use_swiglu_ffn=True), r'use_swiglu_ffn=True.*two-layer MLP')
+  refused(transformers.SiglipVisionConfig(vision_use_head=False), r'vision_use_head=False')
+  # Weights that do not match their config.json: 48 wide where the config says 32.
+  torch.manual_seed(0)
+  wide = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+      hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+      image_size=16, patch_size=8))
+  tensors = {'vision_model.' + k: v.numpy() for k, v in wide.state_dict().items()
+             if not k.endswith('position_ids')}
+  refused(transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=4,
+                                        image_size=16, patch_size=8),
+          r'vision_model.embeddings.class_embedding of shape \(48,\), but the model of its '
+          r'config.json has \(32,\)', tensors)
+  # A layout no transformers class computes cannot be exported.
+  config = default_config('tiny')
+  config.model.vision.pre_norm = True
+  with pytest.raises(ConfigError, match='none of the transformers vision towers'):
+    hf_vision.family(config.model.vision)
