@@ -27,7 +27,7 @@ def test_every_variant_validates(variant):
     with pytest.raises(ConfigError, match=r'config\.data\.tokenizer'):
       validate_config(config)
     config.data.tokenizer = '/data/bert-base-uncased'
-  small = variant in ('tiny', 'demo', 'vldeformer', 'coder', 'video_demo', 'lit')
+  small = variant in ('tiny', 'demo', 'vldeformer', 'coder', 'video_demo', 'lit', 'lit_clip')
   validate_config(config, num_devices=8 if small else 256)
 
 

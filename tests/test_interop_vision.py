@@ -230,3 +230,118 @@ def test_bad_vision_folders_are_refused_in_one_line(tmp_path):
   config.model.vision.pre_norm = True
   with pytest.raises(ConfigError, match='none of the transformers vision towers'):
     hf_vision.family(config.model.vision)
+
+
+def _recipe(name):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      'base_recipes', os.path.join(os.path.dirname(__file__), '..', 'configs', 'base.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(name)
+
+
+def _names(params):
+  return {'/'.join(str(k.key) for k in p): np.asarray(v)
+          for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+@pytest.mark.slow  # 37 s on the 2-core CPU (a train step's compile on 8 devices)
+def test_lit_clip_recipe_locks_a_clip_tower_trains_text_and_exports(tmp_path):
+  """configs/base.py:lit_clip from a small random CLIPModel folder: sizes, layout and
+  normalisation from the folder, 2 train steps on 8 devices with the image tower
+  bit-identical, then the export: image_encoder/ is a CLIPVisionModel, and the PyTorch
+  and AutoModel exports give the JAX model's image embeddings (the tower's pooled output
+  through the trained head)."""
+  from cookie_jax import step  # pylint: disable=g-import-not-at-top
+  from cookie_jax.interop.torch_model import CookieTorchModel  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  clip = _clip(full=True)
+  _perturb(clip, 3)
+  clip.save_pretrained(tmp_path / 'clip')
+  (tmp_path / 'clip' / 'preprocessor_config.json').write_text(json.dumps(dict(
+      crop_size=dict(height=32, width=32), image_mean=[0.48145466, 0.4578275, 0.40821073],
+      image_std=[0.26862954, 0.26130258, 0.27577711])))
+  config = _recipe('lit_clip')
+  assert (config.train.freeze, config.model.image_pool) == (('vision',), 'tower')
+  assert config.model.vision.width == 768  # B/16 until the checkpoint says otherwise
+  config.model.image_init = str(tmp_path / 'clip')
+  hf_import.configure_pretrained_towers(config)
+  v = config.model.vision
+  assert (v.width, v.depth, v.image_size, v.patch_size, v.activation) == (32, 2, 32, 8,
+                                                                         'quick_gelu')
+  assert tuple(config.data.mean) == (0.48145466, 0.4578275, 0.40821073)
+  config.train.batch_size = 8
+  validate_config(config, num_devices=8)
+  mesh = sharding.make_mesh(config.mesh)
+  state, setup = step.create_train_state(config, mesh)
+  state = step.with_params(state, hf_import.apply_pretrained_towers(config, state.params))
+  before = _names(jax.device_get(state.params))
+  rng = np.random.default_rng(0)
+  length, train_step = config.data.max_len, step.make_train_step(config, setup)
+  for _ in range(2):
+    mask = (np.arange(length)[None] < rng.integers(3, length, size=(8, 1))).astype(np.int32)
+    batch = dict(image=rng.normal(size=(8, 32, 32, 3)).astype(np.float32),
+                 image_view2=rng.normal(size=(8, 32, 32, 3)).astype(np.float32),
+                 input_ids=(rng.integers(5, 1000, size=(8, length)) * mask).astype(np.int32),
+                 attention_mask=mask)
+    state, metrics = train_step(state, sharding.to_global(mesh, batch))
+    assert np.isfinite(float(metrics['loss']))
+  params = jax.device_get(state.params)
+  after = _names(params)
+  vision = [n for n in before if n.startswith('vision/')]
+  assert len(vision) == 39  # every CLIPVisionModel tensor, each still the checkpoint's
+  for name in vision:
+    assert np.array_equal(after[name], before[name]), name
+  for name in ('image_head/kernel', 'text_head/kernel', 'text/layer/0/output/kernel'):
+    assert np.abs(after[name] - before[name]).max() > 0, name
+
+  out = tmp_path / 'export'
+  hf_export.export_params(params, config.model, out)
+  _, info = transformers.CLIPVisionModel.from_pretrained(out / 'image_encoder',
+                                                         output_loading_info=True)
+  assert not any(info[k] for k in ('missing_keys', 'unexpected_keys', 'mismatched_keys'))
+  images = rng.normal(size=(3, 32, 32, 3)).astype(np.float32)
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: __import__(
+      'cookie_jax.models', fromlist=['init_model']).init_model(config.model, 0)))
+  nnx.replace_by_pure_dict(abstract, params)
+  model = nnx.merge(graphdef, abstract)
+  ours = np.asarray(nnx.jit(lambda m, x: m.encode_image(x))(model, images))
+  pixels = torch.from_numpy(images).permute(0, 3, 1, 2)
+  with torch.no_grad():
+    exported = CookieTorchModel.from_pretrained(out).encode_image(pixels).numpy()
+    auto = transformers.AutoModel.from_pretrained(out, trust_remote_code=True).eval()
+    auto_image = auto.get_image_features(pixel_values=pixels).numpy()
+  diffs = np.abs(exported - ours).max(), np.abs(auto_image - ours).max()
+  print(f'lit_clip export max abs diff: torch_model {diffs[0]:.2e}, AutoModel {diffs[1]:.2e}')
+  assert max(diffs) <= TOL
+
+
+def test_hub_ids_resolve_from_the_cache_offline(tmp_path, monkeypatch):
+  """image_init and data.tokenizer as Hub ids, read from a huggingface_hub cache the test
+  lays out itself (models--owner--name/{refs/main, snapshots/<commit>/}), offline."""
+  from cookie_jax import hub  # pylint: disable=g-import-not-at-top
+  from cookie_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  commit = '0123456789abcdef0123456789abcdef01234567'
+  repo = tmp_path / 'cache' / 'models--someone--tiny-clip'
+  snapshot = repo / 'snapshots' / commit
+  torch.manual_seed(0)
+  _clip(full=False).save_pretrained(snapshot)
+  (snapshot / 'vocab.txt').write_text('\n'.join(['[PAD]', '[UNK]', '[CLS]', '[SEP]', 'a']))
+  (repo / 'refs').mkdir()
+  (repo / 'refs' / 'main').write_text(commit)
+  monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path / 'cache'))
+  monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+  assert hub.resolve('someone/tiny-clip', 'here') == str(snapshot)
+  assert hub.resolve(str(tmp_path), 'here') == str(tmp_path)  # a path stays a path
+  config = default_config('tiny')
+  config.model.image_init = 'someone/tiny-clip'
+  hf_import.configure_pretrained_towers(config)
+  assert (config.model.vision.width, config.model.vision.pre_norm) == (32, True)
+  _, flat = hf_import.tower_weights('someone/tiny-clip', 'vision')
+  assert flat[('cls_token',)].shape == (1, 1, 32)
+  assert tok_lib.tokenizer_from_path('someone/tiny-clip').get_vocab()['a'] == 4
+  with pytest.raises(ConfigError, match=r"'someone/absent' is neither a local folder nor a "
+                     r'Hub id that could be fetched \(HF_HUB_OFFLINE=1, and the cache lacks'):
+    hf_import.tower_weights('someone/absent', 'vision')

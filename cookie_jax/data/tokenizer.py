@@ -15,7 +15,7 @@ from etils import epath
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from cookie_jax import files
+from cookie_jax import files, hub
 from cookie_jax.errors import TokenizerMismatchError  # pylint: disable=unused-import
 
 SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
@@ -104,7 +104,8 @@ def _read_vocab_txt(path: epath.Path) -> list[str]:
 def tokenizer_from_path(path: str, lowercase: bool = True) -> Tokenizer:
   """`tokenizer.json` (kept as is) or `vocab.txt` (BERT pipeline), or a folder of either;
   a local path or any path etils.epath reads (gs://...), so every host of a pod can read
-  one copy."""
+  one copy; or a Hugging Face Hub id, from huggingface_hub's cache (cookie_jax/hub.py)."""
+  path = hub.resolve(path, f'config.data.tokenizer={path!r}')
   p = epath.Path(path).expanduser()
   if p.is_dir():
     candidates = [p / 'tokenizer.json', p / 'vocab.txt']

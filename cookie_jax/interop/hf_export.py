@@ -36,6 +36,7 @@ import numpy as np
 from cookie_jax import files
 from cookie_jax.interop import hf_automodel, hf_vision, keys, model_card
 from cookie_jax.models import abstract_model
+from cookie_jax.models.vit import prefix_tokens
 
 FORMAT = 'cookie_jax.torch/1'
 COOKIE_CONFIG = 'cookie_config.json'
@@ -140,6 +141,8 @@ def cookie_config(model_cfg, *, step=None, data_cfg=None) -> dict:
       format=FORMAT, step=step, image_pool=model_cfg.image_pool,
       text_pool=model_cfg.text_pool, embed_dim=model_cfg.embed_dim,
       image_width=model_cfg.vision.width, text_width=model_cfg.text.width, shared=shared,
+      # Tokens before the patches (class token, registers), which image_pool='mean' skips.
+      image_prefix_tokens=prefix_tokens(model_cfg.vision),
       max_logit_scale=model_cfg.max_logit_scale,
       image_partner_dim=model_cfg.image_partner_dim,
       text_partner_dim=model_cfg.text_partner_dim, layer_norm_eps=1e-12,

@@ -1,9 +1,9 @@
 """Hugging Face checkpoints in: a BERT folder into the text tower, a ViT folder into the
 image tower.
 
-Only local folders are read (config.json + model.safetensors, a sharded
-model.safetensors.index.json, or pytorch_model.bin loaded with `weights_only=True`);
-nothing is downloaded. The tower sizes come from the checkpoint's config.json, and what
+Local folders are read (config.json + model.safetensors, a sharded
+model.safetensors.index.json, or pytorch_model.bin loaded with `weights_only=True`), or a
+Hub id through huggingface_hub's cache (hub.py; HF_HUB_OFFLINE=1 reads the cache only). The tower sizes come from the checkpoint's config.json, and what
 our towers cannot reproduce exactly (another activation, LayerNorm epsilon or position
 scheme) is refused rather than approximated: a silently different model is the failure
 this module exists to prevent.
@@ -23,6 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from cookie_jax import hub
 from cookie_jax.config import ConfigError
 from cookie_jax.interop import TORCH_CPU_INSTALL, hf_vision, keys
 from cookie_jax.models.bert import Bert
@@ -56,11 +57,16 @@ def _where(tower: str, path) -> str:
   return f'config.model.{TOWERS[tower][2]}={os.fspath(path)!r}'
 
 
+def _local(path, where: str) -> pathlib.Path:
+  """The local folder of `path`: itself, or a Hub id's snapshot in the cache (hub.py)."""
+  return pathlib.Path(hub.resolve(path, where)).expanduser()
+
+
 def read_hf_config(path, tower: str, where: str | None = None) -> dict:
   """config.json of a local folder, checked to be an architecture our tower reproduces."""
   where = where or _where(tower, path)
   model_type, cls_name, _, _ = TOWERS[tower]
-  folder = pathlib.Path(path).expanduser()
+  folder = _local(path, where)
   if not folder.is_dir():
     raise FileNotFoundError(
         f'{where}: no such folder. Give a local Hugging Face {cls_name} folder (with '
@@ -118,7 +124,7 @@ def tower_settings(path, tower: str, where: str | None = None) -> tuple[str, dic
   hf = read_hf_config(path, tower, where)
   if tower == 'text':
     return 'bert', hf_sizes(hf, tower)
-  return hf_vision.settings(hf, where, pathlib.Path(path).expanduser())
+  return hf_vision.settings(hf, where, _local(path, where))
 
 
 def _read_safetensors(file: pathlib.Path) -> dict:
@@ -151,7 +157,7 @@ def _read_torch_bin(file: pathlib.Path, where: str) -> dict:
 
 def read_weights(path, where: str) -> dict:
   """All tensors of a local HF folder as numpy arrays (floating point as float32)."""
-  folder = pathlib.Path(path).expanduser()
+  folder = _local(path, where)
   for name in ('model.safetensors.index.json', 'pytorch_model.bin.index.json'):
     index = folder / name
     if index.is_file():
@@ -301,7 +307,7 @@ def pretrained_sizes(config: ml_collections.ConfigDict, tower: str, path=None) -
 def _preprocessing(config, path) -> None:
   """config.data.mean / std from the image folder's preprocessor_config.json, unless the
   config sets other values by hand."""
-  wanted = hf_vision.preprocessor(pathlib.Path(path).expanduser())
+  wanted = hf_vision.preprocessor(_local(path, _where('vision', path)))
   defaults = data_defaults.data_config()
   for key in ('mean', 'std'):
     if key not in wanted:

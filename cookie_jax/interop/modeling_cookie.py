@@ -21,7 +21,7 @@ import dataclasses
 
 import torch
 from torch import nn
-from transformers import BertModel, PreTrainedModel, ViTModel
+from transformers import AutoModel, BertModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_cookie import CookieConfig
@@ -57,8 +57,9 @@ class CookieModel(CookiePreTrainedModel):
 
   def __init__(self, config: CookieConfig):
     super().__init__(config)
+    # The image tower's class follows vision_config's model_type (ViT, CLIP, SigLIP, DINOv2).
     self.cookie = CookieTorchModel(config.cookie, BertModel(config.text_config),
-                                   ViTModel(config.vision_config))
+                                   AutoModel.from_config(config.vision_config))
     self.post_init()
 
   def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
