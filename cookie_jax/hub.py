@@ -10,6 +10,8 @@ so local folders and gs:// paths behave as before.
 import os
 import re
 
+from etils import epath
+
 from cookie_jax.errors import ConfigError
 
 _HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')
@@ -21,7 +23,7 @@ _TRUE = ('1', 'true', 'yes', 'on')
 
 def is_hub_id(path) -> bool:
   text = os.fspath(path)
-  return bool(_HUB_ID.match(text)) and not os.path.exists(os.path.expanduser(text))
+  return bool(_HUB_ID.match(text)) and not epath.Path(text).expanduser().exists()
 
 
 def _cache_dir() -> str | None:
