@@ -16,6 +16,7 @@ from cookie_jax.errors import ConfigError
 from cookie_jax.data.defaults import (VIDEO_BUILDERS, data_config, eval_data_config,
                                      validate_data_config)
 from cookie_jax.losses import LOSS_NAMES
+from cookie_jax.models import bert
 from cookie_jax.models.cookie import DTYPES
 from cookie_jax.models.layers import ACTIVATIONS
 from cookie_jax.models.positions import METHODS as POSITION_METHODS
@@ -495,10 +496,27 @@ def _check_vision(m) -> None:
              "'cls' / 'mean'.")
 
 
+def _check_text(t) -> None:
+  """The text tower's layout options (models/bert.py)."""
+  _require(t.positions in bert.POSITIONS, 'model.text.positions', t.positions,
+           f'use one of {bert.POSITIONS}.')
+  _require(t.hf_class in bert.HF_CLASSES, 'model.text.hf_class', t.hf_class,
+           f'use one of {tuple(bert.HF_CLASSES)}.')
+  want = bert.HF_CLASSES[t.hf_class]
+  _require(t.positions == want, 'model.text.positions', t.positions,
+           f'{t.hf_class} computes positions={want!r}; set that, or the hf_class of '
+           f'{t.positions!r} positions.')
+  _require(t.layer_norm_eps > 0, 'model.text.layer_norm_eps', t.layer_norm_eps,
+           'must be positive, e.g. 1e-12.')
+  _require(0 <= t.pad_token_id < t.vocab_size, 'model.text.pad_token_id', t.pad_token_id,
+           f'must be a token id in [0, {t.vocab_size}).')
+
+
 def _check_model(config) -> None:
   m = config.model
   _check_transformer('model.vision', m.vision)
   _check_transformer('model.text', m.text)
+  _check_text(m.text)
   if m.shared.depth > 0:
     _check_transformer('model.shared', m.shared)
   _check_video(config)

@@ -331,17 +331,19 @@ class PreNormBlock(nnx.Module):
 
 
 class PostNormBlock(nnx.Module):
-  """A post-LN transformer block laid out like transformers' `BertLayer`."""
+  """A post-LN transformer block laid out like transformers' `BertLayer` (and
+  `RobertaLayer`, the same block)."""
 
   def __init__(self, width: int, heads: int, mlp_dim: int, *, dropout_rate: float,
-               attention_dropout: float, dtype, rngs: nnx.Rngs):
+               attention_dropout: float, dtype, rngs: nnx.Rngs,
+               eps: float = LAYER_NORM_EPS):
     self.dropout_rate = dropout_rate
     self.attention = MultiHeadAttention(width, heads, attention_dropout=attention_dropout,
                                         dtype=dtype, rngs=rngs)
-    self.attention_norm = layer_norm(width, rngs=rngs)
+    self.attention_norm = layer_norm(width, rngs=rngs, eps=eps)
     self.intermediate = dense(width, mlp_dim, ('embed', 'mlp'), dtype=dtype, rngs=rngs)
     self.output = dense(mlp_dim, width, ('mlp', 'embed'), dtype=dtype, rngs=rngs)
-    self.output_norm = layer_norm(width, rngs=rngs)
+    self.output_norm = layer_norm(width, rngs=rngs, eps=eps)
 
   def __call__(self, x, mask=None, *, rng=None):
     r_attn, r1, r2 = split_rng(rng, 3)

@@ -8,7 +8,7 @@ import copy
 
 import ml_collections
 
-from cookie_jax.models import vit
+from cookie_jax.models import bert, vit
 
 
 def _vit(image_size, patch_size, width, depth, heads, mlp_dim, dropout=0.0, **layout):
@@ -45,7 +45,10 @@ VISION_PRESETS = {
 def _bert(width, depth, heads, mlp_dim, vocab_size=30522, max_positions=512, dropout=0.1):
   return dict(vocab_size=vocab_size, max_positions=max_positions, type_vocab_size=2,
               width=width, depth=depth, heads=heads, mlp_dim=mlp_dim, dropout=dropout,
-              attention_dropout=dropout)
+              attention_dropout=dropout,
+              # The layout: BertModel's; RoBERTa's and XLM-R's through these (each key is
+              # described in cookie_jax/models/bert.py).
+              **bert.OPTIONS)
 
 
 def _shared(width, depth, heads, mlp_dim, dropout=0.0):
