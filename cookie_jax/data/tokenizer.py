@@ -1,4 +1,6 @@
-"""BERT WordPiece tokenisation with Hugging Face `tokenizers` (the Rust "fast" tokenizer).
+"""Tokenisation with Hugging Face `tokenizers` (the Rust "fast" tokenizer): BERT's
+WordPiece ([CLS] text [SEP], [PAD]), or a RoBERTa / XLM-R tokenizer.json (<s> text </s>,
+<pad>), whichever special tokens the vocabulary has.
 
 Everything is read from files, local or gs:// (through `etils.epath`): a directory
 holding `tokenizer.json` or `vocab.txt`, or either file itself; nothing is downloaded. For the synthetic dataset a vocabulary is trained at build time and
@@ -19,6 +21,23 @@ from cookie_jax import files, hub
 from cookie_jax.errors import TokenizerMismatchError  # pylint: disable=unused-import
 
 SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
+# The special tokens of each style, by their transformers names.
+SPECIALS = {
+    'bert': dict(unk_token='[UNK]', sep_token='[SEP]', pad_token='[PAD]', cls_token='[CLS]',
+                 mask_token='[MASK]'),
+    # RoBERTa (byte-level BPE) and XLM-R (SentencePiece): <s> first, </s> last.
+    'roberta': dict(unk_token='<unk>', sep_token='</s>', pad_token='<pad>', cls_token='<s>',
+                    mask_token='<mask>'),
+}
+
+
+def special_style(vocab: dict) -> str:
+  """'bert' or 'roberta': the style whose [CLS]/[SEP]/[PAD] (or <s>/</s>/<pad>) the
+  vocabulary has ('' for neither); BERT's first, as before RoBERTa's were known."""
+  for style, sp in SPECIALS.items():
+    if all(sp[k] in vocab for k in ('pad_token', 'cls_token', 'sep_token')):
+      return style
+  return ''
 
 
 def _word_counts(texts: Iterable[str]) -> collections.Counter:
@@ -126,20 +145,29 @@ def tokenizer_from_path(path: str, lowercase: bool = True) -> Tokenizer:
 
 
 def finalize(tok: Tokenizer, max_len: int) -> Tokenizer:
-  """[CLS] text [SEP], truncated (specials included) and padded to exactly `max_len`."""
+  """[CLS] text [SEP] (BERT) or <s> text </s> (RoBERTa, XLM-R: their tokenizer.json's
+  template, pair '<s> A </s> </s> B </s>'), truncated (specials included) and padded on
+  the right to exactly `max_len` with [PAD] or <pad>, as transformers' tokenizer of the
+  same folder encodes."""
   vocab = tok.get_vocab()
-  missing = [t for t in ('[PAD]', '[CLS]', '[SEP]') if t not in vocab]
-  if missing:
-    raise ValueError(f'The tokenizer has no {missing} token(s); cookie_jax expects a BERT '
-                     'WordPiece vocabulary (config.data.tokenizer).')
+  style = special_style(vocab)
+  if not style:
+    missing = [t for t in ('[PAD]', '[CLS]', '[SEP]') if t not in vocab]
+    raise ValueError(f'The tokenizer has no {missing} token(s) (nor RoBERTa\'s <pad>, <s>, '
+                     '</s>); cookie_jax expects a BERT WordPiece vocabulary or a RoBERTa / '
+                     'XLM-R tokenizer.json (config.data.tokenizer).')
+  sp = SPECIALS[style]
+  cls, sep, pad = sp['cls_token'], sp['sep_token'], sp['pad_token']
   if max_len < 2:
-    raise ValueError(f'config.data.max_len={max_len}: needs room for [CLS] and [SEP]; '
+    raise ValueError(f'config.data.max_len={max_len}: needs room for {cls} and {sep}; '
                      'use at least 2 (e.g. 32).')
+  pair = (f'{cls} $A {sep} $B:1 {sep}:1' if style == 'bert'
+          else f'{cls} $A {sep} {sep} $B {sep}')
   tok.post_processor = processors.TemplateProcessing(
-      single='[CLS] $A [SEP]', pair='[CLS] $A [SEP] $B:1 [SEP]:1',
-      special_tokens=[('[CLS]', vocab['[CLS]']), ('[SEP]', vocab['[SEP]'])])
+      single=f'{cls} $A {sep}', pair=pair,
+      special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])])
   tok.enable_truncation(max_length=max_len)
-  tok.enable_padding(length=max_len, pad_id=vocab['[PAD]'], pad_token='[PAD]')
+  tok.enable_padding(length=max_len, pad_id=vocab[pad], pad_token=pad)
   return tok
 
 

@@ -1,6 +1,7 @@
 """PyTorch / transformers checkpoints out: a trained COOKIE model as
 
-  OUT/text_encoder/    a `transformers.BertModel` folder (+ the tokenizer files),
+  OUT/text_encoder/    a `transformers.BertModel` folder (+ the tokenizer files), or the
+                       RobertaModel / XLMRobertaModel of the tower's options (hf_text.py),
   OUT/image_encoder/   a `transformers.ViTModel` folder (+ preprocessor_config.json), or
                        the CLIPVisionModel / SiglipVisionModel / Dinov2Model(WithRegisters)
                        of the tower's layout (hf_vision.py),
@@ -34,7 +35,7 @@ import ml_collections
 import numpy as np
 
 from cookie_jax import files
-from cookie_jax.interop import hf_automodel, hf_vision, keys, model_card
+from cookie_jax.interop import hf_automodel, hf_text, hf_vision, keys, model_card
 from cookie_jax.models import abstract_model
 from cookie_jax.models.vit import prefix_tokens
 
@@ -44,17 +45,9 @@ COOKIE_WEIGHTS = 'cookie.safetensors'
 
 
 def bert_config(text_cfg, *, pad_token_id: int = 0) -> dict:
-  """config.json of a `BertModel` with our text tower's sizes."""
-  return dict(
-      architectures=['BertModel'], model_type='bert', vocab_size=text_cfg.vocab_size,
-      hidden_size=text_cfg.width, num_hidden_layers=text_cfg.depth,
-      num_attention_heads=text_cfg.heads, intermediate_size=text_cfg.mlp_dim,
-      hidden_act='gelu', hidden_dropout_prob=text_cfg.dropout,
-      attention_probs_dropout_prob=text_cfg.attention_dropout,
-      max_position_embeddings=text_cfg.max_positions,
-      type_vocab_size=text_cfg.type_vocab_size, initializer_range=0.02,
-      layer_norm_eps=1e-12, pad_token_id=pad_token_id, position_embedding_type='absolute',
-      dtype='float32')
+  """config.json of the transformers class of our text tower (`BertModel` for the
+  default options; RoBERTa, XLM-R: hf_text.py) with its sizes."""
+  return hf_text.config_json(text_cfg, pad_token_id=pad_token_id)
 
 
 def vit_config(vision_cfg) -> dict:
@@ -118,13 +111,19 @@ def write_tokenizer(tokenizer, out_dir, max_len: int) -> None:
   tok.no_truncation()
   tok.save(str(out / 'tokenizer.json'))
   vocab = tok.get_vocab()
+  from cookie_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  style = tok_lib.special_style(vocab)
+  specials = {k: v for k, v in tok_lib.SPECIALS[style].items() if v in vocab}
+  _write_json(out / 'special_tokens_map.json', specials)
+  if style == 'roberta':
+    # RoBERTa's byte-level BPE, XLM-R's SentencePiece: tokenizer.json is the tokenizer.
+    _write_json(out / 'tokenizer_config.json', dict(
+        specials, bos_token=specials.get('cls_token'), eos_token=specials.get('sep_token'),
+        tokenizer_class='PreTrainedTokenizerFast', model_max_length=max_len))
+    return
   (out / 'vocab.txt').write_text(
       ''.join(t + '\n' for t in sorted(vocab, key=vocab.get)), encoding='utf-8')
   lowercase = bool(getattr(tok.normalizer, 'lowercase', True))
-  specials = dict(unk_token='[UNK]', sep_token='[SEP]', pad_token='[PAD]',
-                  cls_token='[CLS]', mask_token='[MASK]')
-  specials = {k: v for k, v in specials.items() if v in vocab}
-  _write_json(out / 'special_tokens_map.json', specials)
   _write_json(out / 'tokenizer_config.json', dict(
       specials, tokenizer_class='BertTokenizer', do_lower_case=lowercase,
       model_max_length=max_len))
@@ -195,7 +194,7 @@ def export_params(params, model_cfg, output, *, tokenizer=None, data_cfg=None,
 def _write_export(params, model_cfg, out: pathlib.Path, *, tokenizer, data_cfg,
                   step, config, figures) -> bool:
   """The files of `export_params` in the local folder `out`; True with the AutoModel."""
-  pad_id = 0
+  pad_id = 0  # BertModel's; RoBERTa and XLM-R write their own (hf_text.config_json)
   if tokenizer is not None and tokenizer.token_to_id('[PAD]') is not None:
     pad_id = tokenizer.token_to_id('[PAD]')
   write_tower(params['text'], 'text', model_cfg.text, out / 'text_encoder', pad_token_id=pad_id)

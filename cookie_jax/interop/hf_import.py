@@ -1,5 +1,5 @@
-"""Hugging Face checkpoints in: a BERT folder into the text tower, a ViT folder into the
-image tower.
+"""Hugging Face checkpoints in: a BERT, RoBERTa or XLM-R folder into the text tower
+(hf_text.py), a ViT, CLIP, SigLIP or DINOv2 folder into the image tower (hf_vision.py).
 
 Local folders are read (config.json + model.safetensors, a sharded
 model.safetensors.index.json, or pytorch_model.bin loaded with `weights_only=True`), or a
@@ -13,7 +13,6 @@ In the train loop: `configure_pretrained_towers(config)` before the model is bui
 """
 
 import json
-import math
 import os
 import pathlib
 
@@ -25,7 +24,8 @@ import numpy as np
 
 from cookie_jax import hub
 from cookie_jax.config import ConfigError
-from cookie_jax.interop import TORCH_CPU_INSTALL, hf_vision, keys
+from cookie_jax.interop import TORCH_CPU_INSTALL, hf_text, hf_vision, keys
+from cookie_jax.models import bert
 from cookie_jax.models.bert import Bert
 from cookie_jax.models.cookie import DTYPES
 from cookie_jax.data import defaults as data_defaults
@@ -33,28 +33,19 @@ from cookie_jax.models import vit
 from cookie_jax.models.presets import model_config
 from cookie_jax.models.vit import ViT
 
-# tower -> (model_type in config.json, transformers class, config key, HF config defaults)
-TOWERS = {
-    'text': ('bert', 'BertModel', 'text_init', dict(
-        vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-        intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2)),
-    # The image tower's classes and config fields are hf_vision's (ViT, CLIP, SigLIP,
-    # DINOv2).
-    'vision': ('vit', 'image tower', 'image_init', {}),
-}
-# Our size name -> the HF config field it is read from (the vision tower's: hf_vision).
-SIZE_FIELDS = {
-    'text': dict(vocab_size='vocab_size', width='hidden_size', depth='num_hidden_layers',
-                 heads='num_attention_heads', mlp_dim='intermediate_size',
-                 max_positions='max_position_embeddings', type_vocab_size='type_vocab_size'),
-}
+# tower -> (what it loads, config key); the classes and config fields are hf_text's (BERT,
+# RoBERTa, XLM-R) and hf_vision's (ViT, CLIP, SigLIP, DINOv2).
+TOWERS = {'text': ('text tower', 'text_init'), 'vision': ('image tower', 'image_init')}
+# Our text key -> the HF config field it is read from (the vision tower's: hf_vision).
+TEXT_FIELDS = dict(hf_text.SIZE_FIELDS, **hf_text.OPTION_FIELDS)
+TEXT_CLASSES = tuple(hf_text.CLASSES.values())
 VISION_CLASSES = ('ViTModel', 'CLIPVisionModel', 'CLIPModel', 'SiglipVisionModel',
                   'SiglipModel', 'Dinov2Model', 'Dinov2WithRegistersModel')
 OPTIONAL_PREFIXES = ('pooler.',)  # unused by COOKIE; kept at init when a checkpoint lacks it
 
 
 def _where(tower: str, path) -> str:
-  return f'config.model.{TOWERS[tower][2]}={os.fspath(path)!r}'
+  return f'config.model.{TOWERS[tower][1]}={os.fspath(path)!r}'
 
 
 def _local(path, where: str) -> pathlib.Path:
@@ -63,9 +54,10 @@ def _local(path, where: str) -> pathlib.Path:
 
 
 def read_hf_config(path, tower: str, where: str | None = None) -> dict:
-  """config.json of a local folder, checked to be an architecture our tower reproduces."""
+  """config.json of a local folder, checked to be an architecture our tower loads (its
+  settings are checked by hf_text / hf_vision)."""
   where = where or _where(tower, path)
-  model_type, cls_name, _, _ = TOWERS[tower]
+  cls_name = ' / '.join(TEXT_CLASSES if tower == 'text' else VISION_CLASSES)
   folder = _local(path, where)
   if not folder.is_dir():
     raise FileNotFoundError(
@@ -86,44 +78,25 @@ def read_hf_config(path, tower: str, where: str | None = None) -> dict:
           f"{where}: config.json has model_type={found!r} (architectures "
           f"{hf.get('architectures')}), but the vision tower loads "
           f'{", ".join(VISION_CLASSES)} only. Point it at one of those'
-          + (", or use it as text_init" if found == 'bert' else '') + '.')
+          + (", or use it as text_init" if hf_text.family_of(hf) else '') + '.')
     return hf
-  if found != model_type:
+  if hf_text.family_of(hf) is None:
     raise ConfigError(
         f"{where}: config.json has model_type={found!r} (architectures "
-        f"{hf.get('architectures')}), but the {tower} tower is a {cls_name} "
-        f"(model_type '{model_type}'). Point it at a {model_type.upper()} checkpoint"
+        f"{hf.get('architectures')}), but the text tower loads {', '.join(TEXT_CLASSES)} "
+        "(model_type 'bert', 'roberta', 'xlm-roberta') only. Point it at one of those"
         + (", or use it as image_init" if is_vision else '') + '.')
-
-  def refuse(field, value, expected):
-    raise ConfigError(f'{where}: config.json has {field}={value!r}; our {tower} tower '
-                      f'computes {expected} only, so this checkpoint cannot be imported '
-                      'exactly. Use a checkpoint with that setting.')
-  if hf.get('hidden_act', 'gelu') != 'gelu':
-    refuse('hidden_act', hf['hidden_act'], "the exact erf GELU ('gelu')")
-  eps = hf.get('layer_norm_eps', 1e-12)
-  if not math.isclose(eps, 1e-12, rel_tol=1e-3):
-    refuse('layer_norm_eps', eps, 'LayerNorm with epsilon 1e-12')
-  if hf.get('position_embedding_type', 'absolute') != 'absolute':
-    refuse('position_embedding_type', hf['position_embedding_type'],
-           "absolute learned positions ('absolute')")
   return hf
 
 
-def hf_sizes(hf: dict, tower: str) -> dict:
-  """Our size keys (`config.model.text`) read from an HF BERT config dict."""
-  defaults = TOWERS[tower][3]
-  return {ours: int(hf.get(field, defaults[field]))
-          for ours, field in SIZE_FIELDS[tower].items()}
-
-
 def tower_settings(path, tower: str, where: str | None = None) -> tuple[str, dict]:
-  """(family, {key of config.model.<tower>: value}) of a local HF folder: 'bert' and the
-  text sizes, or a vision family of `hf_vision` with the image tower's sizes and layout."""
+  """(family, {key of config.model.<tower>: value}) of a local HF folder: a text family of
+  `hf_text` with the text sizes and options, or a vision family of `hf_vision` with the
+  image tower's sizes and layout."""
   where = where or _where(tower, path)
   hf = read_hf_config(path, tower, where)
   if tower == 'text':
-    return 'bert', hf_sizes(hf, tower)
+    return hf_text.settings(hf, where)
   return hf_vision.settings(hf, where, _local(path, where))
 
 
@@ -226,7 +199,7 @@ def tower_weights(path, tower: str, where: str | None = None) -> tuple[dict, dic
   if missing:
     raise ConfigError(
         f'{where}: the weights lack {len(missing)} tensor(s) a '
-        f'{hf_vision.CLASSES.get(family, "BertModel")} of this config.json has, e.g. '
+        f'{dict(hf_text.CLASSES, **hf_vision.CLASSES)[family]} of this config.json has, e.g. '
         f'{missing[:3]}. The folder holds another model or a partial save; re-save it with '
         '`save_pretrained`.')
   _check_shapes(flat, rules, tower, settings, where)
@@ -272,7 +245,7 @@ def _defaults(config, tower: str) -> dict:
   vision preset's), the layout options' defaults for options the preset lacks."""
   try:
     model = model_config(config.model.preset, config.model.get('vision_preset', ''))
-    return dict(vit.OPTIONS, **model[tower]) if tower == 'vision' else dict(model[tower])
+    return dict(vit.OPTIONS if tower == 'vision' else bert.OPTIONS, **model[tower])
   except (ValueError, KeyError, AttributeError):
     return {}  # an unknown preset: every value counts as set by hand
 
@@ -285,18 +258,18 @@ def pretrained_sizes(config: ml_collections.ConfigDict, tower: str, path=None) -
   from the checkpoint's, that is an error (which one to trust is not ours to guess). The
   keys a family leaves free (DINOv2's image size) keep such a choice.
   """
-  path = path or config.model[TOWERS[tower][2]]
+  path = path or config.model[TOWERS[tower][1]]
   where = _where(tower, path)
   family, sizes = tower_settings(path, tower, where)
   preset, current = _defaults(config, tower), config.model[tower]
   for key, value in list(sizes.items()):
-    have = current[key]
+    have = current.get(key, preset.get(key))
     if have == value or have == preset.get(key, object()):
       continue
     if key in hf_vision.FREE_KEYS.get(family, ()):
       sizes[key] = have
       continue
-    field = SIZE_FIELDS[tower][key] if tower == 'text' else key
+    field = TEXT_FIELDS[key] if tower == 'text' else key
     raise ConfigError(
         f'config.model.{tower}.{key}={have!r} clashes with the pretrained checkpoint of '
         f'{where} ({field}={value!r}). Remove that override (the checkpoint sets it) or set '
@@ -327,7 +300,7 @@ def configure_pretrained_towers(config: ml_collections.ConfigDict
   from `text_init` / `image_init`, in place."""
   m = config.model
   for tower in TOWERS:
-    if m.get(TOWERS[tower][2], ''):
+    if m.get(TOWERS[tower][1], ''):
       m[tower].update(pretrained_sizes(config, tower))
   if m.get('image_init', ''):
     _preprocessing(config, m.image_init)
@@ -338,11 +311,30 @@ def configure_pretrained_towers(config: ml_collections.ConfigDict
           f"config.data.tokenizer='': {where} expects its own vocabulary, and the synthetic "
           "dataset's token ids mean other words. Set config.data.tokenizer to the same "
           'folder (its tokenizer.json / vocab.txt).')
-    if config.data.max_len > m.text.max_positions:
-      raise ConfigError(
-          f'config.data.max_len={config.data.max_len} exceeds the {m.text.max_positions} '
-          f'positions of {where}; use max_len <= {m.text.max_positions}.')
+    _check_text_data(config, where)
   return config
+
+
+def _check_text_data(config, where: str) -> None:
+  """max_len within the tower's positions; for RoBERTa / XLM-R, a tokenizer that pads
+  with the id their positions count past (else every position is off)."""
+  o, t = bert.options(config.model.text), config.model.text
+  after_padding = o['positions'] == 'after_padding'
+  # RoBERTa / XLM-R positions start past the padding index.
+  usable = t.max_positions - (o['pad_token_id'] + 1 if after_padding else 0)
+  if config.data.max_len > usable:
+    raise ConfigError(
+        f'config.data.max_len={config.data.max_len} exceeds the {usable} '
+        f'positions of {where}; use max_len <= {usable}.')
+  if after_padding and config.data.tokenizer != 'synthetic':
+    from cookie_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+    tok = tok_lib.finalize(tok_lib.tokenizer_from_path(
+        config.data.tokenizer, lowercase=config.data.lowercase), config.data.max_len)
+    if tok.padding['pad_id'] != o['pad_token_id']:
+      raise ConfigError(
+          f'config.data.tokenizer={config.data.tokenizer!r} pads with id '
+          f"{tok.padding['pad_id']}, but {where} counts its positions past pad_token_id="
+          f"{o['pad_token_id']}. Use the folder's own tokenizer (its <pad>).")
 
 
 def apply_pretrained_towers(config: ml_collections.ConfigDict, params):
@@ -352,7 +344,7 @@ def apply_pretrained_towers(config: ml_collections.ConfigDict, params):
   are the same objects.
   """
   for tower, root in (('text', ('text',)), ('vision', ('vision',))):
-    path = config.model.get(TOWERS[tower][2], '')
+    path = config.model.get(TOWERS[tower][1], '')
     if not path:
       continue
     where = _where(tower, path)
@@ -370,8 +362,8 @@ def apply_pretrained_towers(config: ml_collections.ConfigDict, params):
 
 
 def load_tower(path, tower: str, *, dtype: str = 'float32', dropout: float = 0.0):
-  """(module, sizes): our `Bert` or `ViT` with the weights of a local HF folder."""
-  where = f'{TOWERS[tower][1]} folder {os.fspath(path)!r}'
+  """(module, settings): our `Bert` or `ViT` with the weights of a local HF folder."""
+  where = f'{TOWERS[tower][0]} folder {os.fspath(path)!r}'
   sizes, flat = tower_weights(path, tower, where)
   build, cfg = _tower(tower, sizes, dtype=dtype, dropout=dropout)
   # Shapes only: a random init of every weight would be thrown away.

@@ -71,7 +71,8 @@ def _vit_layer(prefix: str, path: tuple) -> list[Rule]:
 
 
 def bert_rules(depth: int, root: tuple = ()) -> list[Rule]:
-  """`BertModel` (pooler included) <-> our `Bert` at `root` in the parameter dict."""
+  """`BertModel`, `RobertaModel` or `XLMRobertaModel` (pooler included; the three name
+  their tensors alike) <-> our `Bert` at `root` in the parameter dict."""
   rules = [
       ('embeddings.word_embeddings.weight', root + ('word_embeddings', 'embedding'), 'copy'),
       ('embeddings.position_embeddings.weight', root + ('position_embeddings', 'embedding'),
@@ -239,14 +240,17 @@ _DINOV2_LEGACY = ((re.compile(r'^dinov2(_with_registers)?\.'), ''),  # Dinov2For
                   (re.compile(r'\.attention\.k_proj\.'), '.attention.attention.key.'),
                   (re.compile(r'\.attention\.v_proj\.'), '.attention.attention.value.'),
                   (re.compile(r'\.attention\.o_proj\.'), '.attention.output.dense.'))
-_LEGACY = {'bert': _BERT_LEGACY, 'vit': _VIT_LEGACY, 'clip': _TOWER_LEGACY,
+# RobertaFor* / XLMRobertaFor* task models; their encoders are BERT's.
+_ROBERTA_LEGACY = ((re.compile(r'^roberta\.'), ''),) + _BERT_LEGACY[1:]
+_LEGACY = {'bert': _BERT_LEGACY, 'roberta': _ROBERTA_LEGACY, 'xlm-roberta': _ROBERTA_LEGACY,
+           'vit': _VIT_LEGACY, 'clip': _TOWER_LEGACY,
            'siglip': _TOWER_LEGACY, 'dinov2': _DINOV2_LEGACY,
            'dinov2_with_registers': _DINOV2_LEGACY}
 
 
 def normalize_keys(tensors: dict, model_type: str) -> dict:
   """Renames the keys of other layouts of a checkpoint to the 4.x layout (`model_type`:
-  'bert', 'vit', or a vision family of `hf_vision.FAMILIES`)."""
+  a text family of `hf_text.CLASSES` or a vision family of `hf_vision.CLASSES`)."""
   table = _LEGACY[model_type]
   out = {}
   for key, value in tensors.items():

@@ -1,5 +1,6 @@
-"""COOKIE in PyTorch: the exported model, built from transformers' own `BertModel`,
-`ViTModel` (or the CLIP / SigLIP / DINOv2 vision model of image_encoder/) and `ViTLayer`.
+"""COOKIE in PyTorch: the exported model, built from transformers' own `BertModel` (or the
+RoBERTa / XLM-R model of text_encoder/), `ViTModel` (or the CLIP / SigLIP / DINOv2 vision
+model of image_encoder/) and `ViTLayer`.
 
 Needs torch, transformers (>= 5) and safetensors only; no JAX and no cookie_jax install.
 The export copies this file next to the weights, so on a PyTorch-only machine:
@@ -126,7 +127,7 @@ class SharedTransformer(nn.Module):
 class CookieTorchModel(nn.Module):
   """Image tower, text tower, shared transformer, pooling, projection heads, temperature."""
 
-  def __init__(self, config: dict, text: transformers.BertModel,
+  def __init__(self, config: dict, text: transformers.PreTrainedModel,
                vision: transformers.PreTrainedModel):
     super().__init__()
     if config.get('format') != FORMAT:
@@ -164,7 +165,8 @@ class CookieTorchModel(nn.Module):
                               '`python launch/export_torch.py --output=...`.')
     with open(config_file, encoding='utf-8') as f:
       config = json.load(f)
-    text = transformers.BertModel.from_pretrained(os.path.join(path, 'text_encoder'),
+    # BertModel, or the RobertaModel / XLMRobertaModel the text tower was exported as.
+    text = transformers.AutoModel.from_pretrained(os.path.join(path, 'text_encoder'),
                                                   **tower_kwargs)
     # ViTModel, or the CLIPVisionModel / SiglipVisionModel / Dinov2Model the tower's
     # layout was exported as (its config.json says which).
