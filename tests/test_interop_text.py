@@ -264,3 +264,24 @@ def test_bert_defaults_are_todays_tower():
   # Older configs without the options read as BERT's.
   old = ml_collections.ConfigDict({k: v for k, v in config.items() if k not in bert.OPTIONS})
   assert bert.options(old) == bert.OPTIONS
+
+
+def test_text_init_takes_a_hub_id_from_the_cache_offline(folder, tmp_path, monkeypatch):
+  """text_init and data.tokenizer as a Hub id, read from a huggingface_hub cache laid out
+  here (models--owner--name/{refs/main, snapshots/<commit>/}), offline."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  commit = '0123456789abcdef0123456789abcdef01234567'
+  repo = tmp_path / 'cache' / 'models--someone--tiny-text'
+  shutil.copytree(folder['path'], repo / 'snapshots' / commit)
+  (repo / 'refs').mkdir()
+  (repo / 'refs' / 'main').write_text(commit)
+  monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path / 'cache'))
+  monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+  config = default_config('tiny')
+  config.model.text_init = config.data.tokenizer = 'someone/tiny-text'
+  config.data.max_len = 12
+  hf_import.configure_pretrained_towers(config)
+  assert (config.model.text.hf_class, config.model.text.pad_token_id) == (
+      folder['cls'].__name__, PAD)
+  _, flat = hf_import.tower_weights('someone/tiny-text', 'text')
+  assert flat[('position_embeddings', 'embedding')].shape == (MAX_POSITIONS, 32)
