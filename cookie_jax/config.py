@@ -520,9 +520,11 @@ def _check_model(config) -> None:
   if m.shared.depth > 0:
     _check_transformer('model.shared', m.shared)
   _check_video(config)
-  _require(m.vision.image_size % m.vision.patch_size == 0, 'model.vision.patch_size',
+  # The patch grid is floor(image_size / patch_size) a side, the trailing pixels dropped,
+  # as transformers' patch conv drops them (SigLIP So400m/14 at 384 pixels: 27 x 27).
+  _require(m.vision.image_size >= m.vision.patch_size, 'model.vision.patch_size',
            m.vision.patch_size,
-           f'image_size {m.vision.image_size} must be a multiple of the patch size.')
+           f'must be <= image_size {m.vision.image_size} (at least one patch a side).')
   _check_vision(m)
   _require(m.text_pool in ('cls', 'mean'), 'model.text_pool', m.text_pool,
            "use 'cls' or 'mean'.")

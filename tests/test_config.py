@@ -7,6 +7,7 @@ import pathlib
 import pytest
 
 from cookie_jax.config import ConfigError, config_from_dict, default_config, validate_config
+from cookie_jax.models.presets import VISION_PRESETS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -47,6 +48,13 @@ def test_web_pretraining_recipes_validate_on_coco():
     assert config.train.steps == steps and config.model.vision.width == 768
     assert config.eval.data.to_dict() == {'builder': 'karpathy', 'karpathy_dataset': 'coco',
                                       'manual_dir': ''}
+
+
+@pytest.mark.parametrize('vision', list(VISION_PRESETS))
+def test_every_vision_preset_validates(vision):
+  # So400m/14 is SigLIP's 384-pixel tower of 14-pixel patches: a 27 x 27 grid, the
+  # trailing 6 pixels dropped (as transformers' patch conv drops them).
+  validate_config(default_config('base', vision=vision))
 
 
 def test_unknown_variant():

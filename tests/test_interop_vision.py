@@ -40,10 +40,10 @@ def _clip(full):
       vision_config=vision, text_config=dict(SMALL, intermediate_size=64, vocab_size=99)))
 
 
-def _siglip(full):
+def _siglip(full, image_size=32):
   if not full:
     return transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
-        **SMALL, intermediate_size=64, image_size=32, patch_size=8))
+        **SMALL, intermediate_size=64, image_size=image_size, patch_size=8))
   # SigLIP 2 at a fixed resolution is published as a SiglipModel (model_type 'siglip'):
   # another grid and MLP width here, 16 x 16 images of 4 x 4 patches.
   return transformers.SiglipModel(transformers.SiglipConfig(
@@ -65,6 +65,10 @@ CASES = {
     'clip_full_model': (lambda: _clip(True), transformers.CLIPVisionModel, 32, 'clip'),
     'siglip': (lambda: _siglip(False), transformers.SiglipVisionModel, 32, 'siglip'),
     'siglip2_fixed_res': (lambda: _siglip(True), transformers.SiglipVisionModel, 16, 'siglip'),
+    # 30-pixel images of 8-pixel patches: a 3 x 3 grid, the last 6 pixels of each side
+    # dropped by the patch conv, as So400m/14 drops 6 of its 384 (27 x 27 patches).
+    'siglip_floored_grid': (lambda: _siglip(False, image_size=30),
+                            transformers.SiglipVisionModel, 30, 'siglip'),
     # Positions kept at the 4 x 4 pre-training grid and resized to 3 x 3 for 24-pixel
     # inputs (the folder's preprocessor crop size), as transformers does.
     'dinov2': (lambda: _dinov2(False), transformers.Dinov2Model, 24, 'dinov2'),
@@ -116,6 +120,11 @@ def test_imported_tower_equals_transformers_on_1_and_8_devices_and_exports_back(
     folder, tmp_path):
   module, cfg = hf_import.load_tower(folder['path'], 'vision')
   assert cfg.image_size == folder['size']
+  # As a run's image_init the folder's sizes validate (a grid that is not a whole number
+  # of patches included: transformers drops the trailing pixels, and so do we).
+  config = default_config('tiny')
+  config.model.image_init, config.model.image_pool = str(folder['path']), 'mean'
+  validate_config(hf_import.configure_pretrained_towers(config))
   assert hf_vision.family(cfg) == folder['family']
   images = np.random.default_rng(0).normal(size=(4, cfg.image_size, cfg.image_size, 3)
                                            ).astype(np.float32)

@@ -12,7 +12,8 @@ Options (config.model.vision.*; the defaults are `ViTModel`'s layout):
   activation   the MLP's: 'gelu' (erf), 'gelu_pytorch_tanh' (SigLIP), 'quick_gelu' (CLIP);
   layer_norm_eps  every LayerNorm's epsilon (ViT 1e-12, CLIP 1e-5, SigLIP/DINOv2 1e-6);
   layer_scale  LayerScale's initial value on both residual branches; 0 = none (DINOv2);
-  position_grid  the side of the learned position table; 0 = image_size // patch_size.
+  position_grid  the side of the learned position table; 0 = image_size // patch_size
+               (the patch grid is floored, as transformers' patch conv floors it).
                Another grid is resized to the input's (`positions.py`), as DINOv2 does;
   position_interpolation  how: 'bicubic' (Dinov2Model) or 'bicubic_antialias'
                (Dinov2WithRegistersModel);
