@@ -2,7 +2,8 @@
 
 Remote code: an export copies this file into its folder, where
 `transformers.AutoConfig.from_pretrained(OUT, trust_remote_code=True)` finds it through
-`auto_map` in config.json. It needs transformers (>= 5) only.
+`auto_map` in config.json. It needs transformers (>= 5.20, the first with
+`SubConfigSpec`; 5.0 to 5.19 lack it) only.
 """
 
 from transformers import AutoConfig, PreTrainedConfig
