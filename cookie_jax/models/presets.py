@@ -127,8 +127,9 @@ def model_config(preset: str = 'tiny', vision: str = '') -> ml_collections.Confi
       # (masked mean over real tokens; for images over the patches, without the class
       # token and registers). image_pool='tower' (with shared.depth=0 only): the image
       # tower's own pooled output (vision.pooler: CLIP's normalised class token,
-      # SigLIP's attention-pooling head), as CLIP and SigLIP embed images.
-      image_pool='cls',
+      # SigLIP's attention-pooling head), as CLIP and SigLIP embed images. A tower
+      # without a class token (SigLIP's So400m/14) defaults to 'mean'.
+      image_pool='cls' if p['vision'].get('class_token', True) else 'mean',
       text_pool='cls',
       embed_dim=p['embed_dim'],
       # Initial softmax temperature; the model learns log(1/temperature).
