@@ -16,11 +16,11 @@ from cookie_jax.errors import ConfigError
 from cookie_jax.data.defaults import (VIDEO_BUILDERS, data_config, eval_data_config,
                                      validate_data_config)
 from cookie_jax.losses import LOSS_NAMES
-from cookie_jax.models import bert
+from cookie_jax.models import bert, vit
 from cookie_jax.models.cookie import DTYPES
 from cookie_jax.models.layers import ACTIVATIONS
 from cookie_jax.models.positions import METHODS as POSITION_METHODS
-from cookie_jax.models.presets import model_config
+from cookie_jax.models.presets import VISION_PRESETS, model_config
 from cookie_jax.optim import SCHEDULES
 from cookie_jax.sharding import BATCH_AXES, MESH_AXES, mesh_shape
 
@@ -462,7 +462,9 @@ def _check_eval_data(config):
 
 def _check_vision(m) -> None:
   """The image tower's layout options (models/vit.py) and the image pooling."""
-  v = m.vision
+  # The options with their defaults where a hand-built config lacks them.
+  v = ml_collections.ConfigDict(dict(vit.options(m.vision), image_size=m.vision.image_size,
+                                     patch_size=m.vision.patch_size))
   choices = (('final_norm', ('tokens', 'pooled')), ('activation', tuple(ACTIVATIONS)),
              ('position_interpolation', POSITION_METHODS), ('pooler', ('tanh', 'cls', 'map')))
   for key, allowed in choices:
@@ -483,6 +485,10 @@ def _check_vision(m) -> None:
   if v.registers:
     _require(v.class_token, 'model.vision.registers', v.registers,
              'register tokens follow the class token (DINOv2); set class_token=True.')
+  _require(vit.transformers_family(v) is not None, 'model.vision', vit.options(v),
+           'is a layout no transformers vision tower computes (models/vit.py '
+           'FAMILY_LAYOUTS), so it could not be exported; start from the layout of one '
+           '(models/presets.py: CLIP_LAYOUT, SIGLIP_LAYOUT, DINOV2_LAYOUT, or the defaults).')
   pools = ('cls', 'mean', 'tower')
   _require(m.image_pool in pools, 'model.image_pool', m.image_pool, f'use one of {pools}.')
   if m.image_pool == 'cls':
@@ -496,8 +502,10 @@ def _check_vision(m) -> None:
              "'cls' / 'mean'.")
 
 
-def _check_text(t) -> None:
+def _check_text(text) -> None:
   """The text tower's layout options (models/bert.py)."""
+  # The options with their defaults where a hand-built config lacks them.
+  t = ml_collections.ConfigDict(dict(bert.options(text), vocab_size=text.vocab_size))
   _require(t.positions in bert.POSITIONS, 'model.text.positions', t.positions,
            f'use one of {bert.POSITIONS}.')
   _require(t.hf_class in bert.HF_CLASSES, 'model.text.hf_class', t.hf_class,
@@ -526,6 +534,11 @@ def _check_model(config) -> None:
            m.vision.patch_size,
            f'must be <= image_size {m.vision.image_size} (at least one patch a side).')
   _check_vision(m)
+  # The named image tower of presets.VISION_PRESETS the vision sizes came from ('' = the
+  # preset's own); image_init counts its values as defaults.
+  presets = ('',) + tuple(VISION_PRESETS)
+  _require(m.get('vision_preset', '') in presets, 'model.vision_preset',
+           m.get('vision_preset', ''), f'use one of {presets}.')
   _require(m.text_pool in ('cls', 'mean'), 'model.text_pool', m.text_pool,
            "use 'cls' or 'mean'.")
   _require(m.dtype in DTYPES, 'model.dtype', m.dtype,

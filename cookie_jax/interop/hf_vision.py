@@ -142,38 +142,16 @@ def preprocessor(folder) -> dict:
 
 # Export ---------------------------------------------------------------------------------
 
-_FIXED = {  # the options that make each family; activation and epsilon are free
-    'vit': dict(class_token=True, registers=0, patch_bias=True, pre_norm=False,
-                final_norm='tokens', layer_scale=0.0, pooler='tanh', mask_token=False),
-    'clip': dict(class_token=True, registers=0, patch_bias=False, pre_norm=True,
-                 final_norm='pooled', layer_scale=0.0, pooler='cls', mask_token=False),
-    'siglip': dict(class_token=False, registers=0, patch_bias=True, pre_norm=False,
-                   final_norm='tokens', layer_scale=0.0, pooler='map', mask_token=False),
-    'dinov2': dict(class_token=True, registers=0, patch_bias=True, pre_norm=False,
-                   final_norm='tokens', pooler='cls', position_interpolation='bicubic'),
-    'dinov2_with_registers': dict(class_token=True, patch_bias=True, pre_norm=False,
-                                  final_norm='tokens', pooler='cls', mask_token=True,
-                                  position_interpolation='bicubic_antialias'),
-}
-
-
 def family(vision_cfg) -> str:
   """The transformers class whose forward pass is our tower's, by its layout options."""
-  o = vit.options(vision_cfg)
-  grid = vision_cfg.image_size // vision_cfg.patch_size
-  for fam, fixed in _FIXED.items():
-    if any(o[k] != v for k, v in fixed.items()):
-      continue
-    if fam.startswith('dinov2'):
-      if o['layer_scale'] > 0:
-        return fam
-    elif o['position_grid'] in (0, grid):
-      return fam
-  raise ConfigError(
-      f'config.model.vision: the layout {o} is none of the transformers vision towers '
-      f'{sorted(CLASSES.values())}, so it cannot be exported to one exactly. Use the '
-      'layout of one (models/presets.py: CLIP_LAYOUT, SIGLIP_LAYOUT, DINOV2_LAYOUT, or '
-      'the defaults for ViTModel).')
+  fam = vit.transformers_family(vision_cfg)
+  if fam is None:
+    raise ConfigError(
+        f'config.model.vision: the layout {vit.options(vision_cfg)} is none of the '
+        f'transformers vision towers {sorted(CLASSES.values())}, so it cannot be exported '
+        'to one exactly. Use the layout of one (models/presets.py: CLIP_LAYOUT, '
+        'SIGLIP_LAYOUT, DINOV2_LAYOUT, or the defaults for ViTModel).')
+  return fam
 
 
 def config_json(vision_cfg) -> dict:

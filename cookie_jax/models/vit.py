@@ -63,6 +63,39 @@ def options(cfg) -> dict:
   return {k: cfg.get(k, v) for k, v in OPTIONS.items()}
 
 
+# The options that make each transformers vision tower (hf_vision.CLASSES names them);
+# activation and epsilon are free. No other layout is computed by transformers, so
+# config.py refuses it (a run of it could not be exported).
+FAMILY_LAYOUTS = {
+    'vit': dict(class_token=True, registers=0, patch_bias=True, pre_norm=False,
+                final_norm='tokens', layer_scale=0.0, pooler='tanh', mask_token=False),
+    'clip': dict(class_token=True, registers=0, patch_bias=False, pre_norm=True,
+                 final_norm='pooled', layer_scale=0.0, pooler='cls', mask_token=False),
+    'siglip': dict(class_token=False, registers=0, patch_bias=True, pre_norm=False,
+                   final_norm='tokens', layer_scale=0.0, pooler='map', mask_token=False),
+    'dinov2': dict(class_token=True, registers=0, patch_bias=True, pre_norm=False,
+                   final_norm='tokens', pooler='cls', position_interpolation='bicubic'),
+    'dinov2_with_registers': dict(class_token=True, patch_bias=True, pre_norm=False,
+                                  final_norm='tokens', pooler='cls', mask_token=True,
+                                  position_interpolation='bicubic_antialias'),
+}
+
+
+def transformers_family(cfg) -> str | None:
+  """The family of FAMILY_LAYOUTS whose forward pass is the tower of `cfg` (None: none)."""
+  o = options(cfg)
+  grid = cfg.image_size // cfg.patch_size
+  for fam, fixed in FAMILY_LAYOUTS.items():
+    if any(o[k] != v for k, v in fixed.items()):
+      continue
+    if fam.startswith('dinov2'):
+      if o['layer_scale'] > 0:
+        return fam
+    elif o['position_grid'] in (0, grid):
+      return fam
+  return None
+
+
 def prefix_tokens(cfg) -> int:
   """Tokens before the patches: the class token and the registers."""
   o = options(cfg)
