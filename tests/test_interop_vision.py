@@ -202,6 +202,26 @@ def test_image_init_sets_layout_sizes_and_preprocessing(tmp_path):
     hf_import.configure_pretrained_towers(config)
 
 
+def test_a_vit_model_folder_keeps_the_configs_normalisation(tmp_path):
+  """ViTModel image_init runs predate preprocessor_config.json being read: a run started
+  then resumes with the same data.mean / std (only the new families take the folder's)."""
+  transformers.ViTModel(transformers.ViTConfig(
+      **SMALL, intermediate_size=64, image_size=32, patch_size=8)).save_pretrained(
+          tmp_path / 'vit')
+  (tmp_path / 'vit' / 'preprocessor_config.json').write_text(json.dumps(dict(
+      image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], size=dict(height=32,
+                                                                       width=32))))
+  for mean in (None, (0.1, 0.2, 0.3)):  # the default, and one set by hand
+    config = default_config('tiny')
+    config.model.image_init = str(tmp_path / 'vit')
+    if mean:
+      config.data.mean = mean
+    before = (tuple(config.data.mean), tuple(config.data.std))
+    hf_import.configure_pretrained_towers(config)
+    assert (tuple(config.data.mean), tuple(config.data.std)) == before
+    assert config.model.vision.width == 32
+
+
 def test_bad_vision_folders_are_refused_in_one_line(tmp_path):
   def refused(hf_config, match, weights=None):
     path = tmp_path / f'f{len(list(tmp_path.iterdir()))}'

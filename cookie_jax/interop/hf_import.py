@@ -279,7 +279,7 @@ def pretrained_sizes(config: ml_collections.ConfigDict, tower: str, path=None) -
 
 def _preprocessing(config, path) -> None:
   """config.data.mean / std from the image folder's preprocessor_config.json, unless the
-  config sets other values by hand."""
+  config sets other values by hand. Not for ViTModel folders (configure_pretrained_towers)."""
   wanted = hf_vision.preprocessor(_local(path, _where('vision', path)))
   defaults = data_defaults.data_config()
   for key in ('mean', 'std'):
@@ -302,7 +302,9 @@ def configure_pretrained_towers(config: ml_collections.ConfigDict
   for tower in TOWERS:
     if m.get(TOWERS[tower][1], ''):
       m[tower].update(pretrained_sizes(config, tower))
-  if m.get('image_init', ''):
+  # ViTModel folders keep the normalisation they had before the other families came
+  # (config.data's), so that a run started then resumes unchanged.
+  if m.get('image_init', '') and vit.transformers_family(m.vision) != 'vit':
     _preprocessing(config, m.image_init)
   if m.get('text_init', ''):
     where = _where('text', m.text_init)
