@@ -16,8 +16,10 @@ from cookie_jax.errors import ConfigError
 
 _HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')
 # What a tower or tokenizer folder needs; the rest of a repository (other frameworks'
-# weights, images) is not fetched.
-PATTERNS = ('*.json', '*.safetensors', '*.txt', '*.model', 'pytorch_model.bin')
+# weights, images) is not fetched. The weights: safetensors (one file or shards) where the
+# repository has them, else PyTorch's pickles (one file or shards), never both.
+PATTERNS = ('*.json', '*.txt', '*.model', '*.safetensors')
+TORCH_PATTERNS = ('*.json', '*.txt', '*.model', 'pytorch_model*.bin')
 _TRUE = ('1', 'true', 'yes', 'on')
 
 
@@ -44,10 +46,15 @@ def resolve(path, where: str) -> str:
     raise ConfigError(f'{where}: {path!r} is not a local folder and looks like a Hub id, '
                       'which needs huggingface_hub (pip install huggingface_hub).') from None
   offline = os.environ.get('HF_HUB_OFFLINE', '').lower() in _TRUE
-  try:
+  def fetch(patterns):
     return huggingface_hub.snapshot_download(
         os.fspath(path), cache_dir=_cache_dir(), local_files_only=offline,
-        allow_patterns=list(PATTERNS))
+        allow_patterns=list(patterns))
+  try:
+    folder = fetch(PATTERNS)
+    if not any(epath.Path(folder).glob('*.safetensors')):
+      folder = fetch(TORCH_PATTERNS)  # a repository with PyTorch weights only
+    return folder
   except Exception as e:  # pylint: disable=broad-except
     # Offline without the files, a private or missing repository, no network: one line.
     mode = 'HF_HUB_OFFLINE=1, and the cache lacks it' if offline else type(e).__name__

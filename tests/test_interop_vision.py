@@ -3,6 +3,7 @@ SiglipModel too), DINOv2 and DINOv2 with registers, in from a transformers folde
 out to the same class, compared number for number with transformers' own forward."""
 
 import json
+import pathlib
 import shutil
 
 from flax import nnx
@@ -374,3 +375,42 @@ def test_hub_ids_resolve_from_the_cache_offline(tmp_path, monkeypatch):
   with pytest.raises(ConfigError, match=r"'someone/absent' is neither a local folder nor a "
                      r'Hub id that could be fetched \(HF_HUB_OFFLINE=1, and the cache lacks'):
     hf_import.tower_weights('someone/absent', 'vision')
+
+
+def test_hub_fetches_safetensors_where_present_else_the_torch_shards(tmp_path, monkeypatch):
+  """Online: one kind of weights per repository, sharded pickles included; offline: the
+  cache's snapshot (the layout of the test above) whatever weights it holds."""
+  import fnmatch  # pylint: disable=g-import-not-at-top
+  import huggingface_hub  # pylint: disable=g-import-not-at-top
+  from cookie_jax import hub  # pylint: disable=g-import-not-at-top
+  shards = ['pytorch_model-00001-of-00002.bin', 'pytorch_model-00002-of-00002.bin']
+  remote = {'someone/both': ['config.json', 'model.safetensors', 'pytorch_model.bin',
+                             'flax_model.msgpack'],
+            'someone/pickles': ['config.json', 'pytorch_model.bin.index.json', *shards]}
+  real = huggingface_hub.snapshot_download
+
+  def fake(repo_id, *, cache_dir, local_files_only, allow_patterns):
+    folder = tmp_path / 'online' / repo_id
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in remote[repo_id]:
+      if any(fnmatch.fnmatch(name, p) for p in allow_patterns):
+        (folder / name).write_text('x')
+    return str(folder)
+  monkeypatch.setattr(huggingface_hub, 'snapshot_download', fake)
+  monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
+  got = lambda repo: sorted(p.name for p in pathlib.Path(hub.resolve(repo, 'here')).iterdir())
+  assert got('someone/both') == ['config.json', 'model.safetensors']
+  assert got('someone/pickles') == sorted(['config.json', 'pytorch_model.bin.index.json',
+                                           *shards])
+  monkeypatch.setattr(huggingface_hub, 'snapshot_download', real)
+  commit = '0123456789abcdef0123456789abcdef01234567'
+  repo = tmp_path / 'cache' / 'models--someone--pickles'
+  snapshot = repo / 'snapshots' / commit
+  snapshot.mkdir(parents=True)
+  for name in remote['someone/pickles']:
+    (snapshot / name).write_text('x')
+  (repo / 'refs').mkdir()
+  (repo / 'refs' / 'main').write_text(commit)
+  monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path / 'cache'))
+  monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+  assert hub.resolve('someone/pickles', 'here') == str(snapshot)
