@@ -56,15 +56,9 @@ def vit_config(vision_cfg) -> dict:
   return hf_vision.config_json(vision_cfg)
 
 
-def _get(params, path):
-  for k in path:
-    params = params[k]
-  return params
-
-
 def state_dict(params, rules) -> dict[str, np.ndarray]:
   """{torch key: float32 array} of the parameters the rules name."""
-  return {key: keys.to_torch(_get(params, path), layout) for key, path, layout in rules}
+  return {key: keys.to_torch(keys.get_path(params, path), layout) for key, path, layout in rules}
 
 
 def _write_json(path: pathlib.Path, obj) -> None:

@@ -24,12 +24,11 @@ import numpy as np
 
 from cookie_jax import hub
 from cookie_jax.config import ConfigError
+from cookie_jax.data import defaults as data_defaults
 from cookie_jax.interop import TORCH_CPU_INSTALL, hf_text, hf_vision, keys
-from cookie_jax.models import bert
+from cookie_jax.models import bert, vit
 from cookie_jax.models.bert import Bert
 from cookie_jax.models.cookie import DTYPES
-from cookie_jax.data import defaults as data_defaults
-from cookie_jax.models import vit
 from cookie_jax.models.presets import model_config
 from cookie_jax.models.vit import ViT
 
@@ -166,7 +165,7 @@ def _check_shapes(flat: dict, rules, tower: str, settings: dict, where: str) -> 
   for key, path, layout in rules:
     if path not in flat:
       continue
-    want = _get(shapes, path).shape
+    want = keys.get_path(shapes, path).shape
     if tuple(flat[path].shape) != tuple(want):
       have = keys.to_torch(flat[path], layout).shape
       want = keys.to_torch(np.zeros(want, np.float32), layout).shape
@@ -176,17 +175,12 @@ def _check_shapes(flat: dict, rules, tower: str, settings: dict, where: str) -> 
           'the folder with `save_pretrained`, or fix config.json.')
 
 
-def _get(tree, path):
-  for k in path:
-    tree = tree[k]
-  return tree
-
-
-def tower_weights(path, tower: str, where: str | None = None) -> tuple[dict, dict]:
+def tower_weights(path, tower: str, where: str | None = None, found=None
+                  ) -> tuple[dict, dict]:
   """(settings, {path in the tower's parameter dict: array}) of a local HF folder;
-  settings as `tower_settings`."""
+  settings as `tower_settings`, whose (family, settings) `found` may already hold."""
   where = where or _where(tower, path)
-  family, settings = tower_settings(path, tower, where)
+  family, settings = found or tower_settings(path, tower, where)
   tensors = keys.normalize_keys(read_weights(path, where), family)
   rules = (keys.bert_rules(settings['depth']) if tower == 'text' else
            hf_vision.rules(family, ml_collections.ConfigDict(settings)))
@@ -350,8 +344,9 @@ def apply_pretrained_towers(config: ml_collections.ConfigDict, params):
     if not path:
       continue
     where = _where(tower, path)
-    family, _ = tower_settings(path, tower, where)
-    sizes, flat = tower_weights(path, tower, where)
+    found = tower_settings(path, tower, where)  # config.json, read once
+    family = found[0]
+    sizes, flat = tower_weights(path, tower, where, found)
     for key, value in sizes.items():
       if config.model[tower][key] != value and key not in hf_vision.FREE_KEYS.get(family, ()):
         raise ConfigError(

@@ -258,3 +258,10 @@ def normalize_keys(tensors: dict, model_type: str) -> dict:
       key = pattern.sub(repl, key)
     out[key] = value
   return out
+
+
+def get_path(tree, path):
+  """The leaf of the nested dict `tree` at the key tuple `path` (a rule's `ours`)."""
+  for k in path:
+    tree = tree[k]
+  return tree
