@@ -18,7 +18,8 @@ captions, every frame of a video clip, and the momentum encoder's keys.
 
 The two cost levers of issue 20 are counted as the program runs them:
 - **Patch dropout** (`model.vision.patch_dropout`): in training, the image blocks, the
-  temporal step and the shared layers' image path run on CLS + `keep_count(N)` tokens;
+  temporal step and the shared layers' image path run on the prefix tokens (class token,
+  registers) + `keep_count(N)` patches;
   the patch embedding still embeds all N patches; evaluation keeps all.
 - **Locked parameters** (`train.freeze`): `stop_gradient` before the model means autodiff
   builds only the gradients something trained needs. A stage (the patch embedding, one

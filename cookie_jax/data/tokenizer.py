@@ -3,7 +3,9 @@ WordPiece ([CLS] text [SEP], [PAD]), or a RoBERTa / XLM-R tokenizer.json (<s> te
 <pad>), whichever special tokens the vocabulary has.
 
 Everything is read from files, local or gs:// (through `etils.epath`): a directory
-holding `tokenizer.json` or `vocab.txt`, or either file itself; nothing is downloaded. For the synthetic dataset a vocabulary is trained at build time and
+holding `tokenizer.json` or `vocab.txt`, or either file itself; a Hugging Face Hub id
+(`owner/name`, cookie_jax/hub.py) is fetched into the Hub cache (only read from it with
+HF_HUB_OFFLINE=1). For the synthetic dataset a vocabulary is trained at build time and
 shipped in the dataset's metadata, so the default config runs with no download at all.
 """
 
@@ -137,7 +139,7 @@ def tokenizer_from_path(path: str, lowercase: bool = True) -> Tokenizer:
   if not p.is_file():
     raise FileNotFoundError(
         f'config.data.tokenizer={path!r}: no such file or folder. Give a folder (local or '
-        "gs://...) with 'tokenizer.json' or 'vocab.txt' (nothing is downloaded), or '' for "
+        "gs://...) with 'tokenizer.json' or 'vocab.txt', a Hub id (owner/name), or '' for "
         "the synthetic dataset's own vocabulary.")
   if p.name.endswith('.json'):
     return Tokenizer.from_str(p.read_text(encoding='utf-8'))
