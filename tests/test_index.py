@@ -96,11 +96,14 @@ def test_build_and_query_a_folder_with_a_corrupt_file(setup, tmp_path):
 
 def test_unknown_words_are_those_spelled_out_or_unknown():
   from cookie_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
-  vocab = list(tok_lib.SPECIAL_TOKENS) + ['a', 'red', 'circle', 'of', 'left', 'blue',
-                                          'sq', '##uare'] + list('photowmn') + [
-                                              f'##{c}' for c in 'photowmn']
-  tok = tok_lib.finalize(tok_lib.wordpiece_tokenizer(vocab), 16)
-  assert tok_lib.unknown_words(tok, 'a red circle left of a blue square') == []
+  vocab = list(tok_lib.SPECIAL_TOKENS) + [
+      'a', 'red', 'circle', 'of', 'left', 'blue', 'sq', '##uare', 'em', '##bed', '##ding',
+      '##om'] + list('photowmns') + [f'##{c}' for c in 'photowmns']
+  tok = tok_lib.finalize(tok_lib.wordpiece_tokenizer(vocab), 24)
+  # Whole words, and a word in sub-words mostly longer than two characters (as BERT
+  # splits a rare word), are known.
+  assert tok_lib.unknown_words(tok, 'a red circle left of a blue square embeddings') == []
+  # Spelled out: p ##h ##o ##t ##o, and w ##om ##a ##n (as the demo's vocabulary does).
   assert tok_lib.unknown_words(tok, 'A photo of a Woman') == ['photo', 'Woman']
   assert tok_lib.unknown_words(tok, 'a red zebra') == ['zebra']  # [UNK]
 

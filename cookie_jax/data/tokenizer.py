@@ -184,9 +184,10 @@ def encode(tok: Tokenizer, texts: Sequence[str]) -> dict[str, np.ndarray]:
 
 def unknown_words(tok: Tokenizer, text: str) -> list[str]:
   """The words of `text` the vocabulary does not know: those that tokenise to the unknown
-  token, or, longer than one character, only into single characters (spelled out letter by
-  letter, as the synthetic set's 1,024-token vocabulary spells "woman"). The model has
-  seen no such word in training, so a query made of them retrieves by its spelling."""
+  token, or that it spells out, in pieces most of which are one or two characters long
+  (the synthetic set's vocabulary, trained on its captions, gives "w ##om ##a ##n" for
+  "woman"; BERT's whole-word and long sub-word pieces pass). The model has seen no such
+  word in training, so a query made of them retrieves by its spelling."""
   enc = tok.encode(text)
   unk = {SPECIALS[style]['unk_token'] for style in SPECIALS}
   pieces = collections.defaultdict(list)
@@ -198,7 +199,8 @@ def unknown_words(tok: Tokenizer, text: str) -> list[str]:
   for parts in pieces.values():
     word = text[parts[0][1]:parts[-1][2]]
     bare = [t.removeprefix('##').lstrip('\u0120\u2581') for t, _, _ in parts]
-    if any(t in unk for t, _, _ in parts) or (len(word) > 1 and max(map(len, bare)) <= 1):
+    short = sum(len(t) <= 2 for t in bare)
+    if any(t in unk for t, _, _ in parts) or (len(parts) > 1 and 2 * short > len(parts)):
       out.append(word)
   return out
 
