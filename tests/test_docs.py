@@ -225,3 +225,15 @@ def test_links_point_at_files_and_headings_that_exist():
       elif anchor and dest.suffix == '.md' and anchor not in _anchors(dest):
         broken.append(f'{page.name}: ({target}): no such heading')
   assert not broken, '\n'.join(broken)
+
+
+def test_ci_runs_the_readmes_test_command_verbatim():
+  """README's two set-up commands are the first two bash blocks under "## Set-up"; CI
+  (.ci/run) runs the second, the test command, as it is written there."""
+  text = (ROOT / 'README.md').read_text(encoding='utf-8')
+  setup = text.split('\n## Set-up\n', 1)[1].split('\n## ', 1)[0]
+  demo, tests = [body.strip() for _, body in re.findall(r'^```(bash)\n(.*?)^```', setup,
+                                                         flags=re.S | re.M)][:2]
+  assert demo.startswith('pip install -r requirements.txt -e . && python launch/train.py ')
+  ci = (ROOT / '.ci' / 'run').read_text(encoding='utf-8').splitlines()
+  assert tests in ci, f'.ci/run does not run the README\'s test command {tests!r}'
