@@ -24,23 +24,33 @@ COMMAND = 'python -m cookie_jax.config_doc'
 
 # Section -> its keys' meanings: one line each, what the value means and what 0 / '' does.
 _MODEL = {
-    'preset': "the named size the model came from: 'tiny', 'small', 'base' or 'large' (models/presets.py)",
-    'vision_preset': "a named image tower (CLIP's B/32, B/16, L/14; SigLIP's So400m/14) in place of the preset's; '' = the preset's",
+    'preset': ("the named size the model came from: 'tiny', 'small', 'base' or 'large' "
+               '(models/presets.py)'),
+    'vision_preset': ("a named image tower (CLIP's B/32, B/16, L/14; SigLIP's So400m/14) in place "
+                      "of the preset's; '' = the preset's"),
     'embed_dim': 'width of the shared embedding space both sides are projected into',
-    'image_pool': "pooling of the image path: 'cls', 'mean' over patches, or 'tower' (the image tower's own pooled output; shared.depth=0 only)",
+    'image_pool': ("pooling of the image path: 'cls', 'mean' over patches, or 'tower' (the image "
+                   "tower's own pooled output; shared.depth=0 only)"),
     'text_pool': "pooling of the text path's shared-transformer output: 'cls' or masked 'mean'",
     'temperature_init': 'initial softmax temperature; the model learns log(1/temperature)',
     'max_logit_scale': "upper bound of the logit scale 1/temperature (CLIP's clamp)",
-    'logit_bias': "a learned logit bias, the c of SigLIP's sigmoid loss (needs loss.cross_modal.form='sigmoid')",
+    'logit_bias': ("a learned logit bias, the c of SigLIP's sigmoid loss (needs "
+                   "loss.cross_modal.form='sigmoid')"),
     'logit_bias_init': 'initial value of that bias (SigLIP: -10)',
     'dtype': 'compute dtype of the matmuls; parameters, LayerNorm, softmax and losses stay fp32',
-    'remat': 'rematerialise each transformer block in the backward pass (less activation memory, more compute)',
-    'image_partner_dim': "width of external image partner embeddings (loss.visual.partner='external'); 0 = none",
-    'text_partner_dim': "width of external text partner embeddings (loss.textual.partner='external'); 0 = none",
+    'remat': ('rematerialise each transformer block in the backward pass (less activation memory, '
+              'more compute)'),
+    'image_partner_dim': ('width of external image partner embeddings '
+                          "(loss.visual.partner='external'); 0 = none"),
+    'text_partner_dim': ('width of external text partner embeddings '
+                         "(loss.textual.partner='external'); 0 = none"),
     'num_prototypes': "learnable prototypes of CODER's online clustering (loss.cluster); 0 = none",
-    'concept_gcn_depth': "layers of the GCN over CODER's concept graph (loss.concept); 0 = no concept branch",
-    'text_init': "a Hugging Face BERT / RoBERTa / XLM-R folder or Hub id to start the text tower from; '' = random init",
-    'image_init': "a Hugging Face ViT / CLIP / SigLIP / DINOv2 folder or Hub id to start the image tower from; '' = random init",
+    'concept_gcn_depth': ("layers of the GCN over CODER's concept graph (loss.concept); 0 = no "
+                          'concept branch'),
+    'text_init': ('a Hugging Face BERT / RoBERTa / XLM-R folder or Hub id to start the text tower '
+                  "from; '' = random init"),
+    'image_init': ('a Hugging Face ViT / CLIP / SigLIP / DINOv2 folder or Hub id to start the '
+                   "image tower from; '' = random init"),
 }
 _BLOCKS = {  # keys every transformer stack has (vision, text, shared, video)
     'width': 'hidden width of the tokens',
@@ -53,57 +63,78 @@ _BLOCKS = {  # keys every transformer stack has (vision, text, shared, video)
 _VISION = {
     'image_size': 'input images are resized to this many pixels a side',
     'patch_size': 'pixels a side of each patch token',
-    'patch_dropout': "FLIP's patch dropout: the fraction of patch tokens dropped per image in training, in [0, 1)",
+    'patch_dropout': ("FLIP's patch dropout: the fraction of patch tokens dropped per image in "
+                      'training, in [0, 1)'),
     'class_token': 'a learned class token first (False: SigLIP, patches only)',
     'registers': "DINOv2's register tokens after the class token; 0 = none",
     'patch_bias': "the patch embedding's bias (CLIP has none)",
     'pre_norm': "a LayerNorm right after the embeddings (CLIP's pre_layrnorm)",
-    'final_norm': "'tokens': the last LayerNorm on every token; 'pooled': on the pooled class token only (CLIP)",
-    'activation': "the MLP's activation: erf 'gelu', 'gelu_pytorch_tanh' (SigLIP), 'quick_gelu' (CLIP)",
+    'final_norm': ("'tokens': the last LayerNorm on every token; 'pooled': on the pooled class "
+                   'token only (CLIP)'),
+    'activation': ("the MLP's activation: erf 'gelu', 'gelu_pytorch_tanh' (SigLIP), 'quick_gelu' "
+                   '(CLIP)'),
     'layer_norm_eps': "every LayerNorm's epsilon (ViT 1e-12, CLIP 1e-5, SigLIP / DINOv2 1e-6)",
     'layer_scale': "LayerScale's initial value on both residual branches (DINOv2); 0 = none",
-    'position_grid': 'side of the learned position table, resized to the patch grid; 0 = image_size // patch_size',
-    'position_interpolation': "how that table is resized: 'bicubic' (Dinov2Model) or 'bicubic_antialias' (with registers)",
-    'pooler': "the tower's pooled output: 'tanh' (ViTModel), 'cls' (CLIP, DINOv2) or 'map' (SigLIP's attention pooling)",
-    'mask_token': "DINOv2's mask token: never used, kept so that a checkpoint imports and exports whole",
+    'position_grid': ('side of the learned position table, resized to the patch grid; 0 = '
+                      'image_size // patch_size'),
+    'position_interpolation': ("how that table is resized: 'bicubic' (Dinov2Model) or "
+                               "'bicubic_antialias' (with registers)"),
+    'pooler': ("the tower's pooled output: 'tanh' (ViTModel), 'cls' (CLIP, DINOv2) or 'map' "
+               "(SigLIP's attention pooling)"),
+    'mask_token': ("DINOv2's mask token: never used, kept so that a checkpoint imports and "
+                   'exports whole'),
 }
 _TEXT = {
     'vocab_size': 'rows of the word-embedding table (the tokenizer must fit in it)',
     'max_positions': 'rows of the position-embedding table: the longest text the tower takes',
     'type_vocab_size': "rows of the token-type table (BERT 2, RoBERTa 1)",
-    'positions': "'absolute' (BERT) or 'after_padding' (RoBERTa, XLM-R: positions count past pad_token_id)",
+    'positions': ("'absolute' (BERT) or 'after_padding' (RoBERTa, XLM-R: positions count past "
+                  'pad_token_id)'),
     'pad_token_id': 'the padding id those positions count past (RoBERTa and XLM-R: 1)',
     'layer_norm_eps': "every LayerNorm's epsilon (BERT 1e-12, RoBERTa and XLM-R 1e-5)",
     'hf_class': 'the transformers class an export writes for this tower',
 }
 _SHARED = {
-    'modality_embedding': 'a learned per-modality vector added to the tokens before the shared layers',
+    'modality_embedding': ('a learned per-modality vector added to the tokens before the shared '
+                           'layers'),
     'modality_layernorm': 'a final LayerNorm per modality (True) or one for both (False)',
 }
 _VIDEO = {
-    'num_frames': 'frames per clip the model takes at most (the temporal position table); 0 = an image-only model',
-    'temporal': "how frames become one token sequence: 'mean' over frames, or 'transformer' (attention across frames, then the mean)",
+    'num_frames': ('frames per clip the model takes at most (the temporal position table); 0 = an '
+                   'image-only model'),
+    'temporal': ("how frames become one token sequence: 'mean' over frames, or 'transformer' "
+                 '(attention across frames, then the mean)'),
 }
 _LOSS = {
     'cross_modal.weight': 'weight of the image<->text InfoNCE in the total; 0 = off',
-    'cross_modal.temperature': "0 = the model's learned temperature; > 0 = fixed (VLDeformer: 0.02)",
-    'cross_modal.negative_weighting': "'none' (InfoNCE), 'diversity' (CODER's weights) or 'topk' (only the topk hardest negatives)",
+    'cross_modal.temperature': ("0 = the model's learned temperature; > 0 = fixed (VLDeformer: "
+                                '0.02)'),
+    'cross_modal.negative_weighting': ("'none' (InfoNCE), 'diversity' (CODER's weights) or 'topk' "
+                                       '(only the topk hardest negatives)'),
     'cross_modal.diversity_beta': "beta of CODER's diversity weights exp(beta * sim); 0 = InfoNCE",
     'cross_modal.topk': "negatives kept per row with negative_weighting='topk'",
-    'cross_modal.form': "'softmax' (InfoNCE) or 'sigmoid' (SigLIP's pairwise loss as a ring; needs model.logit_bias)",
+    'cross_modal.form': ("'softmax' (InfoNCE) or 'sigmoid' (SigLIP's pairwise loss as a ring; "
+                         'needs model.logit_bias)'),
     'visual.weight': 'weight of the image<->image knowledge-sharing term; 0 = off',
-    'visual.partner': "'augmented' (a second augmented view) or 'external' (a given partner embedding)",
+    'visual.partner': ("'augmented' (a second augmented view) or 'external' (a given partner "
+                       'embedding)'),
     'visual.temperature': 'fixed temperature of the visual term',
     'textual.weight': 'weight of the text<->text knowledge-sharing term; 0 = off',
     'textual.partner': "'dropout' (a second pass with another dropout mask) or 'external'",
     'textual.temperature': 'fixed temperature of the textual term',
-    'chunk_size': 'negatives per chunk of the InfoNCE logsumexp (same loss, B_local x chunk logits); 0 = unchunked',
-    'fuse_views': "'on': all views of a step through each tower as one batch; 'off': one pass per view; 'auto': on over >1 device",
-    'hard_negatives.captions': "VLDeformer's composed negative captions (one word swapped within its group)",
+    'chunk_size': ('negatives per chunk of the InfoNCE logsumexp (same loss, B_local x chunk '
+                   'logits); 0 = unchunked'),
+    'fuse_views': ("'on': all views of a step through each tower as one batch; 'off': one pass "
+                   "per view; 'auto': on over >1 device"),
+    'hard_negatives.captions': ("VLDeformer's composed negative captions (one word swapped within "
+                                'its group)'),
     'hard_negatives.images': "VLDeformer's composed negative images (mixed with the next image)",
-    'hard_negatives.image_mix': "how images are mixed: 'region' (a pasted rectangle) or 'patch' (a share of the patches)",
-    'hard_negatives.word_groups': "a JSON file of word lists to swap within; '' = colours/shapes/sides or mined content words",
-    'momentum.queue_size': "keys of CODER's momentum encoder kept as extra negatives (a multiple of the batch); 0 = off",
+    'hard_negatives.image_mix': ("how images are mixed: 'region' (a pasted rectangle) or 'patch' "
+                                 '(a share of the patches)'),
+    'hard_negatives.word_groups': ("a JSON file of word lists to swap within; '' = "
+                                   'colours/shapes/sides or mined content words'),
+    'momentum.queue_size': ("keys of CODER's momentum encoder kept as extra negatives (a multiple "
+                            'of the batch); 0 = off'),
     'momentum.momentum': 'EMA rate of the momentum encoder, in [0, 1)',
     'cluster.weight': "weight of CODER's online-clustering term; 0 = off",
     'cluster.temperature': 'softmax temperature of the code predictions',
@@ -116,19 +147,24 @@ _LOSS = {
 }
 _SIZES = {
     'train_images': 'training images generated', 'train_clips': 'training clips generated',
-    'train_captions': 'captions per training item', 'eval_images': 'images per eval split (val, test)',
+    'train_captions': 'captions per training item',
+    'eval_images': 'images per eval split (val, test)',
     'eval_clips': 'clips per eval split (val, test)', 'eval_captions': 'captions per eval item',
     'image_size': 'stored pixels a side', 'frames': 'frames stored per clip',
     'seed': "the dataset's own seed, independent of the training seed",
     'vocab_size': 'upper bound of the WordPiece vocabulary trained on its captions',
 }
 _DATA = {
-    'builder': "what is read: the embedded 'synthetic' set, COCO / Flickr30K 'karpathy' folders, any 'tfds' set, 'img2dataset' shards, or video",
-    'data_dir': "where tfds datasets are written and read (local or gs://); '' = ~/tensorflow_datasets",
+    'builder': ("what is read: the embedded 'synthetic' set, COCO / Flickr30K 'karpathy' folders, "
+                "any 'tfds' set, 'img2dataset' shards, or video"),
+    'data_dir': ("where tfds datasets are written and read (local or gs://); '' = "
+                 '~/tensorflow_datasets'),
     'max_len': 'token length after truncation and padding',
-    'tokenizer': "a folder, file or Hub id with tokenizer.json or vocab.txt; '' = the synthetic dataset's own vocabulary",
+    'tokenizer': ("a folder, file or Hub id with tokenizer.json or vocab.txt; '' = the synthetic "
+                  "dataset's own vocabulary"),
     'lowercase': 'lowercase before WordPiece (for a bare vocab.txt; tokenizer.json says itself)',
-    'manual_dir': "the raw files, read only to build the dataset (Karpathy, MSRVTT or img2dataset folder)",
+    'manual_dir': ('the raw files, read only to build the dataset (Karpathy, MSRVTT or '
+                   'img2dataset folder)'),
     'karpathy_dataset': "builder='karpathy': which dataset's split file",
     'tfds_name': "builder='tfds': a prepared dataset, e.g. 'coco_captions' (never downloaded here)",
     'tfds_image_key': "builder='tfds': the image feature ('/' goes into nested features)",
@@ -136,18 +172,23 @@ _DATA = {
     'train_split': 'tfds split expression trained on',
     'val_split': 'tfds split expression validated on',
     'test_split': 'tfds split expression tested on after training',
-    'img2dataset.name': "the corpus's name in the built copy's folder; '' = the folder's name and a hash of its path",
+    'img2dataset.name': ("the corpus's name in the built copy's folder; '' = the folder's name "
+                         'and a hash of its path'),
     'img2dataset.max_side': 'longer side of stored images at most; 0 = keep the size',
     'img2dataset.quality': 'JPEG quality of re-encoded images',
     'img2dataset.val_fraction': "fraction of keys (by hash) that go to 'val'; the rest is 'train'",
     'img2dataset.workers': 'processes of a local build, each taking whole shards; 0 = one per core',
     'num_frames': 'video: frames per clip fed, evenly spread over those stored; 0 = all',
-    'msrvtt.train_list': "MSRVTT training videos: '9k' (all outside the 1k-A test) or '7k' (official train + validate)",
+    'msrvtt.train_list': ("MSRVTT training videos: '9k' (all outside the 1k-A test) or '7k' "
+                          '(official train + validate)'),
     'msrvtt.frames': 'frames sampled per clip when building (segment centres)',
     'msrvtt.image_size': 'stored frame size (shorter side resized, centre-cropped)',
-    'mixture': "weighted training datasets: ((overrides of the builder keys, weight), ...); () = this dataset alone",
-    'group_size': 'consecutive stored records drawn together into one batch (2 = the synthetic twins); 1 = independent',
-    'cache_mb': 'keep equal-sized decoded images in memory when the split needs at most this many MB; 0 = never',
+    'mixture': ('weighted training datasets: ((overrides of the builder keys, weight), ...); () = '
+                'this dataset alone'),
+    'group_size': ('consecutive stored records drawn together into one batch (2 = the synthetic '
+                   'twins); 1 = independent'),
+    'cache_mb': ('keep equal-sized decoded images in memory when the split needs at most this '
+                 'many MB; 0 = never'),
     'crop_scale': 'random resized crop: range of the fraction of the image area kept',
     'crop_ratio': 'random resized crop: range of aspect ratios',
     'flip': "random horizontal flip (off: captions say 'left' and 'right')",
@@ -155,11 +196,13 @@ _DATA = {
     'std': 'per-channel standard deviation the pixels are divided by',
     'num_parallel_calls': 'tf.data parallelism of decoding and augmentation; -1 = autotune',
     'prefetch': 'batches tf.data prepares ahead; -1 = autotune',
-    'device_prefetch': 'global batches a background thread puts on the devices ahead of the step; 0 = none',
+    'device_prefetch': ('global batches a background thread puts on the devices ahead of the '
+                        'step; 0 = none'),
 }
 _OPTIM = {
     'lr': 'peak learning rate (AdamW)', 'warmup_steps': 'steps of linear warmup from 0',
-    'schedule': 'the decay after warmup', 'end_lr_factor': 'final learning rate as a fraction of lr',
+    'schedule': 'the decay after warmup',
+    'end_lr_factor': 'final learning rate as a fraction of lr',
     'weight_decay': 'AdamW weight decay (not on biases, norms or frozen parameters)',
     'b1': "Adam's first-moment decay", 'b2': "Adam's second-moment decay",
     'eps': "Adam's epsilon", 'clip_norm': 'global-norm gradient clipping; 0 = off',
@@ -168,13 +211,16 @@ _TRAIN = {
     'batch_size': 'global batch over all processes and devices',
     'steps': 'training steps',
     'log_every': 'steps between logged metrics (metrics.jsonl, TensorBoard, progress bar)',
-    'accum_steps': 'micro-batches per step (GradCache: the loss still sees the whole batch as negatives)',
+    'accum_steps': ('micro-batches per step (GradCache: the loss still sees the whole batch as '
+                    'negatives)'),
     'init_from': "fine-tuning: another run's workdir or checkpoint to start from; '' = random init",
     'init_step': 'the step of init_from; -1 = its latest',
-    'freeze': "locked parameters (LiT): regular expressions over '/'-joined paths, e.g. ('vision',); () = none",
+    'freeze': ("locked parameters (LiT): regular expressions over '/'-joined paths, e.g. "
+               "('vision',); () = none"),
     'progress_bar': 'a console progress bar (process 0)',
     'peak_flops': "peak FLOP/s of one device for MFU; 0 = looked up by device kind (none for CPUs)",
-    'profile_steps': 'a jax.profiler trace of steps (start, stop) into WORKDIR/profile; (0, 0) = none',
+    'profile_steps': ('a jax.profiler trace of steps (start, stop) into WORKDIR/profile; (0, 0) = '
+                      'none'),
     'wandb_project': "mirror metrics to this Weights & Biases project ('[wandb]' extra); '' = off",
     'wandb_entity': "the W&B entity; '' = your default",
     'wandb_run': "the W&B run's display name; '' = W&B's choice",
@@ -183,7 +229,8 @@ _EVAL = {
     'batch_size': 'global batch of the encoders in validation and test',
     'every': 'validation retrieval every N steps; 0 = never during training',
     'test_at_end': 'evaluate the test split after training (WORKDIR/test_retrieval.json)',
-    'data': "the dataset validation and test read, as config.data keys on top of it; {} = config.data's",
+    'data': ('the dataset validation and test read, as config.data keys on top of it; {} = '
+             "config.data's"),
 }
 _MESH = {
     'data': 'devices on the data axis (batch only); -1 = the devices left over',
