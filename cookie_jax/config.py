@@ -13,8 +13,8 @@ from absl import logging
 import ml_collections
 
 from cookie_jax.errors import ConfigError
-from cookie_jax.data.defaults import (VIDEO_BUILDERS, data_config, eval_data_config,
-                                     validate_data_config)
+from cookie_jax.data.defaults import (DATA_CHOICES, VIDEO_BUILDERS, data_config,
+                                     eval_data_config, one_of, validate_data_config)
 from cookie_jax.losses import LOSS_NAMES
 from cookie_jax.models import bert, vit
 from cookie_jax.models.cookie import DTYPES
@@ -23,6 +23,36 @@ from cookie_jax.models.positions import METHODS as POSITION_METHODS
 from cookie_jax.models.presets import VISION_PRESETS, model_config
 from cookie_jax.optim import SCHEDULES
 from cookie_jax.sharding import BATCH_AXES, MESH_AXES, mesh_shape
+
+
+# The allowed values of every key that takes one of a few: the one place each is written.
+# validate_config checks against them, and docs/configuration.md lists them
+# (python -m cookie_jax.config_doc).
+CHOICES = {
+    'model.vision_preset': ('',) + tuple(VISION_PRESETS),
+    'model.vision.final_norm': ('tokens', 'pooled'),
+    'model.vision.activation': tuple(ACTIVATIONS),
+    'model.vision.position_interpolation': tuple(POSITION_METHODS),
+    'model.vision.pooler': ('tanh', 'cls', 'map'),
+    'model.text.positions': tuple(bert.POSITIONS),
+    'model.text.hf_class': tuple(bert.HF_CLASSES),
+    'model.video.temporal': ('mean', 'transformer'),
+    'model.image_pool': ('cls', 'mean', 'tower'),
+    'model.text_pool': ('cls', 'mean'),
+    'model.dtype': tuple(DTYPES),
+    'loss.cross_modal.negative_weighting': ('none', 'diversity', 'topk'),
+    'loss.cross_modal.form': ('softmax', 'sigmoid'),
+    'loss.visual.partner': ('augmented', 'external'),
+    'loss.textual.partner': ('dropout', 'external'),
+    'loss.fuse_views': ('auto', 'on', 'off'),
+    'loss.hard_negatives.image_mix': ('region', 'patch'),
+    'optim.schedule': tuple(SCHEDULES),
+    **{f'data.{key}': allowed for key, allowed in DATA_CHOICES.items()},
+}
+
+
+def _choice(key, value):
+  _require(value in CHOICES[key], key, value, one_of(CHOICES[key]))
 
 
 def default_config(preset: str = 'tiny', vision: str = '') -> ml_collections.ConfigDict:
@@ -322,13 +352,10 @@ def _check_method_options(config):
   cm = losses.cross_modal
   _require(cm.temperature >= 0, 'loss.cross_modal.temperature', cm.temperature,
            'must be >= 0 (0 = the learned temperature).')
-  _require(cm.negative_weighting in ('none', 'diversity', 'topk'),
-           'loss.cross_modal.negative_weighting', cm.negative_weighting,
-           "use 'none', 'diversity' or 'topk'.")
+  _choice('loss.cross_modal.negative_weighting', cm.negative_weighting)
   _require(cm.topk >= 1, 'loss.cross_modal.topk', cm.topk, 'must be >= 1.')
   hn = losses.hard_negatives
-  _require(hn.image_mix in ('region', 'patch'), 'loss.hard_negatives.image_mix',
-           hn.image_mix, "use 'region' or 'patch'.")
+  _choice('loss.hard_negatives.image_mix', hn.image_mix)
   if hn.images:
     _require(m.video.num_frames == 0, 'loss.hard_negatives.images', hn.images,
              'composed negative images mix still images; turn it off for a video model '
@@ -377,8 +404,7 @@ def _check_cost_levers(config):
   """SigLIP's sigmoid form, locked parameters (LiT) and patch dropout (FLIP)."""
   losses, m = config.loss, config.model
   cm = losses.cross_modal
-  _require(cm.form in ('softmax', 'sigmoid'), 'loss.cross_modal.form', cm.form,
-           "use 'softmax' (InfoNCE) or 'sigmoid' (SigLIP).")
+  _choice('loss.cross_modal.form', cm.form)
   if cm.form == 'sigmoid' and cm.weight > 0:
     _require(m.logit_bias, 'model.logit_bias', m.logit_bias,
              "loss.cross_modal.form='sigmoid' learns a logit bias: set model.logit_bias="
@@ -419,8 +445,7 @@ def _check_video(config):
   v = config.model.video
   _require(v.num_frames >= 0, 'model.video.num_frames', v.num_frames,
            'must be >= 0 (0 = an image-only model).')
-  _require(v.temporal in ('mean', 'transformer'), 'model.video.temporal', v.temporal,
-           "use 'mean' or 'transformer'.")
+  _choice('model.video.temporal', v.temporal)
   if v.num_frames > 0 and v.temporal == 'transformer':
     _require(v.depth >= 1, 'model.video.depth', v.depth,
              "the temporal transformer needs >= 1 block; or use temporal='mean'.")
@@ -465,10 +490,8 @@ def _check_vision(m) -> None:
   # The options with their defaults where a hand-built config lacks them.
   v = ml_collections.ConfigDict(dict(vit.options(m.vision), image_size=m.vision.image_size,
                                      patch_size=m.vision.patch_size))
-  choices = (('final_norm', ('tokens', 'pooled')), ('activation', tuple(ACTIVATIONS)),
-             ('position_interpolation', POSITION_METHODS), ('pooler', ('tanh', 'cls', 'map')))
-  for key, allowed in choices:
-    _require(v[key] in allowed, f'model.vision.{key}', v[key], f'use one of {allowed}.')
+  for key in ('final_norm', 'activation', 'position_interpolation', 'pooler'):
+    _choice(f'model.vision.{key}', v[key])
   _require(v.layer_norm_eps > 0, 'model.vision.layer_norm_eps', v.layer_norm_eps,
            'must be positive, e.g. 1e-6.')
   _require(v.layer_scale >= 0, 'model.vision.layer_scale', v.layer_scale,
@@ -489,8 +512,7 @@ def _check_vision(m) -> None:
            'is a layout no transformers vision tower computes (models/vit.py '
            'FAMILY_LAYOUTS), so it could not be exported; start from the layout of one '
            '(models/presets.py: CLIP_LAYOUT, SIGLIP_LAYOUT, DINOV2_LAYOUT, or the defaults).')
-  pools = ('cls', 'mean', 'tower')
-  _require(m.image_pool in pools, 'model.image_pool', m.image_pool, f'use one of {pools}.')
+  _choice('model.image_pool', m.image_pool)
   if m.image_pool == 'cls':
     _require(v.class_token, 'model.image_pool', m.image_pool,
              "the image tower has no class token (vision.class_token=False); use 'mean' or "
@@ -506,10 +528,8 @@ def _check_text(text) -> None:
   """The text tower's layout options (models/bert.py)."""
   # The options with their defaults where a hand-built config lacks them.
   t = ml_collections.ConfigDict(dict(bert.options(text), vocab_size=text.vocab_size))
-  _require(t.positions in bert.POSITIONS, 'model.text.positions', t.positions,
-           f'use one of {bert.POSITIONS}.')
-  _require(t.hf_class in bert.HF_CLASSES, 'model.text.hf_class', t.hf_class,
-           f'use one of {tuple(bert.HF_CLASSES)}.')
+  _choice('model.text.positions', t.positions)
+  _choice('model.text.hf_class', t.hf_class)
   want = bert.HF_CLASSES[t.hf_class]
   _require(t.positions == want, 'model.text.positions', t.positions,
            f'{t.hf_class} computes positions={want!r}; set that, or the hf_class of '
@@ -536,13 +556,9 @@ def _check_model(config) -> None:
   _check_vision(m)
   # The named image tower of presets.VISION_PRESETS the vision sizes came from ('' = the
   # preset's own); image_init counts its values as defaults.
-  presets = ('',) + tuple(VISION_PRESETS)
-  _require(m.get('vision_preset', '') in presets, 'model.vision_preset',
-           m.get('vision_preset', ''), f'use one of {presets}.')
-  _require(m.text_pool in ('cls', 'mean'), 'model.text_pool', m.text_pool,
-           "use 'cls' or 'mean'.")
-  _require(m.dtype in DTYPES, 'model.dtype', m.dtype,
-           f'use one of {list(DTYPES)}.')
+  _choice('model.vision_preset', m.get('vision_preset', ''))
+  _choice('model.text_pool', m.text_pool)
+  _choice('model.dtype', m.dtype)
   _require(0 < m.temperature_init < 1e3, 'model.temperature_init', m.temperature_init,
            'must be a positive temperature such as 0.07.')
   _require(m.max_logit_scale >= 1.0 / m.temperature_init, 'model.max_logit_scale',
@@ -551,12 +567,9 @@ def _check_model(config) -> None:
 
 def _check_losses(config) -> None:
   m, losses = config.model, config.loss
-  _require(losses.visual.partner in ('augmented', 'external'), 'loss.visual.partner',
-           losses.visual.partner, "use 'augmented' or 'external'.")
-  _require(losses.textual.partner in ('dropout', 'external'), 'loss.textual.partner',
-           losses.textual.partner, "use 'dropout' or 'external'.")
-  _require(losses.fuse_views in ('auto', 'on', 'off'), 'loss.fuse_views', losses.fuse_views,
-           "use 'auto', 'on' or 'off'.")
+  _choice('loss.visual.partner', losses.visual.partner)
+  _choice('loss.textual.partner', losses.textual.partner)
+  _choice('loss.fuse_views', losses.fuse_views)
   for name in LOSS_NAMES:
     _require(losses[name].weight >= 0, f'loss.{name}.weight', losses[name].weight,
              'must be >= 0 (0 switches the term off).')
@@ -584,9 +597,7 @@ def _check_losses(config) -> None:
 
 def _check_optim_and_train(config) -> None:
   o = config.optim
-  _require(o.schedule in SCHEDULES, 'optim.schedule', o.schedule,
-           f"use {', '.join(repr(s) for s in list(SCHEDULES)[:-1])} or "
-           f'{list(SCHEDULES)[-1]!r}.')
+  _choice('optim.schedule', o.schedule)
   _require(o.lr > 0, 'optim.lr', o.lr, 'must be positive.')
   _require(o.warmup_steps >= 0, 'optim.warmup_steps', o.warmup_steps, 'must be >= 0.')
   _require(o.clip_norm >= 0, 'optim.clip_norm', o.clip_norm, 'must be >= 0 (0 disables).')

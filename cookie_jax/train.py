@@ -132,8 +132,8 @@ def _test_summary(data, result, workdir) -> str:
       result, ceiling.chance_of(data), ceiling.retrieval_ceiling_of(data),
       split=data.split, files=[
           ('figures', files.join(workdir, TEST_RESULTS)),
-          ('pictures (python launch/eval.py --workdir=' + workdir + ')',
-           pictures['examples'] + ', ' + pictures['recall'])])
+          ('pictures', f'run python launch/eval.py --workdir={workdir} to draw them: '
+                       f"{pictures['examples']}, {pictures['recall']}")])
 
 
 def _eval_splits(pipeline, config) -> tuple[bool, bool]:

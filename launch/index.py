@@ -8,7 +8,8 @@ r"""Index a folder of your own images and search it by text.
 `build` encodes every jpg/jpeg/png/webp under FOLDER (recursively) or a tfds split with a
 training run's checkpoint (--workdir) or an export folder (--export), in chunks that a
 re-run resumes; unreadable files are skipped and named. `query` prints each query's top-k
-paths and scores and writes a PNG grid (--picture, default OUT/query.png). See
+paths and scores and writes a PNG grid (--picture, default OUT/query-<the first query>.png,
+so that each query keeps its picture). See
 cookie_jax/eval/index.py.
 """
 
@@ -38,8 +39,8 @@ flags.DEFINE_integer('batch_size', 0, "build: images per encoder batch; 0 = the 
 flags.DEFINE_bool('progress', True, 'build: show a progress bar.')
 flags.DEFINE_string('queries_file', '', 'query: a text file with one query per line.')
 flags.DEFINE_integer('k', 5, 'query: results per query.')
-flags.DEFINE_string('picture', '', "query: the PNG grid to write ('' = INDEX/query.png; "
-                    "'none' = no picture).")
+flags.DEFINE_string('picture', '', "query: the PNG grid to write ('' = INDEX/query-<the "
+                    "first query, as a slug>[-and-N-more].png; 'none' = no picture).")
 flags.DEFINE_enum('search', 'auto', ['auto', 'faiss', 'jax'], 'query: faiss (if built with '
                   'faiss-cpu installed) or exact search in JAX; auto = faiss when there.')
 flags.mark_flags_as_required(['index'])
@@ -75,7 +76,7 @@ def query(texts):
     with open(FLAGS.queries_file, encoding='utf-8') as f:
       texts = list(texts) + f.read().splitlines()
   picture = '' if FLAGS.picture == 'none' else (
-      FLAGS.picture or os.path.join(FLAGS.index, 'query.png'))
+      FLAGS.picture or index.picture_path(FLAGS.index, texts))
   results = index.query_index(FLAGS.index, texts, k=FLAGS.k, backend=FLAGS.search,
                               picture=picture, workdir=FLAGS.workdir,
                               step=None if FLAGS.step < 0 else FLAGS.step, export=FLAGS.export)

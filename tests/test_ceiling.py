@@ -163,8 +163,18 @@ def test_summary_lines():
   assert lines[4].split() == ['ceiling', '75.0', '100.0', '100.0', '62.5', '100.0', '100.0',
                               '537.5']
   # (355 - 3.19) / (537.5 - 3.19) = 65.8%
-  assert 'has 66% of the way from chance' in lines[5]
+  assert 'has gone 66% of the way from chance' in lines[5]
   assert lines[6:] == ['  metrics: /w/test_retrieval.json', '  pictures: /w/eval/x.png']
+
+
+@pytest.mark.parametrize('rsum, words', [
+    (3.0, 'no better than chance here (RSUM 3.0, chance 3.2)'),  # a 20-step run: was "-0%"
+    (3.3, 'no better than chance'),  # 0.02% above chance: was "0%"
+    (271.6, 'has gone 50% of the way from chance'),
+    (600.0, 'has gone 100% of the way')])  # never past the ceiling
+def test_progress_line_reads_as_words_and_is_never_negative(rsum, words):
+  line = ceiling.progress_line(rsum, 3.2, 540.0)
+  assert words in line and '-' not in line.split('(')[0], line
 
 
 @pytest.mark.slow
@@ -197,5 +207,7 @@ def test_a_run_ends_with_the_summary(tmp_path, caplog):
                                  for k in (1, 5, 10)] + [round(result['rsum'], 1)])
   assert last[2].split()[0] == 'chance' and last[4].split()[0] == 'ceiling'
   assert last[-2] == f'  figures: {workdir}/test_retrieval.json'
+  assert last[-1].startswith(f'  pictures: run python launch/eval.py --workdir={workdir} '
+                             'to draw them: ')
   assert last[-1].endswith(f'{workdir}/eval/retrieval-test-full-2-examples.png, '
                            f'{workdir}/eval/retrieval-test-full-2-recall.png')

@@ -275,7 +275,7 @@ def test_beam_options_need_img2dataset_and_apache_beam(tmp_path):
 
 @pytest.mark.slow
 def test_beam_direct_runner_builds_the_same_dataset(built, tmp_path, monkeypatch):
-  """Needs apache-beam (`pip install -e .[beam]`, see README)."""
+  """Needs apache-beam (`pip install -e .[beam]`, see docs/data.md)."""
   beam = pytest.importorskip('apache_beam')
   root, (tar, _), _ = built
 

@@ -94,6 +94,29 @@ def test_build_and_query_a_folder_with_a_corrupt_file(setup, tmp_path):
   assert share == pytest.approx(metrics['t2i_r5'])
 
 
+def test_unknown_words_are_those_spelled_out_or_unknown():
+  from cookie_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  vocab = list(tok_lib.SPECIAL_TOKENS) + [
+      'a', 'red', 'circle', 'of', 'left', 'blue', 'sq', '##uare', 'em', '##bed', '##ding',
+      '##om'] + list('photowmns') + [f'##{c}' for c in 'photowmns']
+  tok = tok_lib.finalize(tok_lib.wordpiece_tokenizer(vocab), 24)
+  # Whole words, and a word in sub-words mostly longer than two characters (as BERT
+  # splits a rare word), are known.
+  assert tok_lib.unknown_words(tok, 'a red circle left of a blue square embeddings') == []
+  # Spelled out: p ##h ##o ##t ##o, and w ##om ##a ##n (as the demo's vocabulary does).
+  assert tok_lib.unknown_words(tok, 'A photo of a Woman') == ['photo', 'Woman']
+  assert tok_lib.unknown_words(tok, 'a red zebra') == ['zebra']  # [UNK]
+
+
+@pytest.mark.parametrize('queries, name', [
+    (['a red circle left of a blue square'], 'query-a-red-circle-left-of-a-blue-square.png'),
+    (['  Ein Foto: café & Über!', 'x'], 'query-ein-foto-caf-ber-and-1-more.png'),
+    (['', '???'], 'query-query.png'),
+    (['word ' * 40], 'query-' + '-'.join(['word'] * 12) + '.png')])  # at most 60 characters
+def test_the_default_picture_is_named_after_the_query(queries, name):
+  assert index_lib.picture_path('/idx', queries) == f'/idx/{name}'
+
+
 class _Stop(Exception):
   pass
 
@@ -187,7 +210,19 @@ def test_launcher_finishes_a_cut_build_and_queries(setup, tmp_path):
   assert [l for l in lines if l.startswith('query: ')] == [
       'query: a red circle', f'query: {setup["captions"][0]}', f'query: {setup["captions"][5]}']
   assert sum(l.startswith('   1. ') for l in lines) == 3
-  assert (tmp_path / 'idx' / 'query.png').is_file()
+  assert (tmp_path / 'idx' / 'query-a-red-circle-and-2-more.png').is_file()
+  # Every word of this query is in the synthetic vocabulary (some of the captions' words
+  # are not in this 32-image set's tiny one, and are named).
+  assert "'a red circle'" not in out.stderr
+  # Words the synthetic vocabulary spells letter by letter: one warning line, and a
+  # picture of its own beside the first query's.
+  out = _launch('query', f'--index={tmp_path / "idx"}', 'a photo of a woman', '--k=2',
+                '--search=jax')
+  assert out.returncode == 0, out.stderr[-3000:]
+  warned = [l for l in out.stderr.splitlines() if 'vocabulary does not know' in l]
+  assert len(warned) == 1 and "'photo', 'woman'" in warned[0], out.stderr[-3000:]
+  assert (tmp_path / 'idx' / 'query-a-photo-of-a-woman.png').is_file()
+  assert (tmp_path / 'idx' / 'query-a-red-circle-and-2-more.png').is_file()
   with pytest.raises(FileNotFoundError, match=r"--index=.*nowhere.* holds no manifest.json"):
     index_lib.query_index(tmp_path / 'nowhere', ['x'])
 

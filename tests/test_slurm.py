@@ -22,7 +22,7 @@ SBATCH = ROOT / 'launch' / 'slurm.sbatch'
 SBIN = os.pathsep.join([os.environ.get('PATH', ''), '/usr/sbin', '/sbin'])
 DAEMONS = ('munged', 'slurmctld', 'slurmd')
 CLIENTS = ('sbatch', 'scontrol', 'sinfo', 'scancel')
-# A CPU-only node with 2 cores: the overrides README gives for such a node.
+# A CPU-only node with 2 cores: the overrides docs/scaling.md gives for such a node.
 CPU_NODE = ('--gpus-per-node=0', '--cpus-per-task=1', '--nodes=1', '--ntasks-per-node=2')
 EXTRA = {'checkpoint.every': 0}
 STOP_S = 60

@@ -7,6 +7,13 @@ BUILDERS = ('synthetic', 'karpathy', 'tfds', 'msrvtt', 'synthetic_video', 'img2d
 VIDEO_BUILDERS = ('msrvtt', 'synthetic_video')
 # Builders that train and ship their own WordPiece vocabulary.
 OWN_VOCAB_BUILDERS = ('synthetic', 'synthetic_video')
+# The allowed values of the `config.data` keys that take one of a few (the one place they
+# are written: the checks below and docs/configuration.md read them).
+DATA_CHOICES = {
+    'builder': BUILDERS,
+    'karpathy_dataset': ('coco', 'flickr30k'),
+    'msrvtt.train_list': ('9k', '7k'),
+}
 # config.data.tokenizer naming the synthetic image set's vocabulary rather than a path.
 SYNTHETIC_VOCAB = 'synthetic'
 
@@ -167,6 +174,13 @@ def _require(cond, key, value, expected):
     raise ValueError(f'config.data.{key}={value!r}: {expected}')
 
 
+def one_of(allowed) -> str:
+  """"use 'a', 'b' or 'c'.": the fix of a value outside `allowed`."""
+  names = [repr(a) for a in allowed]
+  return f"use {', '.join(names[:-1])} or {names[-1]}." if len(names) > 1 else (
+      f'use {names[0]}.')
+
+
 def _range_ok(r, lo, hi):
   return len(r) == 2 and lo < r[0] <= r[1] <= hi
 
@@ -247,8 +261,8 @@ def _check_generated_sizes(d) -> None:
   """The stored frames of the video builders and the sizes of the generated sets."""
   if d.builder == 'msrvtt':
     m = d.msrvtt
-    _require(m.train_list in ('9k', '7k'), 'msrvtt.train_list', m.train_list,
-             "use '9k' or '7k'.")
+    _require(m.train_list in DATA_CHOICES['msrvtt.train_list'], 'msrvtt.train_list',
+             m.train_list, one_of(DATA_CHOICES['msrvtt.train_list']))
     for key in ('frames', 'image_size'):
       _require(m[key] > 0, f'msrvtt.{key}', m[key], 'must be positive.')
     _require(d.num_frames <= m.frames, 'num_frames', d.num_frames,
@@ -292,14 +306,15 @@ def validate_data_config(data_cfg) -> None:
         validate_data_config(cfg)
       except ValueError as e:
         raise ValueError(f'config.data.mixture[{i}]: {e}') from None
-  _require(d.builder in BUILDERS, 'builder', d.builder, f'use one of {list(BUILDERS)}.')
+  _require(d.builder in DATA_CHOICES['builder'], 'builder', d.builder,
+           one_of(DATA_CHOICES['builder']))
   _require(d.max_len >= 2, 'max_len', d.max_len,
            'needs room for [CLS] and [SEP]; use e.g. 32.')
   # manual_dir (the raw files) is not required here: a copy already built in data_dir
   # opens without it, and building one without it fails naming both (data/sources.py).
   if d.builder == 'karpathy':
-    _require(d.karpathy_dataset in ('coco', 'flickr30k'), 'karpathy_dataset',
-             d.karpathy_dataset, "use 'coco' or 'flickr30k'.")
+    _require(d.karpathy_dataset in DATA_CHOICES['karpathy_dataset'], 'karpathy_dataset',
+             d.karpathy_dataset, one_of(DATA_CHOICES['karpathy_dataset']))
   if d.builder == 'img2dataset':
     validate_img2dataset(d)
   if d.builder == 'tfds':

@@ -163,7 +163,7 @@ def build(data_cfg, beam_pipeline_options: str = '') -> tfds.core.DatasetBuilder
     from apache_beam.options import pipeline_options  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise ConfigError('--beam_pipeline_options needs apache-beam: pip install -e ".[beam]" '
-                      '(see README, "Building at scale").') from None
+                      '(see docs/data.md, "img2dataset shards").') from None
   options = pipeline_options.PipelineOptions(
       [f'--{o}' for o in beam_pipeline_options.split(',') if o])
   return img2dataset.prepare(data_cfg, _data_dir(data_cfg), options)

@@ -182,6 +182,29 @@ def encode(tok: Tokenizer, texts: Sequence[str]) -> dict[str, np.ndarray]:
                                        np.int32).reshape(-1, length)}
 
 
+def unknown_words(tok: Tokenizer, text: str) -> list[str]:
+  """The words of `text` the vocabulary does not know: those that tokenise to the unknown
+  token, or that it spells out, in pieces most of which are one or two characters long
+  (the synthetic set's vocabulary, trained on its captions, gives "w ##om ##a ##n" for
+  "woman"; BERT's whole-word and long sub-word pieces pass). The model has seen no such
+  word in training, so a query made of them retrieves by its spelling."""
+  enc = tok.encode(text)
+  unk = {SPECIALS[style]['unk_token'] for style in SPECIALS}
+  pieces = collections.defaultdict(list)
+  for token, word, (lo, hi), special in zip(enc.tokens, enc.word_ids, enc.offsets,
+                                             enc.special_tokens_mask):
+    if word is not None and not special:
+      pieces[word].append((token, lo, hi))
+  out = []
+  for parts in pieces.values():
+    word = text[parts[0][1]:parts[-1][2]]
+    bare = [t.removeprefix('##').lstrip('\u0120\u2581') for t, _, _ in parts]
+    short = sum(len(t) <= 2 for t in bare)
+    if any(t in unk for t, _, _ in parts) or (len(parts) > 1 and 2 * short > len(parts)):
+      out.append(word)
+  return out
+
+
 # The run's own tokenizer ------------------------------------------------------------------
 # Training writes the tokenizer it trains with into the workdir; evaluation, fine-tuning
 # and export compare the dataset's against it, because token ids that mean other words

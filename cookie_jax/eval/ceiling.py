@@ -120,17 +120,27 @@ def _row(name: str, m: dict) -> str:
   return f'  {name:<8}{cells}  {m["rsum"]:6.1f}'
 
 
+def progress_line(rsum: float, chance: float, ceiling: float) -> str:
+  """Where RSUM lies between chance and the split's ceiling, in words: a share that is
+  never negative nor printed as "-0%" (a short run can land just below chance)."""
+  span = ceiling - chance
+  share = 100.0 * (rsum - chance) / span if span > 0 else 0.0
+  if share < 0.5:
+    return (f'The model is no better than chance here (RSUM {rsum:.1f}, chance '
+            f'{chance:.1f}); train longer.')
+  return (f"The model has gone {min(share, 100.0):.0f}% of the way from chance to this "
+          "split's ceiling (set by its repeated captions).")
+
+
 def summary(result: dict, chance: dict, ceiling: dict, *, split: str = 'test',
             files: Sequence[tuple[str, str]] = ()) -> str:
   """The end-of-run table: R@1/5/10 both ways and RSUM of `result` between chance and the
   split's ceiling, then `files` as (what, path) lines."""
   head = '  '.join(f'{d}@{k:<2}' for d in DIRECTIONS for k in RECALL_KS)
-  share = 100.0 * (result['rsum'] - chance['rsum']) / (ceiling['rsum'] - chance['rsum'])
   lines = [f'{split} retrieval, step {result.get("step", "?")} '
            f'(recall in %; RSUM is the sum of the six, at most 600):',
            f'  {"":<8}{head}    RSUM',
            _row('chance', chance), _row('model', result), _row('ceiling', ceiling),
-           f'  The model has {share:.0f}% of the way from chance to this split\'s ceiling '
-           '(set by its repeated captions).']
+           '  ' + progress_line(result['rsum'], chance['rsum'], ceiling['rsum'])]
   lines += [f'  {what}: {path}' for what, path in files]
   return '\n'.join(lines)

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import time
 
 from absl import logging
@@ -37,6 +38,7 @@ import numpy as np
 from cookie_jax import files
 from cookie_jax.eval import search
 from cookie_jax.config import ConfigError
+from cookie_jax.data import tokenizer as tok_lib
 
 FORMAT = 'cookie_jax.index/1'
 DEFAULT_CHUNK_SIZE = 4096
@@ -342,12 +344,28 @@ def query_index(index_dir, queries, *, k: int = 5, backend: str = 'auto', pictur
                       'per line.')
   index = Index.load(index_dir)
   enc = encoder_of(index.manifest, workdir=workdir, step=step, export=export)
+  for q in queries:
+    unknown = tok_lib.unknown_words(enc.tokenizer, q)
+    if unknown:
+      logging.warning('Query %r: the model\'s vocabulary does not know %s (tokenised into '
+                      'characters or [UNK]), so its results follow the spelling, not the '
+                      'meaning.', q, ', '.join(repr(w) for w in unknown))
   scores, rows = index.search(enc.encode_texts(queries), k, backend=backend, mesh=enc.mesh)
   out = [{'query': q, 'results': [(index.keys[int(r)], float(s)) for r, s in zip(rr, ss)]}
          for q, rr, ss in zip(queries, rows, scores)]
   if picture:
     draw_results(picture, index, out)
   return out
+
+
+def picture_path(index_dir, queries, *, max_chars: int = 60) -> str:
+  """Where `launch/index.py query` draws its grid by default: INDEX/query-<first query,
+  slugified>[-and-N-more].png, so that queries do not overwrite each other's picture."""
+  queries = [q for q in (str(q).strip() for q in queries) if q] or ['']
+  words = re.findall(r'[a-z0-9]+', queries[0].lower())
+  slug = '-'.join(words)[:max_chars].strip('-') or 'query'
+  more = f'-and-{len(queries) - 1}-more' if len(queries) > 1 else ''
+  return files.join(str(index_dir), f'query-{slug}{more}.png')
 
 
 THUMBNAIL = 256  # pixels, the longer side of a result in the grid

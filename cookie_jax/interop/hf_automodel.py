@@ -109,7 +109,9 @@ def write_processor(out: pathlib.Path, image_proc) -> None:
   # Saved aside and only its own two files taken: transformers would write the tokenizer
   # files again, in its own form, over the ones `write_tokenizer` wrote.
   with tempfile.TemporaryDirectory() as tmp:
-    tokenizer = transformers.AutoTokenizer.from_pretrained(out)  # what write_tokenizer wrote
+    # trust_remote_code: transformers 5 reads config.json (ours, with auto_map) first and
+    # would otherwise stop an interactive export to ask whether to run the code it holds.
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=True)
     CookieProcessor(image_processor=image_proc, tokenizer=tokenizer).save_pretrained(tmp)
     for name in ('processor_config.json', 'processing_cookie.py'):
       shutil.copy(pathlib.Path(tmp) / name, out / name)
