@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from cookie_jax import sharding, tpu_compile
@@ -34,6 +36,8 @@ def test_tiny_step_compiles_for_two_v5p_hosts_with_memory_cost_and_collectives()
   est = report['estimate']
   assert est['optimal_seconds'] > 0 and est['compiler_flops'] > 0
   assert 0 < est['mfu'] < 1 and est['pairs_per_sec_per_chip'] > 0
+  # No loop whose body the cost model would count once (tpu_compile.COMPILER_OPTIONS).
+  assert est['while_loops'] == 0
   # FSDP over 4 chips: the TPU program gathers the parameters and reduces the gradients.
   counts = report['collectives']['counts']
   assert counts['all-gather'] > 0 and counts['all-reduce'] + counts['reduce-scatter'] > 0
@@ -41,6 +45,18 @@ def test_tiny_step_compiles_for_two_v5p_hosts_with_memory_cost_and_collectives()
   text = tpu_compile.table(report)
   assert 'estimate (TPU compiler cost model, not a measurement)' in text
   assert 'fits' in text
+
+
+def test_the_cost_model_counts_a_loop_body_once():
+  """Why the estimate is compiled without windowed-einsum loops: a loop of 8 matmuls
+  reports the FLOPs of one."""
+  device = sharding.tpu_slice_devices('v5p-8')[0]
+  x = jax.ShapeDtypeStruct((1024, 1024), jnp.bfloat16,
+                           sharding=jax.sharding.SingleDeviceSharding(device))
+  one = jax.jit(lambda a, b: a @ b)
+  eight = jax.jit(lambda a, b: jax.lax.fori_loop(0, 8, lambda i, c: c @ b, a))
+  flops = [tpu_compile.cost(f.lower(x, x).compile())['flops'] for f in (one, eight)]
+  assert flops[0] == 2 * 1024**3 and flops[1] == flops[0]
 
 
 def test_bad_topologies_and_meshes_are_one_line():
