@@ -25,7 +25,8 @@ setuptools.setup(
         'array-record>=0.8',
         # Random-access input with worker processes (the peer of our tf.data pipeline).
         'grain>=0.2.18',
-        'transformers>=5.0',
+        # 5.20: the first with configuration_utils.SubConfigSpec (interop/configuration_cookie.py).
+        'transformers>=5.20',
         'tokenizers>=0.22',
         'safetensors>=0.6',
         'pillow>=11',

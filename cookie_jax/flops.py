@@ -18,7 +18,8 @@ captions, every frame of a video clip, and the momentum encoder's keys.
 
 The two cost levers of issue 20 are counted as the program runs them:
 - **Patch dropout** (`model.vision.patch_dropout`): in training, the image blocks, the
-  temporal step and the shared layers' image path run on CLS + `keep_count(N)` tokens;
+  temporal step and the shared layers' image path run on the prefix tokens (class token,
+  registers) + `keep_count(N)` patches;
   the patch embedding still embeds all N patches; evaluation keeps all.
 - **Locked parameters** (`train.freeze`): `stop_gradient` before the model means autodiff
   builds only the gradients something trained needs. A stage (the patch embedding, one
@@ -68,11 +69,13 @@ def _block_parts(rows, tokens, width, mlp_dim) -> tuple[int, int, int]:
 
 
 def image_tokens(vision_cfg, training: bool = False) -> int:
-  """CLS + patch tokens through the image blocks: in training `keep_count` of the patches
-  under patch dropout (`model.vision.patch_dropout`), at evaluation all of them."""
+  """Class token, registers and patch tokens through the image blocks: in training
+  `keep_count` of the patches under patch dropout (`model.vision.patch_dropout`), at
+  evaluation all of them."""
   n = (vision_cfg.image_size // vision_cfg.patch_size) ** 2
   rate = vision_cfg.get('patch_dropout', 0.0)
-  return 1 + (vit.keep_count(n, rate) if training and rate > 0 else n)
+  return vit.prefix_tokens(vision_cfg) + (vit.keep_count(n, rate) if training and rate > 0
+                                          else n)
 
 
 # A pass is a chain of stages, bottom up: (part, kind, forward FLOPs, parameter-path
@@ -96,10 +99,11 @@ def _image_chain(model_cfg, rows: int, frames: int, training: bool) -> list:
   v, video = model_cfg.vision, model_cfg.video
   seen = rows * max(frames, 1)  # images through the image tower
   tokens = image_tokens(v, training)
-  n = image_tokens(v) - 1  # the patch embedding sees every patch
+  n = image_tokens(v) - vit.prefix_tokens(v)  # the patch embedding sees every patch
   out = [('patch_embedding', 'matmul', 2 * seen * n * v.patch_size ** 2 * 3 * v.width,
           ('vision/patch_embeddings',)),
-         (None, None, 0, ('vision/cls_token', 'vision/position_embeddings'))]
+         (None, None, 0, ('vision/cls_token', 'vision/position_embeddings',
+                          'vision/register_tokens', 'vision/pre_layernorm'))]
   out += [('vision_blocks', 'block', _block_parts(seen, tokens, v.width, v.mlp_dim),
            (f'vision/layer/{i}',)) for i in range(v.depth)]
   out.append((None, None, 0, ('vision/layernorm',)))

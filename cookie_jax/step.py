@@ -60,7 +60,8 @@ def train_state_setup(config: ml_collections.ConfigDict, mesh: Mesh):
   `create_train_state` runs, and what compiling a step for a large model needs."""
   graphdef, abstract_state = abstract_model(config.model)
   param_shardings = sharding.param_shardings(abstract_state, mesh)
-  tx, schedule = optim.make_optimizer(config.optim, config.train.steps, config.train.freeze)
+  tx, schedule = optim.make_optimizer(config.optim, config.train.steps, config.train.freeze,
+                                     optim.unused_parts(config.model))
 
   def init_fn():
     params = nnx.to_pure_dict(nnx.state(init_model(config.model, config.seed)))

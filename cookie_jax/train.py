@@ -268,6 +268,7 @@ class _Loop:
     self.fetch = metric_writer.DelayedFetch(self.step)
     self.bad = _BadRecords()
     self.logged, self.result, self.summary = {}, {}, ''
+    self.val_data = None  # read and tokenised at the first validation, then reused
 
   def run(self, train_step, validate: bool, test: bool) -> dict:
     # The first batch waits for the pipeline to start (start-up); the first call of the
@@ -346,7 +347,11 @@ class _Loop:
 
   def _validate(self) -> dict:
     self._flush()
-    val = self._evaluate(self.config.data.val_split)
+    split = self.config.data.val_split
+    if self.val_data is None:
+      self.val_data = self.clock.call('eval', _eval_data, self.pipeline, self.config,
+                                      self.setup, split)
+    val = self._evaluate(split, self.val_data)
     self.writer.write(self.step, val, prefix='val/')
     logging.info('Validation at step %d: RSUM %.2f', self.step, val['rsum'])
     self.fetch.restart_clock()  # evaluation time is not training throughput

@@ -6,12 +6,15 @@ import os
 import pathlib
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 
 import accelerator_check  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
+@pytest.mark.slow
 def test_cpu_version_measures_every_part(tmp_path):
   args = accelerator_check.parse_args([
       '--small', '--out', str(tmp_path), '--start_batch', '8', '--max_batch', '16',

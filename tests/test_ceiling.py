@@ -167,6 +167,7 @@ def test_summary_lines():
   assert lines[6:] == ['  metrics: /w/test_retrieval.json', '  pictures: /w/eval/x.png']
 
 
+@pytest.mark.slow
 def test_a_run_ends_with_the_summary(tmp_path, caplog):
   import json  # pylint: disable=g-import-not-at-top
   import logging  # pylint: disable=g-import-not-at-top

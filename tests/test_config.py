@@ -7,6 +7,8 @@ import pathlib
 import pytest
 
 from cookie_jax.config import ConfigError, config_from_dict, default_config, validate_config
+from cookie_jax.models import presets
+from cookie_jax.models.presets import VISION_PRESETS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -27,7 +29,7 @@ def test_every_variant_validates(variant):
     with pytest.raises(ConfigError, match=r'config\.data\.tokenizer'):
       validate_config(config)
     config.data.tokenizer = '/data/bert-base-uncased'
-  small = variant in ('tiny', 'demo', 'vldeformer', 'coder', 'video_demo', 'lit')
+  small = variant in ('tiny', 'demo', 'vldeformer', 'coder', 'video_demo', 'lit', 'lit_clip')
   validate_config(config, num_devices=8 if small else 256)
 
 
@@ -47,6 +49,13 @@ def test_web_pretraining_recipes_validate_on_coco():
     assert config.train.steps == steps and config.model.vision.width == 768
     assert config.eval.data.to_dict() == {'builder': 'karpathy', 'karpathy_dataset': 'coco',
                                       'manual_dir': ''}
+
+
+@pytest.mark.parametrize('vision', list(VISION_PRESETS))
+def test_every_vision_preset_validates(vision):
+  # So400m/14 is SigLIP's 384-pixel tower of 14-pixel patches: a 27 x 27 grid, the
+  # trailing 6 pixels dropped (as transformers' patch conv drops them).
+  validate_config(default_config('base', vision=vision))
 
 
 def test_unknown_variant():
@@ -189,3 +198,29 @@ def test_a_saved_config_with_a_retired_key_loads_and_a_new_one_is_refused():
     given.data.shuffle_buffer = 5
   with pytest.raises(ConfigError, match=r"'data.shuffle_buffer' was removed: .*Drop it"):
     validate_config(given)
+
+
+def test_a_hand_built_config_without_the_layout_options_takes_their_defaults():
+  config = default_config()
+  for key in ('registers', 'pooler', 'final_norm', 'layer_scale', 'position_grid'):
+    del config.model.vision[key]
+  for key in ('positions', 'hf_class', 'pad_token_id', 'layer_norm_eps'):
+    del config.model.text[key]
+  del config.model['vision_preset']
+  validate_config(config)
+
+
+def test_vision_preset_and_layouts_no_transformers_class_computes_are_refused():
+  config = default_config()
+  config.model.vision_preset = 'B/14'
+  with pytest.raises(ConfigError, match=r"model\.vision_preset='B/14': use one of "
+                     r"\('', 'B/32'"):
+    validate_config(config)
+  # CLIP's layout with a patch bias: no transformers class computes it, so a run of it
+  # could never be exported; refused before training, not at export.
+  config = default_config()
+  config.model.vision.update(presets.CLIP_LAYOUT, patch_bias=True)
+  with pytest.raises(ConfigError, match=r'model\.vision=.*no transformers vision tower '
+                     r'computes') as error:
+    validate_config(config)
+  assert '\n' not in str(error.value)

@@ -166,9 +166,12 @@ TEXT_EMBEDDINGS = ('text/word_embeddings', 'text/position_embeddings',
 
 @pytest.mark.parametrize('patterns,text_depth', [
     (('vision',), 1),                         # LiT: the image tower locked whole
-    (('text',), 1),                           # configs/base.py:lit's side
-    (('text/layer/0',), 2),                   # a locked block above trained embeddings
-    (TEXT_EMBEDDINGS + ('text/layer/0',), 2),  # a locked bottom, a trained block above
+    # The other three compile a step each: the slow run (the first covers the rule).
+    pytest.param(('text',), 1, marks=pytest.mark.slow),  # configs/base.py:lit's side
+    # a locked block above trained embeddings
+    pytest.param(('text/layer/0',), 2, marks=pytest.mark.slow),
+    # a locked bottom, a trained block above
+    pytest.param(TEXT_EMBEDDINGS + ('text/layer/0',), 2, marks=pytest.mark.slow),
 ])
 def test_locked_parameters_count_only_the_backward_autodiff_runs(patterns, text_depth):
   config = _locked(patterns, text_depth)

@@ -132,6 +132,7 @@ def test_freeze_must_be_a_tuple_of_patterns():
     validate_config(config)
 
 
+@pytest.mark.slow
 def test_frozen_checkpoint_restores_onto_another_mesh_resumes_inits_and_exports(tmp_path):
   config = _frozen_config()
   _, state8, _ = _run(config, (8, 1, 1), steps=2)

@@ -74,6 +74,7 @@ def _slow_input(monkeypatch, seconds):
   monkeypatch.setattr(train, '_input', lambda *a: (lambda p, it: (p, Slow(it)))(*real(*a)))
 
 
+@pytest.mark.slow
 def test_profile_steps_write_a_trace(tmp_path, data_dir):
   config = _config(data_dir, steps=3)
   config.train.profile_steps = (2, 3)

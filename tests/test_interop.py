@@ -299,11 +299,10 @@ def test_clear_errors_for_bad_pretrained_folders(hf_bert_dir, hf_vit_dir, tmp_pa
   shutil.copy(hf_bert_dir / 'config.json', tmp_path / 'no_weights')
   with pytest.raises(FileNotFoundError, match='no weights'):
     hf_import.tower_weights(tmp_path / 'no_weights', 'text')
-  for name, hf_config in (('roberta', transformers.RobertaConfig()),
-                          ('gpt2', transformers.GPT2Config())):
-    hf_config.save_pretrained(tmp_path / name)
-    with pytest.raises(ConfigError, match=f"model_type='{name}'.*BertModel"):
-      hf_import.configure_pretrained_towers(config_with(tmp_path / name))
+  # RoBERTa / XLM-R load (tests/test_interop_text.py); other text models do not.
+  transformers.GPT2Config().save_pretrained(tmp_path / 'gpt2')
+  with pytest.raises(ConfigError, match="model_type='gpt2'.*BertModel, RobertaModel"):
+    hf_import.configure_pretrained_towers(config_with(tmp_path / 'gpt2'))
   with pytest.raises(ConfigError, match="model_type='vit'.*use it as image_init"):
     hf_import.configure_pretrained_towers(config_with(hf_vit_dir))
   with pytest.raises(ConfigError, match="model_type='bert'.*use it as text_init"):

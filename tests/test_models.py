@@ -90,9 +90,9 @@ def test_dual_encoder_without_shared_layers():
 def test_mean_pool_counts_only_real_tokens():
   x = jnp.asarray([[[1.0], [3.0], [100.0]]])
   mask = jnp.asarray([[1, 1, 0]])
-  assert float(pool(x, mask, 'mean', skip_first=False)[0, 0]) == pytest.approx(2.0)
-  assert float(pool(x, None, 'mean', skip_first=True)[0, 0]) == pytest.approx(51.5)
-  assert float(pool(x, mask, 'cls', skip_first=False)[0, 0]) == 1.0
+  assert float(pool(x, mask, 'mean', skip=0)[0, 0]) == pytest.approx(2.0)
+  assert float(pool(x, None, 'mean', skip=1)[0, 0]) == pytest.approx(51.5)
+  assert float(pool(x, mask, 'cls', skip=0)[0, 0]) == 1.0
 
 
 def test_temperature_is_learned_in_log_space_and_clamped():

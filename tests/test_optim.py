@@ -1,10 +1,12 @@
 """The optimiser room: warmup and decay schedules, the weight-decay mask, clipping."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from cookie_jax import optim
+from cookie_jax.models import presets
 from cookie_jax.config import ConfigError, default_config, validate_config
 
 
@@ -59,3 +61,35 @@ def test_clipping_bounds_the_update_of_a_huge_gradient():
   # Adam normalises the size away, and clipping keeps the huge gradient finite: equal steps.
   np.testing.assert_allclose(np.asarray(huge['w']), np.asarray(small['w']), rtol=1e-3)
   assert np.all(np.isfinite(np.asarray(huge['w'])))
+
+
+def _decayed(config):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from cookie_jax import models  # pylint: disable=g-import-not-at-top
+  abstract = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(
+      models.init_model(config.model, 0))))
+  mask = optim.decay_mask(abstract, optim.unused_parts(config.model))
+  return {'/'.join(str(getattr(k, 'key', k)) for k in path): m
+          for path, m in jax.tree_util.tree_flatten_with_path(mask)[0]}
+
+
+def test_decay_mask_of_siglip_and_dinov2_layouts_spares_tokens_and_the_unused_head():
+  config = default_config('tiny')
+  config.model.vision.update(presets.SIGLIP_LAYOUT)
+  config.model.image_pool = 'mean'
+  decayed = _decayed(config)
+  head = [n for n in decayed if n.startswith('vision/head/')]
+  assert 'vision/head/probe' in head and 'vision/head/fc1/kernel' in head
+  # Unused (COOKIE pools on its own): kept only to export whole, like the poolers.
+  assert not any(decayed[n] for n in head), head
+  assert decayed['vision/patch_embeddings/kernel']
+  # Pooling with the tower's head: its weights are weights; the probe is a token.
+  config.model.image_pool, config.model.shared.depth = 'tower', 0
+  decayed = _decayed(config)
+  assert decayed['vision/head/fc1/kernel'] and decayed['vision/head/in_proj/kernel']
+  assert not decayed['vision/head/probe']
+  config = default_config('tiny')
+  config.model.vision.update(presets.DINOV2_LAYOUT, registers=2)
+  decayed = _decayed(config)
+  assert not decayed['vision/register_tokens'] and not decayed['vision/mask_token']
+  assert not decayed['vision/cls_token'] and decayed['vision/patch_embeddings/kernel']

@@ -134,6 +134,7 @@ def test_model_learns_siglip_scale_and_bias_from_their_init():
   assert step.init_model(default_config('tiny').model, 0).logit_bias is None
 
 
+@pytest.mark.slow
 def test_sigmoid_train_step_with_patch_dropout_on_8_devices_equals_one():
   from test_train_step import _batches, _config, _train  # pylint: disable=g-import-not-at-top
   runs = []

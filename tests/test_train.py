@@ -168,6 +168,29 @@ def test_a_resume_peaks_no_higher_than_a_start(tmp_path, data_dir, monkeypatch):
   assert max(samples) <= start + 1024, (samples, start, state_bytes)
 
 
+def test_validation_reads_and_tokenises_its_split_once_per_run(tmp_path, data_dir,
+                                                               monkeypatch):
+  """Validating at steps 2 and 4 builds the val split's EvalData (captions read and
+  tokenised) once; the second validation re-encodes the same rows. (The code before this
+  test built it at every validation: ['val', 'val'].)"""
+  from cookie_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = _config(data_dir, steps=4)
+  config.eval.every = 2
+  config.checkpoint.every = 0
+  built = []
+  real_init = pipeline.EvalData.__init__
+
+  def init(self, data_cfg, split, **kwargs):
+    built.append(split)
+    real_init(self, data_cfg, split, **kwargs)
+  monkeypatch.setattr(pipeline.EvalData, '__init__', init)
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(config, workdir)
+  rows = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  assert [r['step'] for r in rows if 'val/rsum' in r] == [2, 4]
+  assert built == ['val'], built
+
+
 def test_checkpoint_from_8x1_restores_onto_2x4(tmp_path):
   config = default_config('tiny')
   config.model.vision.image_size = 16

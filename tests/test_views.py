@@ -63,6 +63,7 @@ def _weighted_sum(embeddings):
   return total
 
 
+@pytest.mark.slow
 def test_one_pass_per_tower_equals_one_pass_per_view_with_every_dropout_on():
   config = _config()
   model = init_model(config.model, 0)

@@ -1,7 +1,11 @@
-"""BERT WordPiece tokenisation with Hugging Face `tokenizers` (the Rust "fast" tokenizer).
+"""Tokenisation with Hugging Face `tokenizers` (the Rust "fast" tokenizer): BERT's
+WordPiece ([CLS] text [SEP], [PAD]), or a RoBERTa / XLM-R tokenizer.json (<s> text </s>,
+<pad>), whichever special tokens the vocabulary has.
 
 Everything is read from files, local or gs:// (through `etils.epath`): a directory
-holding `tokenizer.json` or `vocab.txt`, or either file itself; nothing is downloaded. For the synthetic dataset a vocabulary is trained at build time and
+holding `tokenizer.json` or `vocab.txt`, or either file itself; a Hugging Face Hub id
+(`owner/name`, cookie_jax/hub.py) is fetched into the Hub cache (only read from it with
+HF_HUB_OFFLINE=1). For the synthetic dataset a vocabulary is trained at build time and
 shipped in the dataset's metadata, so the default config runs with no download at all.
 """
 
@@ -15,10 +19,27 @@ from etils import epath
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from cookie_jax import files
+from cookie_jax import files, hub
 from cookie_jax.errors import TokenizerMismatchError  # pylint: disable=unused-import
 
 SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
+# The special tokens of each style, by their transformers names.
+SPECIALS = {
+    'bert': dict(unk_token='[UNK]', sep_token='[SEP]', pad_token='[PAD]', cls_token='[CLS]',
+                 mask_token='[MASK]'),
+    # RoBERTa (byte-level BPE) and XLM-R (SentencePiece): <s> first, </s> last.
+    'roberta': dict(unk_token='<unk>', sep_token='</s>', pad_token='<pad>', cls_token='<s>',
+                    mask_token='<mask>'),
+}
+
+
+def special_style(vocab: dict) -> str:
+  """'bert' or 'roberta': the style whose [CLS]/[SEP]/[PAD] (or <s>/</s>/<pad>) the
+  vocabulary has ('' for neither); BERT's first, as before RoBERTa's were known."""
+  for style, sp in SPECIALS.items():
+    if all(sp[k] in vocab for k in ('pad_token', 'cls_token', 'sep_token')):
+      return style
+  return ''
 
 
 def _word_counts(texts: Iterable[str]) -> collections.Counter:
@@ -104,7 +125,8 @@ def _read_vocab_txt(path: epath.Path) -> list[str]:
 def tokenizer_from_path(path: str, lowercase: bool = True) -> Tokenizer:
   """`tokenizer.json` (kept as is) or `vocab.txt` (BERT pipeline), or a folder of either;
   a local path or any path etils.epath reads (gs://...), so every host of a pod can read
-  one copy."""
+  one copy; or a Hugging Face Hub id, from huggingface_hub's cache (cookie_jax/hub.py)."""
+  path = hub.resolve(path, f'config.data.tokenizer={path!r}')
   p = epath.Path(path).expanduser()
   if p.is_dir():
     candidates = [p / 'tokenizer.json', p / 'vocab.txt']
@@ -117,7 +139,7 @@ def tokenizer_from_path(path: str, lowercase: bool = True) -> Tokenizer:
   if not p.is_file():
     raise FileNotFoundError(
         f'config.data.tokenizer={path!r}: no such file or folder. Give a folder (local or '
-        "gs://...) with 'tokenizer.json' or 'vocab.txt' (nothing is downloaded), or '' for "
+        "gs://...) with 'tokenizer.json' or 'vocab.txt', a Hub id (owner/name), or '' for "
         "the synthetic dataset's own vocabulary.")
   if p.name.endswith('.json'):
     return Tokenizer.from_str(p.read_text(encoding='utf-8'))
@@ -125,20 +147,29 @@ def tokenizer_from_path(path: str, lowercase: bool = True) -> Tokenizer:
 
 
 def finalize(tok: Tokenizer, max_len: int) -> Tokenizer:
-  """[CLS] text [SEP], truncated (specials included) and padded to exactly `max_len`."""
+  """[CLS] text [SEP] (BERT) or <s> text </s> (RoBERTa, XLM-R: their tokenizer.json's
+  template, pair '<s> A </s> </s> B </s>'), truncated (specials included) and padded on
+  the right to exactly `max_len` with [PAD] or <pad>, as transformers' tokenizer of the
+  same folder encodes."""
   vocab = tok.get_vocab()
-  missing = [t for t in ('[PAD]', '[CLS]', '[SEP]') if t not in vocab]
-  if missing:
-    raise ValueError(f'The tokenizer has no {missing} token(s); cookie_jax expects a BERT '
-                     'WordPiece vocabulary (config.data.tokenizer).')
+  style = special_style(vocab)
+  if not style:
+    missing = [t for t in ('[PAD]', '[CLS]', '[SEP]') if t not in vocab]
+    raise ValueError(f'The tokenizer has no {missing} token(s) (nor RoBERTa\'s <pad>, <s>, '
+                     '</s>); cookie_jax expects a BERT WordPiece vocabulary or a RoBERTa / '
+                     'XLM-R tokenizer.json (config.data.tokenizer).')
+  sp = SPECIALS[style]
+  cls, sep, pad = sp['cls_token'], sp['sep_token'], sp['pad_token']
   if max_len < 2:
-    raise ValueError(f'config.data.max_len={max_len}: needs room for [CLS] and [SEP]; '
+    raise ValueError(f'config.data.max_len={max_len}: needs room for {cls} and {sep}; '
                      'use at least 2 (e.g. 32).')
+  pair = (f'{cls} $A {sep} $B:1 {sep}:1' if style == 'bert'
+          else f'{cls} $A {sep} {sep} $B {sep}')
   tok.post_processor = processors.TemplateProcessing(
-      single='[CLS] $A [SEP]', pair='[CLS] $A [SEP] $B:1 [SEP]:1',
-      special_tokens=[('[CLS]', vocab['[CLS]']), ('[SEP]', vocab['[SEP]'])])
+      single=f'{cls} $A {sep}', pair=pair,
+      special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])])
   tok.enable_truncation(max_length=max_len)
-  tok.enable_padding(length=max_len, pad_id=vocab['[PAD]'], pad_token='[PAD]')
+  tok.enable_padding(length=max_len, pad_id=vocab[pad], pad_token=pad)
   return tok
 
 

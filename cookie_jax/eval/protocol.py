@@ -240,15 +240,20 @@ def _check_weights(weights) -> Weights:
 
 
 @functools.lru_cache(maxsize=16)
-def _encoder(graphdef, mesh: Mesh, side: str):
+def encoder(graphdef, mesh: Mesh, side: str):
+  """The jitted `(params, batch) -> (embeddings, mask)` of one side over `mesh`, both
+  replicated."""
   # Cached per (model graph, mesh, side) so that evaluating every N training steps
   # compiles once.
+  # Traced with the train step's activation constraints: without them XLA may follow an
+  # FSDP parameter's sharded `embed` axis into the activations and gather those instead.
   def encode(params, batch):
-    model = nnx.merge(graphdef, params)
-    if side == 'image':
-      emb = model.encode_image(batch['image'])
-    else:
-      emb = model.encode_text(batch['input_ids'], batch['attention_mask'])
+    with sharding.activation_sharding(mesh):
+      model = nnx.merge(graphdef, params)
+      if side == 'image':
+        emb = model.encode_image(batch['image'])
+      else:
+        emb = model.encode_text(batch['input_ids'], batch['attention_mask'])
     return emb, batch['mask']
 
   rep = sharding.replicated(mesh)
@@ -291,18 +296,27 @@ def _place(batch: Mapping[str, Any], keys, mesh: Mesh) -> dict[str, jax.Array]:
   return sharding.to_global(mesh, host)
 
 
+def _kept(emb: jax.Array, keep: jax.Array) -> np.ndarray:
+  return search.to_numpy(emb)[search.to_numpy(keep).astype(bool)]
+
+
 def _encode(side: str, weights: Weights, batches: Iterable[Mapping[str, Any]], mesh: Mesh,
             progress: bool, total: int | None) -> np.ndarray:
   graphdef, params = _check_weights(weights)
-  fn = _encoder(graphdef, mesh, side)
+  fn = encoder(graphdef, mesh, side)
   if progress:
     from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
     batches = tqdm.tqdm(batches, total=total, desc=f'encode {side}s', unit='batch')
-  chunks = []
+  chunks, pending = [], None
+  # One batch behind: batch k+1 is read, placed and dispatched before batch k's result
+  # is fetched, so the devices are not idle while the host waits for it.
   for batch in batches:
-    emb, keep = fn(params, _place(batch, _SIDE_KEYS[side], mesh))
-    emb, keep = search.to_numpy(emb), search.to_numpy(keep)
-    chunks.append(emb[keep.astype(bool)])
+    out = fn(params, _place(batch, _SIDE_KEYS[side], mesh))
+    if pending is not None:
+      chunks.append(_kept(*pending))
+    pending = out
+  if pending is not None:
+    chunks.append(_kept(*pending))
   if not chunks:
     return np.zeros((0, 0), np.float32)
   return np.concatenate(chunks).astype(np.float32)

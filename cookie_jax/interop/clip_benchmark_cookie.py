@@ -65,21 +65,26 @@ class CookieOpenCLIP(nn.Module):
 
 class Tokenizer:
   """open_clip's tokenizer interface: `tokenizer(texts)` -> LongTensor [N, max_len] of
-  [CLS] text [SEP] [PAD]..., truncated and padded as in training."""
+  [CLS] text [SEP] [PAD]... (<s> text </s> <pad>...), truncated and padded as in
+  training."""
 
   def __init__(self, path: str, max_len: int):
     from tokenizers import Tokenizer as HFTokenizer  # pylint: disable=g-import-not-at-top
     self.tokenizer = HFTokenizer.from_file(path)
-    self.pad_id = self.tokenizer.token_to_id('[PAD]')
-    if self.pad_id is None:
-      raise ValueError(f'{path} has no [PAD] token; give the tokenizer of the export.')
+    # BERT's [PAD], or RoBERTa's / XLM-R's <pad>.
+    self.pad_token = next((t for t in ('[PAD]', '<pad>')
+                           if self.tokenizer.token_to_id(t) is not None), None)
+    if self.pad_token is None:
+      raise ValueError(f'{path} has no [PAD] (or <pad>) token; give the tokenizer of the '
+                       'export.')
+    self.pad_id = self.tokenizer.token_to_id(self.pad_token)
     self.context_length = max_len
 
   def __call__(self, texts, context_length: int | None = None) -> torch.Tensor:
     texts = [texts] if isinstance(texts, str) else list(texts)
     length = context_length or self.context_length
     self.tokenizer.enable_truncation(max_length=length)
-    self.tokenizer.enable_padding(length=length, pad_id=self.pad_id, pad_token='[PAD]')
+    self.tokenizer.enable_padding(length=length, pad_id=self.pad_id, pad_token=self.pad_token)
     return torch.tensor([e.ids for e in self.tokenizer.encode_batch(texts)], dtype=torch.long)
 
 

@@ -2,16 +2,19 @@
 
 Remote code: an export copies this file into its folder, where
 `transformers.AutoConfig.from_pretrained(OUT, trust_remote_code=True)` finds it through
-`auto_map` in config.json. It needs transformers (>= 5) only.
+`auto_map` in config.json. It needs transformers (>= 5.20, the first with
+`SubConfigSpec`; 5.0 to 5.19 lack it) only.
 """
 
-from transformers import BertConfig, PreTrainedConfig, ViTConfig
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
 
 
 class CookieConfig(PreTrainedConfig):
   """The two towers' configs plus what sits on top of them.
 
-  text_config / vision_config: the `BertModel` and `ViTModel` towers (the same configs as
+  text_config / vision_config: the text (`BertModel`, `RobertaModel`, `XLMRobertaModel`)
+    and vision towers (the same configs as
     the export's text_encoder/ and image_encoder/ folders).
   cookie: the contents of cookie_config.json (pooling, the weight-sharing transformer,
     projection heads, temperature, the video mode); see `torch_model.CookieTorchModel`.
@@ -20,9 +23,13 @@ class CookieConfig(PreTrainedConfig):
   """
 
   model_type = 'cookie'
-  sub_configs_defaults = {'text_config': BertConfig, 'vision_config': ViTConfig}
+  # text_config: the class its model_type names (bert, roberta, xlm-roberta);
+  # vision_config: the class its model_type names (vit, clip_vision_model,
+  # siglip_vision_model, dinov2, dinov2_with_registers).
+  sub_configs_defaults = {'text_config': SubConfigSpec(AutoConfig, model_type='bert'),
+                          'vision_config': SubConfigSpec(AutoConfig, model_type='vit')}
 
-  text_config: dict | BertConfig | None = None
-  vision_config: dict | ViTConfig | None = None
+  text_config: dict | PreTrainedConfig | None = None
+  vision_config: dict | PreTrainedConfig | None = None
   cookie: dict | None = None
   cookie_jax: dict | None = None

@@ -1,7 +1,7 @@
 """The transformers-native part of an export, so that from the folder OUT
 
     AutoModel.from_pretrained(OUT, trust_remote_code=True)           # modeling_cookie.CookieModel
-    AutoTokenizer.from_pretrained(OUT)                               # the run's WordPiece
+    AutoTokenizer.from_pretrained(OUT)                               # the run's tokenizer
     AutoImageProcessor.from_pretrained(OUT, trust_remote_code=True)  # the eval view
     AutoProcessor.from_pretrained(OUT, trust_remote_code=True)       # both: text=, images=
     pipeline('zero-shot-image-classification', model=OUT, trust_remote_code=True)
@@ -109,7 +109,7 @@ def write_processor(out: pathlib.Path, image_proc) -> None:
   # Saved aside and only its own two files taken: transformers would write the tokenizer
   # files again, in its own form, over the ones `write_tokenizer` wrote.
   with tempfile.TemporaryDirectory() as tmp:
-    tokenizer = transformers.BertTokenizer.from_pretrained(out)  # what write_tokenizer wrote
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)  # what write_tokenizer wrote
     CookieProcessor(image_processor=image_proc, tokenizer=tokenizer).save_pretrained(tmp)
     for name in ('processor_config.json', 'processing_cookie.py'):
       shutil.copy(pathlib.Path(tmp) / name, out / name)

@@ -1,7 +1,10 @@
 """PyTorch / transformers checkpoints out: a trained COOKIE model as
 
-  OUT/text_encoder/    a `transformers.BertModel` folder (+ the tokenizer files),
-  OUT/image_encoder/   a `transformers.ViTModel` folder (+ preprocessor_config.json),
+  OUT/text_encoder/    a `transformers.BertModel` folder (+ the tokenizer files), or the
+                       RobertaModel / XLMRobertaModel of the tower's options (hf_text.py),
+  OUT/image_encoder/   a `transformers.ViTModel` folder (+ preprocessor_config.json), or
+                       the CLIPVisionModel / SiglipVisionModel / Dinov2Model(WithRegisters)
+                       of the tower's layout (hf_vision.py),
   OUT/cookie.safetensors + OUT/cookie_config.json
                        the shared transformer, projection heads and temperature,
   OUT/torch_model.py   `CookieTorchModel`, which loads all of it with torch alone;
@@ -32,8 +35,9 @@ import ml_collections
 import numpy as np
 
 from cookie_jax import files
-from cookie_jax.interop import hf_automodel, keys, model_card
+from cookie_jax.interop import hf_automodel, hf_text, hf_vision, keys, model_card
 from cookie_jax.models import abstract_model
+from cookie_jax.models.vit import prefix_tokens
 
 FORMAT = 'cookie_jax.torch/1'
 COOKIE_CONFIG = 'cookie_config.json'
@@ -41,42 +45,20 @@ COOKIE_WEIGHTS = 'cookie.safetensors'
 
 
 def bert_config(text_cfg, *, pad_token_id: int = 0) -> dict:
-  """config.json of a `BertModel` with our text tower's sizes."""
-  return dict(
-      architectures=['BertModel'], model_type='bert', vocab_size=text_cfg.vocab_size,
-      hidden_size=text_cfg.width, num_hidden_layers=text_cfg.depth,
-      num_attention_heads=text_cfg.heads, intermediate_size=text_cfg.mlp_dim,
-      hidden_act='gelu', hidden_dropout_prob=text_cfg.dropout,
-      attention_probs_dropout_prob=text_cfg.attention_dropout,
-      max_position_embeddings=text_cfg.max_positions,
-      type_vocab_size=text_cfg.type_vocab_size, initializer_range=0.02,
-      layer_norm_eps=1e-12, pad_token_id=pad_token_id, position_embedding_type='absolute',
-      dtype='float32')
+  """config.json of the transformers class of our text tower (`BertModel` for the
+  default options; RoBERTa, XLM-R: hf_text.py) with its sizes."""
+  return hf_text.config_json(text_cfg, pad_token_id=pad_token_id)
 
 
 def vit_config(vision_cfg) -> dict:
-  """config.json of a `ViTModel` with our image tower's sizes."""
-  return dict(
-      architectures=['ViTModel'], model_type='vit', hidden_size=vision_cfg.width,
-      num_hidden_layers=vision_cfg.depth, num_attention_heads=vision_cfg.heads,
-      intermediate_size=vision_cfg.mlp_dim, hidden_act='gelu',
-      hidden_dropout_prob=vision_cfg.dropout,
-      attention_probs_dropout_prob=vision_cfg.attention_dropout, initializer_range=0.02,
-      layer_norm_eps=1e-12, image_size=vision_cfg.image_size,
-      patch_size=vision_cfg.patch_size, num_channels=3, qkv_bias=True,
-      encoder_stride=vision_cfg.patch_size, pooler_output_size=vision_cfg.width,
-      pooler_act='tanh', dtype='float32')
-
-
-def _get(params, path):
-  for k in path:
-    params = params[k]
-  return params
+  """config.json of the transformers class of our image tower's layout (`ViTModel` for the
+  default one; CLIP, SigLIP, DINOv2: hf_vision.py) with its sizes."""
+  return hf_vision.config_json(vision_cfg)
 
 
 def state_dict(params, rules) -> dict[str, np.ndarray]:
   """{torch key: float32 array} of the parameters the rules name."""
-  return {key: keys.to_torch(_get(params, path), layout) for key, path, layout in rules}
+  return {key: keys.to_torch(keys.get_path(params, path), layout) for key, path, layout in rules}
 
 
 def _write_json(path: pathlib.Path, obj) -> None:
@@ -107,7 +89,8 @@ def write_tower(params, tower: str, tower_cfg, out_dir, *, pad_token_id: int = 0
     config, rules = bert_config(tower_cfg, pad_token_id=pad_token_id), keys.bert_rules(
         tower_cfg.depth)
   else:
-    config, rules = vit_config(tower_cfg), keys.vit_rules(tower_cfg.depth)
+    config = vit_config(tower_cfg)
+    rules = hf_vision.rules(hf_vision.family(tower_cfg), tower_cfg)
   _write_json(out / 'config.json', config)
   _save_safetensors(state_dict(params, rules), out / 'model.safetensors')
 
@@ -122,13 +105,19 @@ def write_tokenizer(tokenizer, out_dir, max_len: int) -> None:
   tok.no_truncation()
   tok.save(str(out / 'tokenizer.json'))
   vocab = tok.get_vocab()
+  from cookie_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  style = tok_lib.special_style(vocab)
+  specials = {k: v for k, v in tok_lib.SPECIALS[style].items() if v in vocab}
+  _write_json(out / 'special_tokens_map.json', specials)
+  if style == 'roberta':
+    # RoBERTa's byte-level BPE, XLM-R's SentencePiece: tokenizer.json is the tokenizer.
+    _write_json(out / 'tokenizer_config.json', dict(
+        specials, bos_token=specials.get('cls_token'), eos_token=specials.get('sep_token'),
+        tokenizer_class='PreTrainedTokenizerFast', model_max_length=max_len))
+    return
   (out / 'vocab.txt').write_text(
       ''.join(t + '\n' for t in sorted(vocab, key=vocab.get)), encoding='utf-8')
   lowercase = bool(getattr(tok.normalizer, 'lowercase', True))
-  specials = dict(unk_token='[UNK]', sep_token='[SEP]', pad_token='[PAD]',
-                  cls_token='[CLS]', mask_token='[MASK]')
-  specials = {k: v for k, v in specials.items() if v in vocab}
-  _write_json(out / 'special_tokens_map.json', specials)
   _write_json(out / 'tokenizer_config.json', dict(
       specials, tokenizer_class='BertTokenizer', do_lower_case=lowercase,
       model_max_length=max_len))
@@ -145,6 +134,8 @@ def cookie_config(model_cfg, *, step=None, data_cfg=None) -> dict:
       format=FORMAT, step=step, image_pool=model_cfg.image_pool,
       text_pool=model_cfg.text_pool, embed_dim=model_cfg.embed_dim,
       image_width=model_cfg.vision.width, text_width=model_cfg.text.width, shared=shared,
+      # Tokens before the patches (class token, registers), which image_pool='mean' skips.
+      image_prefix_tokens=prefix_tokens(model_cfg.vision),
       max_logit_scale=model_cfg.max_logit_scale,
       image_partner_dim=model_cfg.image_partner_dim,
       text_partner_dim=model_cfg.text_partner_dim, layer_norm_eps=1e-12,
@@ -197,7 +188,7 @@ def export_params(params, model_cfg, output, *, tokenizer=None, data_cfg=None,
 def _write_export(params, model_cfg, out: pathlib.Path, *, tokenizer, data_cfg,
                   step, config, figures) -> bool:
   """The files of `export_params` in the local folder `out`; True with the AutoModel."""
-  pad_id = 0
+  pad_id = 0  # BertModel's; RoBERTa and XLM-R write their own (hf_text.config_json)
   if tokenizer is not None and tokenizer.token_to_id('[PAD]') is not None:
     pad_id = tokenizer.token_to_id('[PAD]')
   write_tower(params['text'], 'text', model_cfg.text, out / 'text_encoder', pad_token_id=pad_id)

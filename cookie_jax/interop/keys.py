@@ -6,7 +6,9 @@ construction and a renamed parameter cannot be converted one way only. A rule is
 
   'copy'   the same array (embeddings, LayerNorm scale/bias, biases, CLS, positions);
   'linear' torch `weight` [out, in] <-> our `kernel` [in, out];
-  'conv'   torch [D, 3, p, p] (OIHW) <-> our [p, p, 3, D] (HWIO).
+  'conv'   torch [D, 3, p, p] (OIHW) <-> our [p, p, 3, D] (HWIO);
+  'rows'   torch [N, D] (an `nn.Embedding` of positions) <-> our [1, N, D];
+  'vector' torch [D] (CLIP's class embedding) <-> our [1, 1, D].
 
 Tower keys are transformers' original (4.x) layout, which 4.x loads as is and 5.x
 converts on load (5.x also writes it back on `save_pretrained`).
@@ -27,6 +29,8 @@ def to_torch(array, layout: str) -> np.ndarray:
     a = a.T
   elif layout == 'conv':
     a = a.transpose(3, 2, 0, 1)
+  elif layout in ('rows', 'vector'):
+    a = a.reshape(a.shape[1:] if layout == 'rows' else a.shape[2:])
   return a.copy(order='C')  # contiguous for safetensors; 0-d stays 0-d
 
 
@@ -36,6 +40,8 @@ def from_torch(array, layout: str) -> np.ndarray:
     a = a.T
   elif layout == 'conv':
     a = a.transpose(2, 3, 1, 0)
+  elif layout in ('rows', 'vector'):
+    a = a.reshape((1,) + a.shape if layout == 'rows' else (1, 1) + a.shape)
   return a.copy(order='C')  # contiguous for safetensors; 0-d stays 0-d
 
 
@@ -65,7 +71,8 @@ def _vit_layer(prefix: str, path: tuple) -> list[Rule]:
 
 
 def bert_rules(depth: int, root: tuple = ()) -> list[Rule]:
-  """`BertModel` (pooler included) <-> our `Bert` at `root` in the parameter dict."""
+  """`BertModel`, `RobertaModel` or `XLMRobertaModel` (pooler included; the three name
+  their tensors alike) <-> our `Bert` at `root` in the parameter dict."""
   rules = [
       ('embeddings.word_embeddings.weight', root + ('word_embeddings', 'embedding'), 'copy'),
       ('embeddings.position_embeddings.weight', root + ('position_embeddings', 'embedding'),
@@ -101,6 +108,88 @@ def vit_rules(depth: int, root: tuple = ()) -> list[Rule]:
     rules += _vit_layer(f'encoder.layer.{i}', root + ('layer', i))
   return rules + _norm('layernorm', root + ('layernorm',)) + _dense('pooler.dense',
                                                                   root + ('pooler',))
+
+
+def _encoder_layer(prefix: str, path: tuple) -> list[Rule]:
+  """One pre-LN block as a `CLIPEncoderLayer` / `SiglipEncoderLayer`."""
+  att = path + ('attention',)
+  return (_norm(f'{prefix}.layer_norm1', path + ('layernorm_before',))
+          + _dense(f'{prefix}.self_attn.q_proj', att + ('query',))
+          + _dense(f'{prefix}.self_attn.k_proj', att + ('key',))
+          + _dense(f'{prefix}.self_attn.v_proj', att + ('value',))
+          + _dense(f'{prefix}.self_attn.out_proj', att + ('out',))
+          + _norm(f'{prefix}.layer_norm2', path + ('layernorm_after',))
+          + _dense(f'{prefix}.mlp.fc1', path + ('intermediate',))
+          + _dense(f'{prefix}.mlp.fc2', path + ('output',)))
+
+
+# CLIPVisionModel and SiglipVisionModel keys carry this prefix in the original (4.x)
+# layout, as the vision half of a full CLIPModel / SiglipModel does.
+TOWER_PREFIX = 'vision_model.'
+
+
+def clip_rules(depth: int, root: tuple = ()) -> list[Rule]:
+  """`CLIPVisionModel` <-> our `ViT` with CLIP's layout."""
+  p = TOWER_PREFIX
+  rules = [(f'{p}embeddings.class_embedding', root + ('cls_token',), 'vector'),
+           (f'{p}embeddings.patch_embedding.weight', root + ('patch_embeddings', 'kernel'),
+            'conv'),
+           (f'{p}embeddings.position_embedding.weight', root + ('position_embeddings',),
+            'rows')] + _norm(f'{p}pre_layrnorm', root + ('pre_layernorm',))
+  for i in range(depth):
+    rules += _encoder_layer(f'{p}encoder.layers.{i}', root + ('layer', i))
+  return rules + _norm(f'{p}post_layernorm', root + ('layernorm',))
+
+
+def siglip_rules(depth: int, root: tuple = ()) -> list[Rule]:
+  """`SiglipVisionModel` (attention-pooling head included) <-> our `ViT` with SigLIP's
+  layout."""
+  p, head = TOWER_PREFIX, root + ('head',)
+  rules = [(f'{p}embeddings.patch_embedding.weight', root + ('patch_embeddings', 'kernel'),
+            'conv'),
+           (f'{p}embeddings.patch_embedding.bias', root + ('patch_embeddings', 'bias'), 'copy'),
+           (f'{p}embeddings.position_embedding.weight', root + ('position_embeddings',),
+            'rows')]
+  for i in range(depth):
+    rules += _encoder_layer(f'{p}encoder.layers.{i}', root + ('layer', i))
+  return (rules + _norm(f'{p}post_layernorm', root + ('layernorm',))
+          + [(f'{p}head.probe', head + ('probe',), 'copy'),
+             (f'{p}head.attention.in_proj_weight', head + ('in_proj', 'kernel'), 'linear'),
+             (f'{p}head.attention.in_proj_bias', head + ('in_proj', 'bias'), 'copy')]
+          + _dense(f'{p}head.attention.out_proj', head + ('out_proj',))
+          + _norm(f'{p}head.layernorm', head + ('layernorm',))
+          + _dense(f'{p}head.mlp.fc1', head + ('fc1',))
+          + _dense(f'{p}head.mlp.fc2', head + ('fc2',)))
+
+
+def dinov2_rules(depth: int, root: tuple = (), *, registers: bool,
+                 mask_token: bool) -> list[Rule]:
+  """`Dinov2Model` / `Dinov2WithRegistersModel` <-> our `ViT` with DINOv2's layout."""
+  rules = [
+      ('embeddings.cls_token', root + ('cls_token',), 'copy'),
+      ('embeddings.position_embeddings', root + ('position_embeddings',), 'copy'),
+      ('embeddings.patch_embeddings.projection.weight', root + ('patch_embeddings', 'kernel'),
+       'conv'),
+      ('embeddings.patch_embeddings.projection.bias', root + ('patch_embeddings', 'bias'),
+       'copy')]
+  if mask_token:
+    rules.append(('embeddings.mask_token', root + ('mask_token',), 'copy'))
+  if registers:
+    rules.append(('embeddings.register_tokens', root + ('register_tokens',), 'copy'))
+  for i in range(depth):
+    prefix, path = f'encoder.layer.{i}', root + ('layer', i)
+    att = path + ('attention',)
+    rules += (_norm(f'{prefix}.norm1', path + ('layernorm_before',))
+              + _dense(f'{prefix}.attention.attention.query', att + ('query',))
+              + _dense(f'{prefix}.attention.attention.key', att + ('key',))
+              + _dense(f'{prefix}.attention.attention.value', att + ('value',))
+              + _dense(f'{prefix}.attention.output.dense', att + ('out',))
+              + [(f'{prefix}.layer_scale1.lambda1', path + ('layer_scale1',), 'copy')]
+              + _norm(f'{prefix}.norm2', path + ('layernorm_after',))
+              + _dense(f'{prefix}.mlp.fc1', path + ('intermediate',))
+              + _dense(f'{prefix}.mlp.fc2', path + ('output',))
+              + [(f'{prefix}.layer_scale2.lambda1', path + ('layer_scale2',), 'copy')])
+  return rules + _norm('layernorm', root + ('layernorm',))
 
 
 def cookie_rules(model_cfg) -> list[Rule]:
@@ -143,12 +232,36 @@ _VIT_LEGACY = ((re.compile(r'^vit\.'), ''),              # ViTFor* task models
                (re.compile(r'\.mlp\.fc2\.'), '.output.dense.'))
 
 
+# transformers 5.x writes a CLIPVisionModel / SiglipVisionModel without the prefix.
+_TOWER_LEGACY = ((re.compile(r'^(?!vision_model\.|text_model\.|logit_|text_projection|'
+                             r'visual_projection)'), TOWER_PREFIX),)
+_DINOV2_LEGACY = ((re.compile(r'^dinov2(_with_registers)?\.'), ''),  # Dinov2For* task models
+                  (re.compile(r'\.attention\.q_proj\.'), '.attention.attention.query.'),
+                  (re.compile(r'\.attention\.k_proj\.'), '.attention.attention.key.'),
+                  (re.compile(r'\.attention\.v_proj\.'), '.attention.attention.value.'),
+                  (re.compile(r'\.attention\.o_proj\.'), '.attention.output.dense.'))
+# RobertaFor* / XLMRobertaFor* task models; their encoders are BERT's.
+_ROBERTA_LEGACY = ((re.compile(r'^roberta\.'), ''),) + _BERT_LEGACY[1:]
+_LEGACY = {'bert': _BERT_LEGACY, 'roberta': _ROBERTA_LEGACY, 'xlm-roberta': _ROBERTA_LEGACY,
+           'vit': _VIT_LEGACY, 'clip': _TOWER_LEGACY,
+           'siglip': _TOWER_LEGACY, 'dinov2': _DINOV2_LEGACY,
+           'dinov2_with_registers': _DINOV2_LEGACY}
+
+
 def normalize_keys(tensors: dict, model_type: str) -> dict:
-  """Renames the keys of other layouts of a BERT / ViT checkpoint to the 4.x layout."""
-  table = _BERT_LEGACY if model_type == 'bert' else _VIT_LEGACY
+  """Renames the keys of other layouts of a checkpoint to the 4.x layout (`model_type`:
+  a text family of `hf_text.CLASSES` or a vision family of `hf_vision.CLASSES`)."""
+  table = _LEGACY[model_type]
   out = {}
   for key, value in tensors.items():
     for pattern, repl in table:
       key = pattern.sub(repl, key)
     out[key] = value
   return out
+
+
+def get_path(tree, path):
+  """The leaf of the nested dict `tree` at the key tuple `path` (a rule's `ours`)."""
+  for k in path:
+    tree = tree[k]
+  return tree

@@ -5,12 +5,15 @@ the exported step where the workdir has them, and a licence field left for the u
 Figures are read from the run's workdir as training and `launch/eval.py` wrote them:
 WORKDIR/test_retrieval.json (the test split at the end of training) and
 WORKDIR/eval/retrieval-*.json, WORKDIR/eval/zeroshot-*.json, those of the exported step
-only. No torch, no JAX.
+only. No torch.
 """
 
 import json
 
 from etils import epath
+
+from cookie_jax.interop import hf_vision
+from cookie_jax.models import bert, vit
 
 CARD = 'README.md'
 
@@ -78,11 +81,14 @@ def model_lines(model_cfg) -> list[str]:
   v, t, s = model_cfg.vision, model_cfg.text, model_cfg.shared
   shared = ('none (a dual encoder)' if s.depth == 0 else
             f'width {s.width}, depth {s.depth}, {s.heads} heads, MLP {s.mlp_dim}')
+  # The transformers classes the export writes (hf_vision.family, bert's hf_class).
+  vision_class = hf_vision.CLASSES.get(vit.transformers_family(v), 'ViT')
+  text_class = bert.options(t)['hf_class']
   lines = [f'- preset `{model_cfg.preset}`; embeddings of {model_cfg.embed_dim} dimensions, '
            f'pooling: image `{model_cfg.image_pool}`, text `{model_cfg.text_pool}`',
-           f'- {_tower(v, "image tower (ViT)")}, {v.image_size} px images in '
+           f'- {_tower(v, f"image tower ({vision_class})")}, {v.image_size} px images in '
            f'{v.patch_size} px patches',
-           f'- {_tower(t, "text tower (BERT)")}, vocabulary {t.vocab_size}',
+           f'- {_tower(t, f"text tower ({text_class})")}, vocabulary {t.vocab_size}',
            f'- weight-sharing transformer: {shared}']
   for side, init in (('text', model_cfg.get('text_init')), ('image', model_cfg.get('image_init'))):
     if init:

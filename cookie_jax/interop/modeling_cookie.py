@@ -21,7 +21,7 @@ import dataclasses
 
 import torch
 from torch import nn
-from transformers import BertModel, PreTrainedModel, ViTModel
+from transformers import AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_cookie import CookieConfig
@@ -48,7 +48,7 @@ class CookiePreTrainedModel(PreTrainedModel):
   main_input_name = 'pixel_values'
   input_modalities = ('image', 'text')
   _supports_sdpa = True
-  _no_split_modules = ['BertLayer', 'ViTLayer']
+  _no_split_modules = ['BertLayer', 'RobertaLayer', 'XLMRobertaLayer', 'ViTLayer']
 
 
 class CookieModel(CookiePreTrainedModel):
@@ -57,8 +57,10 @@ class CookieModel(CookiePreTrainedModel):
 
   def __init__(self, config: CookieConfig):
     super().__init__(config)
-    self.cookie = CookieTorchModel(config.cookie, BertModel(config.text_config),
-                                   ViTModel(config.vision_config))
+    # Each tower's class follows its config's model_type (text: BERT, RoBERTa, XLM-R;
+    # image: ViT, CLIP, SigLIP, DINOv2).
+    self.cookie = CookieTorchModel(config.cookie, AutoModel.from_config(config.text_config),
+                                   AutoModel.from_config(config.vision_config))
     self.post_init()
 
   def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -72,7 +72,7 @@ class PartnerEncoder:
       if how == 'pooler':
         y = m.pooled(x)
       else:
-        y = pool_tokens(x, mask, how, skip_first=tower == 'vision')
+        y = pool_tokens(x, mask, how, skip=m.prefix if tower == 'vision' else 0)
       return jax.lax.stop_gradient(l2_normalize(y))
     self._encode = jax.jit(encode)
 

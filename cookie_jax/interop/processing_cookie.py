@@ -7,7 +7,7 @@ Remote code: `AutoProcessor.from_pretrained(OUT, trust_remote_code=True)` finds 
     inputs = processor(text=captions, images=pictures, return_tensors='pt', padding=True)
     logits = model(**inputs).logits_per_image          # [images, texts]
 
-The tokenizer is the export's `BertTokenizer` (the training tokenizer; pass
+The tokenizer is the export's (the training tokenizer: BERT's, or RoBERTa's; pass
 `truncation=True` for texts longer than the model's `max_len`), the image processor
 `CookieImageProcessor` (cookie_jax's evaluation view).
 """

@@ -1,5 +1,6 @@
-"""COOKIE in PyTorch: the exported model, built from transformers' own `BertModel`,
-`ViTModel` and `ViTLayer`.
+"""COOKIE in PyTorch: the exported model, built from transformers' own `BertModel` (or the
+RoBERTa / XLM-R model of text_encoder/), `ViTModel` (or the CLIP / SigLIP / DINOv2 vision
+model of image_encoder/) and `ViTLayer`.
 
 Needs torch, transformers (>= 5) and safetensors only; no JAX and no cookie_jax install.
 The export copies this file next to the weights, so on a PyTorch-only machine:
@@ -65,13 +66,14 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def pool(x: torch.Tensor, mask: torch.Tensor | None, how: str, *,
-         skip_first: bool) -> torch.Tensor:
-  """'cls': the first token. 'mean': the mean over real tokens (image: patches only)."""
+         skip: int) -> torch.Tensor:
+  """'cls': the first token. 'mean': the mean over real tokens after the first `skip`
+  (image: the patches, without the class token and registers)."""
   if how == 'cls':
     return x[:, 0]
-  if skip_first:
-    x = x[:, 1:]
-    mask = None if mask is None else mask[:, 1:]
+  if skip:
+    x = x[:, skip:]
+    mask = None if mask is None else mask[:, skip:]
   if mask is None:
     return x.mean(dim=1)
   m = mask.to(x.dtype)[..., None]
@@ -125,8 +127,8 @@ class SharedTransformer(nn.Module):
 class CookieTorchModel(nn.Module):
   """Image tower, text tower, shared transformer, pooling, projection heads, temperature."""
 
-  def __init__(self, config: dict, text: transformers.BertModel,
-               vision: transformers.ViTModel):
+  def __init__(self, config: dict, text: transformers.PreTrainedModel,
+               vision: transformers.PreTrainedModel):
     super().__init__()
     if config.get('format') != FORMAT:
       raise ValueError(f"{CONFIG_NAME} has format {config.get('format')!r}; this loader "
@@ -163,10 +165,13 @@ class CookieTorchModel(nn.Module):
                               '`python launch/export_torch.py --output=...`.')
     with open(config_file, encoding='utf-8') as f:
       config = json.load(f)
-    text = transformers.BertModel.from_pretrained(os.path.join(path, 'text_encoder'),
+    # BertModel, or the RobertaModel / XLMRobertaModel the text tower was exported as.
+    text = transformers.AutoModel.from_pretrained(os.path.join(path, 'text_encoder'),
                                                   **tower_kwargs)
-    vision = transformers.ViTModel.from_pretrained(os.path.join(path, 'image_encoder'),
-                                                   **tower_kwargs)
+    # ViTModel, or the CLIPVisionModel / SiglipVisionModel / Dinov2Model the tower's
+    # layout was exported as (its config.json says which).
+    vision = transformers.AutoModel.from_pretrained(os.path.join(path, 'image_encoder'),
+                                                    **tower_kwargs)
     model = cls(config, text, vision)
     model.load_cookie_weights(load_file(os.path.join(path, WEIGHTS_NAME)))
     return model.eval()
@@ -188,7 +193,10 @@ class CookieTorchModel(nn.Module):
 
   def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
     """Unnormalised image embeddings [B, embed_dim], fp32."""
-    return self._embed_image_tokens(self.vision(pixel_values=pixel_values).last_hidden_state)
+    out = self.vision(pixel_values=pixel_values)
+    if self.config['image_pool'] == 'tower':  # the tower's own pooled output
+      return self.image_head(out.pooler_output).float()
+    return self._embed_image_tokens(out.last_hidden_state)
 
   def embed_video(self, pixel_values: torch.Tensor) -> torch.Tensor:
     """Unnormalised clip embeddings [B, embed_dim] of frames [B, T, 3, H, W]: the image
@@ -201,7 +209,8 @@ class CookieTorchModel(nn.Module):
   def _embed_image_tokens(self, x: torch.Tensor) -> torch.Tensor:
     if self.shared is not None:
       x = self.shared(x, None, IMAGE)
-    return self.image_head(pool(x, None, self.config['image_pool'], skip_first=True)).float()
+    skip = self.config.get('image_prefix_tokens', 1)  # class token + registers
+    return self.image_head(pool(x, None, self.config['image_pool'], skip=skip)).float()
 
   def embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -210,8 +219,7 @@ class CookieTorchModel(nn.Module):
                   token_type_ids=token_type_ids).last_hidden_state
     if self.shared is not None:
       x = self.shared(x, attention_mask, TEXT)
-    return self.text_head(pool(x, attention_mask, self.config['text_pool'],
-                               skip_first=False)).float()
+    return self.text_head(pool(x, attention_mask, self.config['text_pool'], skip=0)).float()
 
   def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
     """L2-normalised image embeddings of normalised NCHW pixels."""

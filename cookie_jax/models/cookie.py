@@ -22,7 +22,7 @@ from cookie_jax.models.bert import Bert
 from cookie_jax.models.concept import ConceptGCN, attend_concepts
 from cookie_jax.models.shared import IMAGE, TEXT, SharedTransformer
 from cookie_jax.models.video import clip_tokens, make_temporal
-from cookie_jax.models.vit import ViT
+from cookie_jax.models.vit import ViT, prefix_tokens
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -32,13 +32,14 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
-def pool(x: jax.Array, mask: jax.Array | None, how: str, *, skip_first: bool) -> jax.Array:
-  """'cls': the first token. 'mean': the mean over real tokens (image: patches only)."""
+def pool(x: jax.Array, mask: jax.Array | None, how: str, *, skip: int) -> jax.Array:
+  """'cls': the first token. 'mean': the mean over real tokens after the first `skip`
+  (image: the patches, without the class token and registers)."""
   if how == 'cls':
     return x[:, 0]
-  if skip_first:
-    x = x[:, 1:]
-    mask = None if mask is None else mask[:, 1:]
+  if skip:
+    x = x[:, skip:]
+    mask = None if mask is None else mask[:, skip:]
   if mask is None:
     return jnp.mean(x, axis=1)
   m = mask.astype(x.dtype)[..., None]
@@ -50,6 +51,7 @@ class CookieModel(nnx.Module):
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     dtype = DTYPES[cfg.dtype]
     self.image_pool = cfg.image_pool
+    self.image_prefix = prefix_tokens(cfg.vision)
     self.vision_patch_size = cfg.vision.patch_size
     self.text_pool = cfg.text_pool
     self.max_log_scale = math.log(cfg.max_logit_scale)
@@ -118,9 +120,11 @@ class CookieModel(nnx.Module):
                       rng=r_tower)
     else:
       x = self.vision(images, rng=r_tower)
+    if self.image_pool == 'tower':  # the tower's own pooled output (no shared layers)
+      return self.image_head(self.vision.pooled(x)).astype(jnp.float32)
     if self.shared is not None:
       x = self.shared(x, None, IMAGE, rng=r_shared)
-    return self.image_head(pool(x, None, self.image_pool, skip_first=True)).astype(
+    return self.image_head(pool(x, None, self.image_pool, skip=self.image_prefix)).astype(
         jnp.float32)
 
   def embed_text(self, input_ids: jax.Array, attention_mask: jax.Array, *,
@@ -130,7 +134,7 @@ class CookieModel(nnx.Module):
     x = self.text(input_ids, attention_mask, rng=r_tower)
     if self.shared is not None:
       x = self.shared(x, attention_mask, TEXT, rng=r_shared)
-    return self.text_head(pool(x, attention_mask, self.text_pool, skip_first=False)).astype(
+    return self.text_head(pool(x, attention_mask, self.text_pool, skip=0)).astype(
         jnp.float32)
 
   def encode_image(self, images: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:

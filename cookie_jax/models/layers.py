@@ -87,9 +87,9 @@ def dense(in_features: int, out_features: int, axes: Sequence[str | None], *, dt
       bias_metadata={'logical_axes': (axes[-1],)}, rngs=rngs)
 
 
-def layer_norm(features: int, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
+def layer_norm(features: int, *, rngs: nnx.Rngs, eps: float = LAYER_NORM_EPS) -> nnx.LayerNorm:
   return nnx.LayerNorm(
-      features, epsilon=LAYER_NORM_EPS, dtype=jnp.float32, param_dtype=jnp.float32,
+      features, epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32,
       scale_metadata={'logical_axes': ('embed',)},
       bias_metadata={'logical_axes': ('embed',)}, rngs=rngs)
 
@@ -239,6 +239,25 @@ def gelu(x: jax.Array) -> jax.Array:
   return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(math.sqrt(0.5), x.dtype)))
 
 
+def gelu_tanh(x: jax.Array) -> jax.Array:
+  # PyTorch's gelu(approximate='tanh') (transformers' 'gelu_pytorch_tanh'; SigLIP).
+  return jax.nn.gelu(x, approximate=True)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+  # x * sigmoid(1.702 x): OpenAI CLIP's activation (transformers' 'quick_gelu').
+  return x * jax.nn.sigmoid(jnp.asarray(1.702, x.dtype) * x)
+
+
+# config name -> function; the names are the `hidden_act` values transformers writes.
+ACTIVATIONS = {'gelu': gelu, 'gelu_pytorch_tanh': gelu_tanh, 'quick_gelu': quick_gelu}
+
+
+def layer_scale(width: int, init: float) -> nnx.Param:
+  """LayerScale's per-channel factor on a residual branch (CaiT; DINOv2's `lambda1`)."""
+  return nnx.Param(jnp.full((width,), init, jnp.float32), logical_axes=('embed',))
+
+
 class MultiHeadAttention(nnx.Module):
   """Self-attention with a padding mask; queries, keys and values are full-width Linears."""
 
@@ -280,38 +299,51 @@ class MultiHeadAttention(nnx.Module):
 
 
 class PreNormBlock(nnx.Module):
-  """A pre-LN transformer block laid out like transformers' `ViTLayer`."""
+  """A pre-LN transformer block laid out like transformers' `ViTLayer`; with
+  `layer_scale` > 0 each residual branch is scaled per channel (DINOv2's LayerScale,
+  initialised at that value), with `activation` one of `ACTIVATIONS` (CLIP, SigLIP)."""
 
   def __init__(self, width: int, heads: int, mlp_dim: int, *, dropout_rate: float,
-               attention_dropout: float, dtype, rngs: nnx.Rngs):
+               attention_dropout: float, dtype, rngs: nnx.Rngs, activation: str = 'gelu',
+               eps: float = LAYER_NORM_EPS, layer_scale_init: float = 0.0):
     self.dropout_rate = dropout_rate
-    self.layernorm_before = layer_norm(width, rngs=rngs)
+    self.activation = ACTIVATIONS[activation]
+    self.layernorm_before = layer_norm(width, rngs=rngs, eps=eps)
     self.attention = MultiHeadAttention(width, heads, attention_dropout=attention_dropout,
                                         dtype=dtype, rngs=rngs)
-    self.layernorm_after = layer_norm(width, rngs=rngs)
+    self.layernorm_after = layer_norm(width, rngs=rngs, eps=eps)
     self.intermediate = dense(width, mlp_dim, ('embed', 'mlp'), dtype=dtype, rngs=rngs)
     self.output = dense(mlp_dim, width, ('mlp', 'embed'), dtype=dtype, rngs=rngs)
+    scaled = layer_scale_init > 0
+    self.layer_scale1 = layer_scale(width, layer_scale_init) if scaled else None
+    self.layer_scale2 = layer_scale(width, layer_scale_init) if scaled else None
+
+  def _scale(self, h, factor):
+    return h if factor is None else h * factor[...].astype(h.dtype)
 
   def __call__(self, x, mask=None, *, rng=None):
     r_attn, r1, r2 = split_rng(rng, 3)
-    h = self.attention(self.layernorm_before(x), mask, rng=r_attn)
+    h = self._scale(self.attention(self.layernorm_before(x), mask, rng=r_attn),
+                    self.layer_scale1)
     x = x + dropout(h, self.dropout_rate, r1)
-    h = self.output(gelu(self.intermediate(self.layernorm_after(x))))
-    return x + dropout(h, self.dropout_rate, r2)
+    h = self.output(self.activation(self.intermediate(self.layernorm_after(x))))
+    return x + dropout(self._scale(h, self.layer_scale2), self.dropout_rate, r2)
 
 
 class PostNormBlock(nnx.Module):
-  """A post-LN transformer block laid out like transformers' `BertLayer`."""
+  """A post-LN transformer block laid out like transformers' `BertLayer` (and
+  `RobertaLayer`, the same block)."""
 
   def __init__(self, width: int, heads: int, mlp_dim: int, *, dropout_rate: float,
-               attention_dropout: float, dtype, rngs: nnx.Rngs):
+               attention_dropout: float, dtype, rngs: nnx.Rngs,
+               eps: float = LAYER_NORM_EPS):
     self.dropout_rate = dropout_rate
     self.attention = MultiHeadAttention(width, heads, attention_dropout=attention_dropout,
                                         dtype=dtype, rngs=rngs)
-    self.attention_norm = layer_norm(width, rngs=rngs)
+    self.attention_norm = layer_norm(width, rngs=rngs, eps=eps)
     self.intermediate = dense(width, mlp_dim, ('embed', 'mlp'), dtype=dtype, rngs=rngs)
     self.output = dense(mlp_dim, width, ('mlp', 'embed'), dtype=dtype, rngs=rngs)
-    self.output_norm = layer_norm(width, rngs=rngs)
+    self.output_norm = layer_norm(width, rngs=rngs, eps=eps)
 
   def __call__(self, x, mask=None, *, rng=None):
     r_attn, r1, r2 = split_rng(rng, 3)

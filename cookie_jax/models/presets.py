@@ -8,19 +8,47 @@ import copy
 
 import ml_collections
 
+from cookie_jax.models import bert, vit
 
-def _vit(image_size, patch_size, width, depth, heads, mlp_dim, dropout=0.0):
+
+def _vit(image_size, patch_size, width, depth, heads, mlp_dim, dropout=0.0, **layout):
   return dict(image_size=image_size, patch_size=patch_size, width=width, depth=depth,
               heads=heads, mlp_dim=mlp_dim, dropout=dropout, attention_dropout=dropout,
               # FLIP's patch dropout: the fraction of patch tokens dropped per image (per
               # clip for video) at training time, in [0, 1); evaluation keeps all.
-              patch_dropout=0.0)
+              patch_dropout=0.0,
+              # The layout: ViTModel's by default; CLIP's, SigLIP's and DINOv2's through
+              # these (each key is described in cookie_jax/models/vit.py).
+              **dict(vit.OPTIONS, **layout))
+
+
+# The layouts of the vision towers transformers has (`CLIPVisionModel`,
+# `SiglipVisionModel`, `Dinov2Model`), as vision options; the importer sets them from a
+# checkpoint's config.json, and a recipe may name them with a size (`VISION_PRESETS`).
+CLIP_LAYOUT = dict(patch_bias=False, pre_norm=True, final_norm='pooled',
+                   activation='quick_gelu', layer_norm_eps=1e-5, pooler='cls')
+SIGLIP_LAYOUT = dict(class_token=False, activation='gelu_pytorch_tanh', layer_norm_eps=1e-6,
+                     pooler='map')
+DINOV2_LAYOUT = dict(layer_norm_eps=1e-6, layer_scale=1.0, pooler='cls', mask_token=True)
+
+# Named image towers (`model_config(..., vision='B/16')`): the sizes of CLIP's ViT-B/32,
+# ViT-B/16 and ViT-L/14 with CLIP's layout, and SigLIP's So400m/14 (at 384 pixels) with
+# SigLIP's, so that `image_init` of such a checkpoint finds the sizes it expects.
+VISION_PRESETS = {
+    'B/32': _vit(224, 32, 768, 12, 12, 3072, **CLIP_LAYOUT),
+    'B/16': _vit(224, 16, 768, 12, 12, 3072, **CLIP_LAYOUT),
+    'L/14': _vit(224, 14, 1024, 24, 16, 4096, **CLIP_LAYOUT),
+    'So400m/14': _vit(384, 14, 1152, 27, 16, 4304, **SIGLIP_LAYOUT),
+}
 
 
 def _bert(width, depth, heads, mlp_dim, vocab_size=30522, max_positions=512, dropout=0.1):
   return dict(vocab_size=vocab_size, max_positions=max_positions, type_vocab_size=2,
               width=width, depth=depth, heads=heads, mlp_dim=mlp_dim, dropout=dropout,
-              attention_dropout=dropout)
+              attention_dropout=dropout,
+              # The layout: BertModel's; RoBERTa's and XLM-R's through these (each key is
+              # described in cookie_jax/models/bert.py).
+              **bert.OPTIONS)
 
 
 def _shared(width, depth, heads, mlp_dim, dropout=0.0):
@@ -75,20 +103,33 @@ PRESETS = {
 }
 
 
-def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
-  """The full `config.model` section for a named size."""
+def model_config(preset: str = 'tiny', vision: str = '') -> ml_collections.ConfigDict:
+  """The full `config.model` section for a named size; `vision` names an image tower of
+  `VISION_PRESETS` in place of the preset's own ('' = the preset's)."""
   if preset not in PRESETS:
     raise ValueError(f'Unknown model preset {preset!r}; choose one of {sorted(PRESETS)}.')
+  if vision and vision not in VISION_PRESETS:
+    raise ValueError(f'Unknown vision preset {vision!r}; choose one of '
+                     f'{sorted(VISION_PRESETS)}.')
   p = copy.deepcopy(PRESETS[preset])
+  if vision:
+    p['vision'] = copy.deepcopy(VISION_PRESETS[vision])
   return ml_collections.ConfigDict(dict(
       preset=preset,
+      # The named image tower of VISION_PRESETS that replaced the preset's ('' = none);
+      # its values count as defaults, e.g. when image_init checks sizes set by hand.
+      vision_preset=vision,
       vision=p['vision'],
       text=p['text'],
       shared=p['shared'],
       video=_video(p['vision']),
       # Pooling of each path's shared-transformer output: 'cls' (first token) or 'mean'
-      # (masked mean over real tokens).
-      image_pool='cls',
+      # (masked mean over real tokens; for images over the patches, without the class
+      # token and registers). image_pool='tower' (with shared.depth=0 only): the image
+      # tower's own pooled output (vision.pooler: CLIP's normalised class token,
+      # SigLIP's attention-pooling head), as CLIP and SigLIP embed images. A tower
+      # without a class token (SigLIP's So400m/14) defaults to 'mean'.
+      image_pool='cls' if p['vision'].get('class_token', True) else 'mean',
       text_pool='cls',
       embed_dim=p['embed_dim'],
       # Initial softmax temperature; the model learns log(1/temperature).
@@ -117,7 +158,10 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       # pytorch_model.bin) to initialise the text tower from; its sizes replace
       # `text`'s. '' = random init.
       text_init='',
-      # Likewise a local Hugging Face ViT folder for the image tower ('' = random init).
+      # Likewise a Hugging Face folder for the image tower ('' = random init): ViTModel,
+      # CLIPVisionModel / CLIPModel, SiglipVisionModel / SiglipModel, Dinov2Model or
+      # Dinov2WithRegistersModel; its sizes and layout replace `vision`'s
+      # (cookie_jax/interop/hf_vision.py).
       image_init='',
   ))
 
