@@ -280,22 +280,27 @@ class MultiHeadAttention(nnx.Module):
     # mask: [B, T] with True on real tokens -> [B, 1, 1, T] over (batch, heads, q, k).
     attn_mask = None if mask is None else mask[:, None, None, :].astype(bool)
     dropout_on = rng is not None and self.attention_dropout > 0.0
-    # jax.nn.dot_product_attention on GPUs and TPUs (it has no dropout on the
-    # probabilities). On CPUs it was slower than the einsums below: 16.9 against 11.7 ms
-    # for forward + backward at [256, 32, 2, 16] on one core.
-    if not dropout_on and jax.default_backend() != 'cpu':
-      out = jax.nn.dot_product_attention(q, k, v, mask=attn_mask)
-    else:
-      logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
-      logits = logits / jnp.sqrt(jnp.float32(self.head_dim))
-      if attn_mask is not None:
-        logits = jnp.where(attn_mask, logits, jnp.finfo(jnp.float32).min)
-      probs = jax.nn.softmax(logits, axis=-1)
-      if dropout_on:
-        probs = dropout(probs, self.attention_dropout, rng)
-      probs = probs.astype(v.dtype)
-      out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
+    logits = logits / jnp.sqrt(jnp.float32(self.head_dim))
+    if attn_mask is not None:
+      logits = jnp.where(attn_mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if dropout_on:
+      probs = dropout(probs, self.attention_dropout, rng)
+    probs = probs.astype(v.dtype)
+    out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
     return self.out(out.reshape(b, t, self.heads * self.head_dim))
+
+
+def _f32(x: jax.Array) -> jax.Array:
+  return x.astype(jnp.float32)
+
+
+def residual_add(x: jax.Array, h: jax.Array) -> jax.Array:
+  """x + h summed in fp32 and kept in x's dtype: the residual stream (and every block
+  input remat saves) stays in the compute dtype, half the bytes in bf16, rounded once per
+  sum. (The TPU compiler's estimate for `base` on v5p-32: docs/BENCHMARKS.md.)"""
+  return (_f32(x) + _f32(h)).astype(x.dtype)
 
 
 class PreNormBlock(nnx.Module):
@@ -306,6 +311,7 @@ class PreNormBlock(nnx.Module):
   def __init__(self, width: int, heads: int, mlp_dim: int, *, dropout_rate: float,
                attention_dropout: float, dtype, rngs: nnx.Rngs, activation: str = 'gelu',
                eps: float = LAYER_NORM_EPS, layer_scale_init: float = 0.0):
+    self.dtype = dtype
     self.dropout_rate = dropout_rate
     self.activation = ACTIVATIONS[activation]
     self.layernorm_before = layer_norm(width, rngs=rngs, eps=eps)
@@ -325,9 +331,9 @@ class PreNormBlock(nnx.Module):
     r_attn, r1, r2 = split_rng(rng, 3)
     h = self._scale(self.attention(self.layernorm_before(x), mask, rng=r_attn),
                     self.layer_scale1)
-    x = x + dropout(h, self.dropout_rate, r1)
+    x = residual_add(x, dropout(h, self.dropout_rate, r1))
     h = self.output(self.activation(self.intermediate(self.layernorm_after(x))))
-    return x + dropout(self._scale(h, self.layer_scale2), self.dropout_rate, r2)
+    return residual_add(x, dropout(self._scale(h, self.layer_scale2), self.dropout_rate, r2))
 
 
 class PostNormBlock(nnx.Module):
@@ -337,6 +343,7 @@ class PostNormBlock(nnx.Module):
   def __init__(self, width: int, heads: int, mlp_dim: int, *, dropout_rate: float,
                attention_dropout: float, dtype, rngs: nnx.Rngs,
                eps: float = LAYER_NORM_EPS):
+    self.dtype = dtype
     self.dropout_rate = dropout_rate
     self.attention = MultiHeadAttention(width, heads, attention_dropout=attention_dropout,
                                         dtype=dtype, rngs=rngs)
@@ -348,15 +355,18 @@ class PostNormBlock(nnx.Module):
   def __call__(self, x, mask=None, *, rng=None):
     r_attn, r1, r2 = split_rng(rng, 3)
     h = self.attention(x, mask, rng=r_attn)
-    x = self.attention_norm(x + dropout(h, self.dropout_rate, r1))
+    x = self.attention_norm(_f32(x) + _f32(dropout(h, self.dropout_rate, r1))).astype(x.dtype)
     h = self.output(gelu(self.intermediate(x)))
-    return self.output_norm(x + dropout(h, self.dropout_rate, r2))
+    return self.output_norm(_f32(x) + _f32(dropout(h, self.dropout_rate, r2))).astype(x.dtype)
 
 
 def run_blocks(blocks, x, mask, rng, *, remat: bool):
-  """Applies a list of blocks in order, each with its own dropout key."""
+  """Applies a list of blocks in order, each with its own dropout key. The residual
+  stream between them is in the blocks' compute dtype (`residual_add`)."""
   keys = split_rng(rng, len(blocks))
   residual = ('batch', 'length', 'embed')
+  if blocks:
+    x = x.astype(blocks[0].dtype)
   x = constrain(x, residual)
   for block, key in zip(blocks, keys):
     if remat:
