@@ -28,6 +28,16 @@ INIT_STD = 0.02
 ACTIVATION_SHARDING = contextvars.ContextVar('activation_sharding', default=None)
 
 
+# The platform the step being traced will run on: set with the mesh by
+# `sharding.activation_sharding`, so that a step traced on a CPU host for a TPU slice
+# (`launch/compile.py`) is the program the slice runs. Elsewhere, the default backend.
+TARGET_PLATFORM = contextvars.ContextVar('target_platform', default=None)
+
+
+def target_platform() -> str:
+  return TARGET_PLATFORM.get() or jax.default_backend()
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """Pins an activation's layout by logical axis names (e.g. ('batch', 'length',
   'embed')), as MaxText's logical constraints do: without it XLA may follow an FSDP
@@ -70,8 +80,10 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, **kwargs):
-  """`lax.dot_general` for `nnx.Linear`, whose x @ kernel gets the gradients above."""
-  if (dimension_numbers == _dense_dims(lhs) and rhs.ndim == 2
+  """`lax.dot_general` for `nnx.Linear`; on CPUs x @ kernel gets the gradients above.
+  Elsewhere JAX's own: on v5p-16 the TPU compiler's estimate for a 2-layer `base` was
+  114.4 ms per step with `_matmul`, 103.7 ms without (docs/BENCHMARKS.md, "TPU compile")."""
+  if (target_platform() == 'cpu' and dimension_numbers == _dense_dims(lhs) and rhs.ndim == 2
       and all(v is None for v in kwargs.values())):
     return _matmul(lhs, rhs, precision)
   return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, **kwargs)
