@@ -78,3 +78,27 @@ def test_the_slice_names_are_libtpus_topologies():
   assert sharding.TPU_SLICES['v5p-32'] == 'v5p:2x2x4'
   assert sharding.TPU_SLICES['v5e-256'] == 'v5e:16x16'
   assert len(sharding.tpu_slice_devices('v6e-16')) == 16
+
+
+def test_a_step_traced_for_a_tpu_mesh_on_a_cpu_host_is_the_tpu_program():
+  """The model reads its target from the mesh it is traced for, not from the host's
+  default backend: the CPU-only custom-VJP matmul (layers._matmul) is left out of a
+  step traced here for TPU devices, and kept for CPU devices."""
+  from cookie_jax.models import layers  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  w = jnp.ones((8, 4), jnp.float32)
+
+  def jaxpr_for(devices):
+    mesh = Mesh(np.asarray(devices[:1]), ('data',))
+    with sharding.activation_sharding(mesh):
+      platform = layers.target_platform()
+      text = str(jax.make_jaxpr(jax.grad(lambda w: layers.dense_dot_general(
+          jnp.ones((2, 8)), w, layers._dense_dims(jnp.ones((2, 8)))).sum()))(w))
+    return platform, text
+
+  tpu_platform, tpu_text = jaxpr_for(sharding.tpu_slice_devices('v5p-8'))
+  cpu_platform, cpu_text = jaxpr_for(jax.devices('cpu'))
+  assert (tpu_platform, cpu_platform) == ('tpu', 'cpu')
+  assert 'custom_vjp_call' not in tpu_text and 'custom_vjp_call' in cpu_text
+  assert layers.target_platform() == jax.default_backend()  # unset outside a trace
