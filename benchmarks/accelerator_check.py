@@ -2,11 +2,13 @@ r"""One command for the first hour on a GPU or TPU host: everything that matters
 8 minutes including compilation, written as one JSON and a markdown table to paste into
 docs/BENCHMARKS.md.
 
-1. **Train step**: the `base` recipe (bf16, remat, all three COOKIE losses) on one device
+1. **Train step**: the `base` recipe (bf16, all three COOKIE losses) on one device
    at the largest per-device batch that fits: the compiled step's memory is read at two
    small batches, the largest batch that fits in 90% of the device is extrapolated from
    them and compiled to check (smaller if it does not fit). Pairs/s, model TFLOP/s
-   (cookie_jax/flops.py), MFU where the device's peak is known, peak memory.
+   (cookie_jax/flops.py), MFU where the device's peak is known, peak memory; on a TPU
+   also the compiler's estimate of the same compiled program (`launch/compile.py`'s
+   measure, cookie_jax/tpu_compile.py) beside the measured step time, which calibrates it.
 2. **PyTorch peer**: the same model in PyTorch (`benchmarks/torch_peer.py`) with
    `torch.compile` and bf16 autocast, at the same batch, runs alternating with ours in the
    same process (as `benchmarks/train_throughput.py` does).
@@ -82,7 +84,7 @@ if __name__ == '__main__':
 import jax
 import numpy as np
 
-from cookie_jax import comm_audit, flops as flops_lib, sharding, step as step_lib
+from cookie_jax import comm_audit, flops as flops_lib, sharding, step as step_lib, tpu_compile
 from cookie_jax.config import default_config, validate_config
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -120,7 +122,11 @@ def compile_step(args, batch: int):
   config = train_config(args, batch)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   state, abstract_batch, setup = comm_audit.abstract_inputs(config, mesh)
-  compiled = step_lib.make_train_step(config, setup).lower(state, abstract_batch).compile()
+  # On a TPU, the program `launch/compile.py` estimates (tpu_compile.COMPILER_OPTIONS),
+  # so that the measured step time calibrates that estimate.
+  options = tpu_compile.COMPILER_OPTIONS if jax.default_backend() == 'tpu' else None
+  compiled = step_lib.make_train_step(config, setup).lower(state, abstract_batch).compile(
+      compiler_options=options)
   m = compiled.memory_analysis()
   need = (m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
           - m.alias_size_in_bytes)
@@ -202,6 +208,14 @@ def train_and_peer(args, log) -> dict:
     out[f'{name}_pairs_per_sec_runs'] = values
     out[f'{name}_model_tflops'] = use['tflops_per_device']
     out[f'{name}_mfu'] = use.get('mfu')
+  # The TPU compiler's estimate (its cost model's optimal_seconds) of this same compiled
+  # program, beside the measured step: on a TPU the first calibration of
+  # `launch/compile.py`'s estimates. Other backends give none.
+  estimate = tpu_compile.cost(compiled)['optimal_seconds']
+  out['measured_step_s'] = b / out['jax_pairs_per_sec']
+  out['estimated_step_s'] = estimate if estimate == estimate else None  # NaN: none
+  out['measured_over_estimate'] = (out['measured_step_s'] / estimate
+                                   if out['estimated_step_s'] else None)
   if 'torch' in pairs:
     out['jax_over_torch'] = statistics.median(
         j / t for j, t in zip(pairs['jax'], pairs['torch']))
@@ -308,6 +322,10 @@ def markdown(result: dict) -> str:
                    f"{t['batch_per_device']} | {t['torch_pairs_per_sec']:.1f} | "
                    f"{t['torch_model_tflops']:.3g} | {mfu(t['torch_mfu'])} | |")
       lines.append(f"| JAX / PyTorch | | **{t['jax_over_torch']:.2f}** | | | |")
+    if t['estimated_step_s']:
+      lines.append(f"\nStep measured {t['measured_step_s'] * 1e3:.1f} ms; the TPU compiler's "
+                   f"estimate for the same compiled program {t['estimated_step_s'] * 1e3:.1f} "
+                   f"ms (measured / estimate **{t['measured_over_estimate']:.2f}**).")
   p = result.get('pipeline')
   if p:
     lines.append(f"\nInput pipeline (224 px photos, batch {p['batch']}, {p['host_cpus']} "

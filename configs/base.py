@@ -69,7 +69,9 @@ def _tiny():
 def _base():
   config = default_config('base')
   config.model.dtype = 'bfloat16'
-  config.model.remat = True
+  # No remat: at 256 pairs per chip the step fits a v5p chip (docs/BENCHMARKS.md, "TPU
+  # compile") and skips the recomputed forward pass. Set it where memory is short.
+  config.model.remat = False
   config.loss.cross_modal.weight = 1.0
   config.loss.visual.weight = 0.5
   config.loss.textual.weight = 0.5
@@ -149,6 +151,7 @@ def _video(config, frames, temporal='transformer', depth=1):
 def _msrvtt_finetune():
   # After CLIP4Clip: 12 frames, a temporal transformer after the image tower, 32 tokens.
   config = _video(_finetune('coco'), frames=12, depth=2)
+  config.model.remat = True  # 12 frames per clip: 12x an image's activations
   config.data.builder = 'msrvtt'
   config.data.msrvtt.train_list = '9k'
   config.data.msrvtt.frames = 12

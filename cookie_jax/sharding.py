@@ -367,14 +367,17 @@ def param_shardings(abstract_state, mesh: Mesh):
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh):
   """While tracing a step: `models.layers.constrain` pins activations by ACTIVATION_RULES
-  on `mesh`. Constraints only fix layouts; values are unchanged."""
+  on `mesh`, and `models.layers.target_platform` is the platform of `mesh`'s devices.
+  Constraints only fix layouts; values are unchanged."""
   from cookie_jax.models import layers  # pylint: disable=g-import-not-at-top
 
   def constrain(x, logical_axes):
     spec = logical_to_spec(logical_axes, x.shape, mesh, ACTIVATION_RULES, what='activation')
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
   token = layers.ACTIVATION_SHARDING.set(constrain)
+  platform = layers.TARGET_PLATFORM.set(mesh.devices.flat[0].platform)
   try:
     yield
   finally:
+    layers.TARGET_PLATFORM.reset(platform)
     layers.ACTIVATION_SHARDING.reset(token)

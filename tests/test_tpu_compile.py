@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from cookie_jax import sharding, tpu_compile
@@ -34,6 +36,8 @@ def test_tiny_step_compiles_for_two_v5p_hosts_with_memory_cost_and_collectives()
   est = report['estimate']
   assert est['optimal_seconds'] > 0 and est['compiler_flops'] > 0
   assert 0 < est['mfu'] < 1 and est['pairs_per_sec_per_chip'] > 0
+  # No loop whose body the cost model would count once (tpu_compile.COMPILER_OPTIONS).
+  assert est['while_loops'] == 0
   # FSDP over 4 chips: the TPU program gathers the parameters and reduces the gradients.
   counts = report['collectives']['counts']
   assert counts['all-gather'] > 0 and counts['all-reduce'] + counts['reduce-scatter'] > 0
@@ -41,6 +45,18 @@ def test_tiny_step_compiles_for_two_v5p_hosts_with_memory_cost_and_collectives()
   text = tpu_compile.table(report)
   assert 'estimate (TPU compiler cost model, not a measurement)' in text
   assert 'fits' in text
+
+
+def test_the_cost_model_counts_a_loop_body_once():
+  """Why the estimate is compiled without windowed-einsum loops: a loop of 8 matmuls
+  reports the FLOPs of one."""
+  device = sharding.tpu_slice_devices('v5p-8')[0]
+  x = jax.ShapeDtypeStruct((1024, 1024), jnp.bfloat16,
+                           sharding=jax.sharding.SingleDeviceSharding(device))
+  one = jax.jit(lambda a, b: a @ b)
+  eight = jax.jit(lambda a, b: jax.lax.fori_loop(0, 8, lambda i, c: c @ b, a))
+  flops = [tpu_compile.cost(f.lower(x, x).compile())['flops'] for f in (one, eight)]
+  assert flops[0] == 2 * 1024**3 and flops[1] == flops[0]
 
 
 def test_bad_topologies_and_meshes_are_one_line():
@@ -62,3 +78,27 @@ def test_the_slice_names_are_libtpus_topologies():
   assert sharding.TPU_SLICES['v5p-32'] == 'v5p:2x2x4'
   assert sharding.TPU_SLICES['v5e-256'] == 'v5e:16x16'
   assert len(sharding.tpu_slice_devices('v6e-16')) == 16
+
+
+def test_a_step_traced_for_a_tpu_mesh_on_a_cpu_host_is_the_tpu_program():
+  """The model reads its target from the mesh it is traced for, not from the host's
+  default backend: the CPU-only custom-VJP matmul (layers._matmul) is left out of a
+  step traced here for TPU devices, and kept for CPU devices."""
+  from cookie_jax.models import layers  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  w = jnp.ones((8, 4), jnp.float32)
+
+  def jaxpr_for(devices):
+    mesh = Mesh(np.asarray(devices[:1]), ('data',))
+    with sharding.activation_sharding(mesh):
+      platform = layers.target_platform()
+      text = str(jax.make_jaxpr(jax.grad(lambda w: layers.dense_dot_general(
+          jnp.ones((2, 8)), w, layers._dense_dims(jnp.ones((2, 8)))).sum()))(w))
+    return platform, text
+
+  tpu_platform, tpu_text = jaxpr_for(sharding.tpu_slice_devices('v5p-8'))
+  cpu_platform, cpu_text = jaxpr_for(jax.devices('cpu'))
+  assert (tpu_platform, cpu_platform) == ('tpu', 'cpu')
+  assert 'custom_vjp_call' not in tpu_text and 'custom_vjp_call' in cpu_text
+  assert layers.target_platform() == jax.default_backend()  # unset outside a trace

@@ -34,7 +34,9 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
 
 def pool(x: jax.Array, mask: jax.Array | None, how: str, *, skip: int) -> jax.Array:
   """'cls': the first token. 'mean': the mean over real tokens after the first `skip`
-  (image: the patches, without the class token and registers)."""
+  (image: the patches, without the class token and registers). In fp32, whatever the
+  tokens' dtype."""
+  x = x.astype(jnp.float32)
   if how == 'cls':
     return x[:, 0]
   if skip:

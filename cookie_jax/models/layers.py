@@ -28,6 +28,16 @@ INIT_STD = 0.02
 ACTIVATION_SHARDING = contextvars.ContextVar('activation_sharding', default=None)
 
 
+# The platform the step being traced will run on: set with the mesh by
+# `sharding.activation_sharding`, so that a step traced on a CPU host for a TPU slice
+# (`launch/compile.py`) is the program the slice runs. Elsewhere, the default backend.
+TARGET_PLATFORM = contextvars.ContextVar('target_platform', default=None)
+
+
+def target_platform() -> str:
+  return TARGET_PLATFORM.get() or jax.default_backend()
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """Pins an activation's layout by logical axis names (e.g. ('batch', 'length',
   'embed')), as MaxText's logical constraints do: without it XLA may follow an FSDP
@@ -70,8 +80,10 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, **kwargs):
-  """`lax.dot_general` for `nnx.Linear`, whose x @ kernel gets the gradients above."""
-  if (dimension_numbers == _dense_dims(lhs) and rhs.ndim == 2
+  """`lax.dot_general` for `nnx.Linear`; on CPUs x @ kernel gets the gradients above.
+  Elsewhere JAX's own: on v5p-16 the TPU compiler's estimate for a 2-layer `base` was
+  114.4 ms per step with `_matmul`, 103.7 ms without (docs/BENCHMARKS.md, "TPU compile")."""
+  if (target_platform() == 'cpu' and dimension_numbers == _dense_dims(lhs) and rhs.ndim == 2
       and all(v is None for v in kwargs.values())):
     return _matmul(lhs, rhs, precision)
   return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, **kwargs)
@@ -280,22 +292,27 @@ class MultiHeadAttention(nnx.Module):
     # mask: [B, T] with True on real tokens -> [B, 1, 1, T] over (batch, heads, q, k).
     attn_mask = None if mask is None else mask[:, None, None, :].astype(bool)
     dropout_on = rng is not None and self.attention_dropout > 0.0
-    # jax.nn.dot_product_attention on GPUs and TPUs (it has no dropout on the
-    # probabilities). On CPUs it was slower than the einsums below: 16.9 against 11.7 ms
-    # for forward + backward at [256, 32, 2, 16] on one core.
-    if not dropout_on and jax.default_backend() != 'cpu':
-      out = jax.nn.dot_product_attention(q, k, v, mask=attn_mask)
-    else:
-      logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
-      logits = logits / jnp.sqrt(jnp.float32(self.head_dim))
-      if attn_mask is not None:
-        logits = jnp.where(attn_mask, logits, jnp.finfo(jnp.float32).min)
-      probs = jax.nn.softmax(logits, axis=-1)
-      if dropout_on:
-        probs = dropout(probs, self.attention_dropout, rng)
-      probs = probs.astype(v.dtype)
-      out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
+    logits = logits / jnp.sqrt(jnp.float32(self.head_dim))
+    if attn_mask is not None:
+      logits = jnp.where(attn_mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if dropout_on:
+      probs = dropout(probs, self.attention_dropout, rng)
+    probs = probs.astype(v.dtype)
+    out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
     return self.out(out.reshape(b, t, self.heads * self.head_dim))
+
+
+def _f32(x: jax.Array) -> jax.Array:
+  return x.astype(jnp.float32)
+
+
+def residual_add(x: jax.Array, h: jax.Array) -> jax.Array:
+  """x + h summed in fp32 and kept in x's dtype: the residual stream (and every block
+  input remat saves) stays in the compute dtype, half the bytes in bf16, rounded once per
+  sum. (The TPU compiler's estimate for `base` on v5p-32: docs/BENCHMARKS.md.)"""
+  return (_f32(x) + _f32(h)).astype(x.dtype)
 
 
 class PreNormBlock(nnx.Module):
@@ -306,6 +323,7 @@ class PreNormBlock(nnx.Module):
   def __init__(self, width: int, heads: int, mlp_dim: int, *, dropout_rate: float,
                attention_dropout: float, dtype, rngs: nnx.Rngs, activation: str = 'gelu',
                eps: float = LAYER_NORM_EPS, layer_scale_init: float = 0.0):
+    self.dtype = dtype
     self.dropout_rate = dropout_rate
     self.activation = ACTIVATIONS[activation]
     self.layernorm_before = layer_norm(width, rngs=rngs, eps=eps)
@@ -325,9 +343,9 @@ class PreNormBlock(nnx.Module):
     r_attn, r1, r2 = split_rng(rng, 3)
     h = self._scale(self.attention(self.layernorm_before(x), mask, rng=r_attn),
                     self.layer_scale1)
-    x = x + dropout(h, self.dropout_rate, r1)
+    x = residual_add(x, dropout(h, self.dropout_rate, r1))
     h = self.output(self.activation(self.intermediate(self.layernorm_after(x))))
-    return x + dropout(self._scale(h, self.layer_scale2), self.dropout_rate, r2)
+    return residual_add(x, dropout(self._scale(h, self.layer_scale2), self.dropout_rate, r2))
 
 
 class PostNormBlock(nnx.Module):
@@ -337,6 +355,7 @@ class PostNormBlock(nnx.Module):
   def __init__(self, width: int, heads: int, mlp_dim: int, *, dropout_rate: float,
                attention_dropout: float, dtype, rngs: nnx.Rngs,
                eps: float = LAYER_NORM_EPS):
+    self.dtype = dtype
     self.dropout_rate = dropout_rate
     self.attention = MultiHeadAttention(width, heads, attention_dropout=attention_dropout,
                                         dtype=dtype, rngs=rngs)
@@ -348,15 +367,18 @@ class PostNormBlock(nnx.Module):
   def __call__(self, x, mask=None, *, rng=None):
     r_attn, r1, r2 = split_rng(rng, 3)
     h = self.attention(x, mask, rng=r_attn)
-    x = self.attention_norm(x + dropout(h, self.dropout_rate, r1))
+    x = self.attention_norm(_f32(x) + _f32(dropout(h, self.dropout_rate, r1))).astype(x.dtype)
     h = self.output(gelu(self.intermediate(x)))
-    return self.output_norm(x + dropout(h, self.dropout_rate, r2))
+    return self.output_norm(_f32(x) + _f32(dropout(h, self.dropout_rate, r2))).astype(x.dtype)
 
 
 def run_blocks(blocks, x, mask, rng, *, remat: bool):
-  """Applies a list of blocks in order, each with its own dropout key."""
+  """Applies a list of blocks in order, each with its own dropout key. The residual
+  stream between them is in the blocks' compute dtype (`residual_add`)."""
   keys = split_rng(rng, len(blocks))
   residual = ('batch', 'length', 'embed')
+  if blocks:
+    x = x.astype(blocks[0].dtype)
   x = constrain(x, residual)
   for block, key in zip(blocks, keys):
     if remat:
