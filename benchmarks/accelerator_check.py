@@ -210,12 +210,12 @@ def train_and_peer(args, log) -> dict:
     out[f'{name}_mfu'] = use.get('mfu')
   # The TPU compiler's estimate (its cost model's optimal_seconds) of this same compiled
   # program, beside the measured step: on a TPU the first calibration of
-  # `launch/compile.py`'s estimates. Other backends give none.
-  estimate = tpu_compile.cost(compiled)['optimal_seconds']
+  # `launch/compile.py`'s estimates. Only a TPU's: other compilers' figures are not it.
+  estimate = (tpu_compile.usable_seconds(tpu_compile.cost(compiled)['optimal_seconds'])
+              if jax.default_backend() == 'tpu' else None)
   out['measured_step_s'] = b / out['jax_pairs_per_sec']
-  out['estimated_step_s'] = estimate if estimate == estimate else None  # NaN: none
-  out['measured_over_estimate'] = (out['measured_step_s'] / estimate
-                                   if out['estimated_step_s'] else None)
+  out['estimated_step_s'] = estimate
+  out['measured_over_estimate'] = out['measured_step_s'] / estimate if estimate else None
   if 'torch' in pairs:
     out['jax_over_torch'] = statistics.median(
         j / t for j, t in zip(pairs['jax'], pairs['torch']))

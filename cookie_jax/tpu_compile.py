@@ -16,6 +16,7 @@ CPU, as MaxText's `train_compile.py` does. From the compiled program:
 Nothing here is measured on a TPU; every speed figure is labelled an estimate.
 """
 
+import math
 import re
 import time
 
@@ -57,6 +58,13 @@ def cost(compiled) -> dict[str, float]:
   analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
   return {k: float(analysis.get(k, float('nan')))
           for k in ('flops', 'bytes accessed', 'optimal_seconds')}
+
+
+def usable_seconds(seconds: float) -> float | None:
+  """`optimal_seconds` where it is a time, else None: NaN where a backend gives none, and
+  a negative value seen from libtpu 0.0.42.1's v6e cost model for `base` with remat
+  (-291.6 on v6e-16; the same program's v5p estimate is positive)."""
+  return seconds if math.isfinite(seconds) and seconds > 0 else None
 
 
 # The TPU compiler's cost analysis counts the body of a while loop once, not once per
@@ -105,7 +113,7 @@ def _per_chip_report(config, mesh, compiled, seconds) -> dict:
   est = cost(compiled)
   model_flops = flops_lib.train_step_flops(config)['total'] / devices
   peak = flops_lib.peak_flops_per_device(config.model.dtype, device)
-  step_s = est['optimal_seconds']
+  step_s = usable_seconds(est['optimal_seconds'])
   text = compiled.as_text()
   audit = comm_audit.audit(config, mesh, {'partitioned': None, 'optimised': text})
   return {
@@ -115,9 +123,11 @@ def _per_chip_report(config, mesh, compiled, seconds) -> dict:
       'compile_seconds': seconds,
       'estimate': {
           'compiler_flops': est['flops'], 'bytes_accessed': est['bytes accessed'],
-          'optimal_seconds': step_s, 'model_flops': model_flops,
-          'pairs_per_sec_per_chip': config.train.batch_size / devices / step_s,
-          'mfu': model_flops / step_s / peak if peak else None,
+          'optimal_seconds': est['optimal_seconds'], 'step_seconds': step_s,
+          'model_flops': model_flops,
+          'pairs_per_sec_per_chip': (config.train.batch_size / devices / step_s
+                                     if step_s else None),
+          'mfu': model_flops / step_s / peak if peak and step_s else None,
           'while_loops': len(re.findall(r'\swhile\(', text)),
       },
       'collectives': {'bytes': audit['bytes'], 'ideal': audit['ideal'],
@@ -225,10 +235,12 @@ def table(report: dict) -> str:
       f'{g(mem["temporaries"])}, outputs {g(mem["outputs"])}, total {g(mem["total"])} '
       f'of {g(report["hbm"])}: {verdict}',
       f'compile: {report["compile_seconds"]:.0f} s',
-      f'estimate (TPU compiler cost model, not a measurement): step '
-      f'{est["optimal_seconds"] * 1e3:.1f} ms, {est["pairs_per_sec_per_chip"]:.0f} '
-      f'pairs/s per chip, MFU '
-      + (f'{est["mfu"]:.1%}' if est['mfu'] is not None else 'n/a')
+      'estimate (TPU compiler cost model, not a measurement): '
+      + (f'step {est["step_seconds"] * 1e3:.1f} ms, {est["pairs_per_sec_per_chip"]:.0f} '
+         f'pairs/s per chip, MFU ' + (f'{est["mfu"]:.1%}' if est['mfu'] is not None else 'n/a')
+         if est['step_seconds'] else
+         f'none: the cost model gave optimal_seconds = {est["optimal_seconds"]:.4g}, not '
+         'a time, for this program')
       + f' (model FLOPs {est["model_flops"]:.3g} per chip; compiler FLOPs '
       f'{est["compiler_flops"]:.3g}, bytes {est["bytes_accessed"]:.3g}'
       + (f'; {est["while_loops"]} while loops, each body counted once' if

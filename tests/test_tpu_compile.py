@@ -102,3 +102,22 @@ def test_a_step_traced_for_a_tpu_mesh_on_a_cpu_host_is_the_tpu_program():
   assert (tpu_platform, cpu_platform) == ('tpu', 'cpu')
   assert 'custom_vjp_call' not in tpu_text and 'custom_vjp_call' in cpu_text
   assert layers.target_platform() == jax.default_backend()  # unset outside a trace
+
+
+def test_an_optimal_seconds_that_is_not_a_time_gives_no_estimate():
+  """libtpu 0.0.42.1's v6e cost model gave -291.6 s for `base` with remat: the report
+  says there is no estimate instead of printing a negative step time and MFU."""
+  assert tpu_compile.usable_seconds(0.35) == 0.35
+  assert [tpu_compile.usable_seconds(x) for x in (-291.6, 0.0, float('nan'))] == [None] * 3
+  est = {'optimal_seconds': -291.6, 'step_seconds': None, 'pairs_per_sec_per_chip': None,
+         'mfu': None, 'model_flops': 8.3e13, 'compiler_flops': 1.05e14,
+         'bytes_accessed': 7.4e11, 'while_loops': 0}
+  report = {'slice': 'v6e-16', 'slices': 1, 'chips': 16, 'device_kind': 'TPU v6 lite',
+            'hosts': 4, 'mesh': {'data': 2, 'fsdp': 8, 'tensor': 1}, 'batch': 4096,
+            'per_chip_batch': 256, 'hbm': 32 * 2**30, 'fits': True, 'compile_seconds': 822,
+            'memory': {'arguments': 0, 'temporaries': 0, 'outputs': 0, 'total': 0},
+            'estimate': est,
+            'collectives': {'counts': {}, 'bytes': 0, 'ratio': 0.83}}
+  line = next(l for l in tpu_compile.table(report).splitlines() if l.startswith('estimate'))
+  assert 'none: the cost model gave optimal_seconds = -291.6, not a time' in line
+  assert 'MFU' not in line and ' ms,' not in line and 'pairs/s' not in line
