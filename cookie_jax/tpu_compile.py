@@ -128,6 +128,7 @@ def _per_chip_report(config, mesh, compiled, seconds) -> dict:
           'pairs_per_sec_per_chip': (config.train.batch_size / devices / step_s
                                      if step_s else None),
           'mfu': model_flops / step_s / peak if peak and step_s else None,
+          'peak_flops': peak,
           'while_loops': len(re.findall(r'\swhile\(', text)),
       },
       'collectives': {'bytes': audit['bytes'], 'ideal': audit['ideal'],
@@ -216,9 +217,26 @@ def compile_for_slice(config: ml_collections.ConfigDict, slice_name: str, *,
             'jax': jax.__version__, **_per_chip_report(config, mesh, compiled, seconds)}
   if calibrate:
     report['calibration'] = calibration(devices[0])
+    report['roofline'] = roofline(report)
   if fit_batch:
     report['largest_batch'] = largest_batch(config, mesh, report)
   return report
+
+
+def roofline(report: dict) -> dict:
+  """Our own arithmetic on the compiler's counts: the step's FLOPs at the calibrated
+  matmul rate or its bytes at the calibrated elementwise rate, whichever is slower, with
+  nothing for collectives or imperfect overlap. A cross-check of `optimal_seconds`, and
+  the only speed figure where the cost model gives none (v5e and v6e with libtpu
+  0.0.42.1: docs/BENCHMARKS.md, "TPU compile")."""
+  est, cal = report['estimate'], report['calibration']
+  compute = est['compiler_flops'] / (cal['matmul_tflops'] * 1e12)
+  memory_s = est['bytes_accessed'] / (cal['elementwise_tbps'] * 1e12)
+  seconds = max(compute, memory_s)
+  peak = est['peak_flops']
+  return {'seconds': seconds, 'bound': 'memory' if memory_s > compute else 'compute',
+          'pairs_per_sec_per_chip': report['per_chip_batch'] / seconds,
+          'mfu': est['model_flops'] / seconds / peak if peak else None}
 
 
 def table(report: dict) -> str:
@@ -254,6 +272,13 @@ def table(report: dict) -> str:
     lines.append(f'calibration (same cost model): 8192^3 bf16 matmul '
                  f'{c["matmul_tflops"]:.0f} TFLOP/s, 1 GiB elementwise '
                  f'{c["elementwise_tbps"]:.2f} TB/s')
+  if 'roofline' in report:
+    r = report['roofline']
+    lines.append(
+        f'roofline (our arithmetic: compiler FLOPs and bytes at those rates, nothing for '
+        f'collectives or overlap): step {r["seconds"] * 1e3:.1f} ms, '
+        f'{r["pairs_per_sec_per_chip"]:.0f} pairs/s per chip, MFU '
+        + (f'{r["mfu"]:.1%}' if r['mfu'] is not None else 'n/a') + f', {r["bound"]}-bound')
   if 'largest_batch' in report:
     lb = report['largest_batch']
     lines.append(f'largest batch in 90% of HBM: {lb["batch"]} '

@@ -121,3 +121,12 @@ def test_an_optimal_seconds_that_is_not_a_time_gives_no_estimate():
   line = next(l for l in tpu_compile.table(report).splitlines() if l.startswith('estimate'))
   assert 'none: the cost model gave optimal_seconds = -291.6, not a time' in line
   assert 'MFU' not in line and ' ms,' not in line and 'pairs/s' not in line
+  # The roofline from the same counts at the calibrated rates still gives a figure:
+  # 7.4e11 bytes at 0.74 TB/s (v5e-like rates) outweigh 1.05e14 FLOPs at 918 TFLOP/s.
+  est['peak_flops'] = 918e12
+  report['calibration'] = {'matmul_tflops': 918.0, 'elementwise_tbps': 0.74}
+  report['roofline'] = r = tpu_compile.roofline(report)
+  assert r['bound'] == 'memory' and abs(r['seconds'] - 7.4e11 / 0.74e12) < 1e-9
+  assert abs(r['mfu'] - 8.3e13 / r['seconds'] / 918e12) < 1e-12
+  assert any(l.startswith('roofline (our arithmetic') and '1000.0 ms' in l
+             and 'memory-bound' in l for l in tpu_compile.table(report).splitlines())
