@@ -81,8 +81,8 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, **kwargs):
   """`lax.dot_general` for `nnx.Linear`; on CPUs x @ kernel gets the gradients above.
-  Elsewhere JAX's own: on v5p-16 the TPU compiler's estimate for a 2-layer `base` was
-  114.4 ms per step with `_matmul`, 103.7 ms without (docs/BENCHMARKS.md, "TPU compile")."""
+  Elsewhere JAX's own: the TPU compiler's estimate for `base` on v5p-32 was 392.5 ms per
+  step with `_matmul` and 354.2 ms without (docs/BENCHMARKS.md, "TPU compile")."""
   if (target_platform() == 'cpu' and dimension_numbers == _dense_dims(lhs) and rhs.ndim == 2
       and all(v is None for v in kwargs.values())):
     return _matmul(lhs, rhs, precision)
