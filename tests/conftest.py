@@ -31,9 +31,17 @@ jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 # The files whose tests take longest on 2 cores, longest first. `--dist loadfile` hands out
 # whole files in collection order, so starting these first keeps one worker from running
 # the longest file alone at the end (it did: 7 minutes of one worker idle).
+# pytest-xdist >= 3.6 reorders files by their number of tests unless told not to, which
+# put test_data_distributed.py (2 tests, 3 minutes) last: a 20 min 46 s run on 2 cores
+# ended with one worker on it and the other idle.
 LONGEST_FIRST = ('test_data_distributed.py', 'test_stop.py', 'test_train.py',
                  'test_train_step.py', 'test_freeze.py', 'test_goodput.py',
                  'test_comm_audit.py', 'test_data_stream.py')
+
+
+def pytest_configure(config):
+  if hasattr(config.option, 'loadscopereorder'):  # pytest-xdist's --no-loadscope-reorder
+    config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(items):

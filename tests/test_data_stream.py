@@ -189,6 +189,7 @@ def test_a_mixture_reads_the_rows_its_order_names_and_resumes_exactly(data_dir, 
 # -- evaluation on another dataset, and the training loop's count of bad records --
 
 
+@pytest.mark.slow  # CI time: a train run; test_a_record_that_fails_to_decode_is_replaced_and_counted stays
 def test_train_counts_bad_records_and_validates_on_eval_data(data_dir, tmp_path, caplog):
   from cookie_jax import train  # pylint: disable=g-import-not-at-top
   from cookie_jax.config import ConfigError, default_config  # pylint: disable=g-import-not-at-top

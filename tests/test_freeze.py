@@ -186,6 +186,7 @@ def _recipe(name):
   return module.get_config(name)
 
 
+@pytest.mark.slow  # CI time: a train run; the locked-tower tests stay
 def test_lit_recipe_imports_minilm_locks_it_and_trains_the_image_tower():
   """configs/base.py:lit as train.py sets it up (sizes from the checkpoint, validation,
   the state, the MiniLM weights), then 2 real train steps on 8 devices: every text-tower

@@ -83,7 +83,7 @@ def test_profile_steps_write_a_trace(tmp_path, data_dir):
   assert len(traces) == 1 and os.path.getsize(traces[0]) > 1000, traces
 
 
-
+@pytest.mark.slow  # CI time: a whole train run to see no trace; test_profile_steps_are_checked stays
 def test_no_profile_steps_no_profile(tmp_path, data_dir):
   workdir = str(tmp_path / 'plain')
   train.train_and_evaluate(_config(data_dir, steps=2), workdir)
@@ -140,6 +140,7 @@ def test_slow_save_shows_in_checkpoint_time(tmp_path, data_dir, monkeypatch):
   assert s['step'] + s['input_wait'] < 2.0, s  # ... and not as anything else
 
 
+@pytest.mark.slow  # CI time: two train runs; test_drop_records_after_keeps_each_step_once stays
 def test_resume_appends_to_the_goodput_record_and_redone_steps_appear_once(tmp_path,
                                                                          data_dir):
   workdir = str(tmp_path / 'run')
@@ -230,6 +231,7 @@ def test_kill_9_then_resume_leaves_each_step_once(tmp_path, data_dir):
   assert g['steps'] == crashed_at + 2 and g['recomputed'] > 0
 
 
+@pytest.mark.slow  # CI time: two train runs with the optional W&B extra
 def test_wandb_offline_mirrors_metrics_and_resumes_the_same_run(tmp_path, data_dir,
                                                                monkeypatch, capsys):
   try:

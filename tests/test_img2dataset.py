@@ -297,6 +297,7 @@ def test_beam_direct_runner_builds_the_same_dataset(built, tmp_path, monkeypatch
   assert order(tar) == order(on_beam)  # tfds orders both by the hash of the key
 
 
+@pytest.mark.slow  # CI time: a train run; the builder tests on the same folder stay
 def test_launcher_trains_5_steps_on_the_built_folder(built, tmp_path):
   root, (tar, _), _ = built
   vocab = tmp_path / 'vocab.txt'
