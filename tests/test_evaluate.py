@@ -152,7 +152,8 @@ def test_errors_name_the_problem():
     search.sharded_topk(x, x, 4)
 
 
-@pytest.mark.parametrize('size, block', [(1003, 32), (1003, 4096), (5, 1)])
+# (4100, 32): 17 blocks per device, so the default constants choose superblocks.
+@pytest.mark.parametrize('size, block', [(1003, 32), (1003, 4096), (5, 1), (4100, 32)])
 def test_sharded_topk_equals_numpy_brute_force(mesh, size, block):
   rng = np.random.default_rng(size + block)
   gallery, queries = _unit(rng, (size, 16)), _unit(rng, (37, 16))
@@ -300,3 +301,47 @@ def test_block_topk_two_stage_is_exact_with_many_ties(group):
   np.testing.assert_array_equal(top_i, idx[ref])
   np.testing.assert_array_equal(top_s, np.take_along_axis(s, ref, 1))
   assert search.group_size(4096, 10) == 16 and search.group_size(100, 10) == 2
+
+
+@pytest.mark.parametrize('group', [1, 4, 16])
+def test_superblock_topk_is_exact_with_many_ties_and_padding(group):
+  # Integer vectors: every dot product is a small integer, exact in any summation order,
+  # so the rescoring of the chosen groups equals the scores that chose them and the
+  # result must be a stable sort's first 10 (ties by index), padding never returned.
+  rng = np.random.default_rng(group)
+  blocks = rng.integers(0, 3, size=(3, 64, 4)).astype(np.float32)
+  q = rng.integers(0, 3, size=(16, 4)).astype(np.float32)
+  index = np.arange(500, 500 + 3 * 64, dtype=np.int32).reshape(3, 64)
+  size = 500 + 150  # the last 42 rows are padding
+  fn = jax.jit(lambda q, b, i: search.superblock_topk(
+      q, b, i, 10, group, size, lambda idx: idx[-1] >= size))
+  top_s, top_i = fn(q, blocks, index)
+  s = q @ blocks.reshape(-1, 4).T
+  s[:, 150:] = -np.inf
+  ref = np.argsort(-s, axis=1, kind='stable')[:, :10]
+  np.testing.assert_array_equal(top_i, index.reshape(-1)[ref])
+  np.testing.assert_array_equal(top_s, np.take_along_axis(s, ref, 1))
+
+
+@pytest.mark.parametrize('maxima_bytes, candidate_bytes', [
+    (3 * 16 * 32 * 4, 2**30),  # 5 blocks in 2 superblocks of 2, the odd one block by block
+    (2**30, 1)])  # candidates too large: block by block only
+def test_sharded_topk_superblocks_and_remainder_equal_brute_force(
+    mesh, monkeypatch, maxima_bytes, candidate_bytes):
+  monkeypatch.setattr(search, 'MAXIMA_BYTES', maxima_bytes)
+  monkeypatch.setattr(search, 'CANDIDATE_BYTES', candidate_bytes)
+  monkeypatch.setattr(search, 'MIN_SUPERBLOCK', 1)
+  search._topk_program.cache_clear()
+  rng = np.random.default_rng(7)
+  gallery, queries = _unit(rng, (1203, 16)), _unit(rng, (37, 16))
+  prepared = search.prepare_gallery(gallery, mesh, block_size=32)  # 5 blocks per device
+  assert prepared.layout.rows_per_device == 5 * 32
+  group = search.group_size(32, 10)
+  plan = search.superblock_size(prepared.layout, 10, group, 16, 16)
+  assert plan == (2 if candidate_bytes > 1 else 0)
+  scores, idx = search.sharded_topk(queries, prepared, 10, query_block_size=16)
+  search._topk_program.cache_clear()
+  sim = queries.astype(np.float64) @ gallery.astype(np.float64).T
+  ref = np.argsort(-sim, axis=1, kind='stable')[:, :10]
+  np.testing.assert_array_equal(idx, ref)
+  np.testing.assert_allclose(scores, np.take_along_axis(sim, ref, 1), atol=1e-5)

@@ -6,7 +6,9 @@ each device holds 1/D of the gallery (rows split over *all* mesh axes, zero-padd
 shards) and walks through it `block_size` rows at a time, so a device never holds more
 than `query_block_size x block_size` scores. It keeps a running top-k (search) or a
 running max and count (ranks); devices meet once at the end, in one all-gather (top-k)
-or one pmax / psum (ranks). Queries are replicated and sent in chunks of
+or one pmax / psum (ranks). The exact top-k selects once per superblock of many blocks
+(`superblock_topk`: group maxima fused with the dot products, then the best groups
+rescored), not once per block. Queries are replicated and sent in chunks of
 `query_block_size`, the last chunk padded so that one compiled program serves them all.
 
 Ties, which do happen (duplicate captions, a collapsed model):
@@ -183,6 +185,84 @@ def block_topk(s, idx, k: int, group: int):
   return top_s, jnp.take_along_axis(cand_i, pos, axis=1)
 
 
+# Exact top-k keeps group maxima of up to this many bytes (queries x groups, fp32) per
+# superblock, and gathers up to this many bytes of candidate rows (queries x k * group x
+# dim, fp32) per superblock; beyond either, or with fewer than MIN_SUPERBLOCK blocks per
+# device, it selects block by block (`block_topk`). The gather is a fixed cost of about
+# 10 blocks' selections (1,024 queries, D = 256, k = 10 on a 2-core CPU: 10k rows took
+# 0.141 s in superblocks against 0.083 s block by block, docs/BENCHMARKS.md).
+MAXIMA_BYTES = 256 * 2**20
+CANDIDATE_BYTES = 512 * 2**20
+MIN_SUPERBLOCK = 16
+
+
+def superblock_size(layout: Layout, k: int, group: int, queries: int, dim: int) -> int:
+  """Blocks per superblock of the exact search, or 0 to select block by block: the
+  device's blocks in as few equal superblocks as `MAXIMA_BYTES` of group maxima allow
+  (the last < count blocks go block by block)."""
+  groups = layout.block_size // group
+  blocks = layout.rows_per_device // layout.block_size
+  cap = min(blocks, MAXIMA_BYTES // max(1, queries * groups * 4))
+  if (cap < MIN_SUPERBLOCK or cap * groups < k
+      or queries * k * group * dim * 4 > CANDIDATE_BYTES):
+    return 0
+  return blocks // math.ceil(blocks / cap)
+
+
+def superblock_topk(q, blocks, index, k: int, group: int, size: int, padded, axes=()):
+  """The k best rows of a superblock (`blocks` [S, block, D], global `index` [S, block]
+  ascending) for each query, exactly, ties by ascending index; rows at index >= `size`
+  are padding and never win. `padded(index)` says whether a block holds padding; `axes`
+  are the mesh axes the blocks vary over, inside shard_map.
+
+  One pass of fused dot products and group maxima over its blocks (the scores are never
+  stored), one top-k of the k best groups over the whole superblock, then the k * group
+  rows of those groups scored again and the k best taken. The same argument as
+  `block_topk` makes it exact, with one difference: the second scoring is a separate
+  computation, so a candidate's returned score may differ from the dot product that chose
+  its group in the last bits (fp32 rounding); the order among equal scores still follows
+  the index. Compared with a top-k per block this removes all per-block selection (on
+  CPU, a single-threaded top-k between two multi-threaded GEMMs; on TPU, a sort)."""
+  n, (num, block, dim) = q.shape[0], blocks.shape
+  groups = block // group
+
+  def maxima(scores):
+    return jnp.max(scores.reshape(n, groups, group), axis=2)
+
+  def one_block(buf, xs):
+    j, blk, idx = xs
+    # Only blocks with padding mask their scores; the rest fuse dot and max.
+    m = jax.lax.cond(padded(idx),
+                     lambda b, i: maxima(jnp.where(i[None] < size, _block_scores(q, b),
+                                                   -jnp.inf)),
+                     lambda b, i: maxima(_block_scores(q, b)), blk, idx)
+    return jax.lax.dynamic_update_slice(buf, m, (0, j * groups)), None
+
+  buf = jnp.full((n, num * groups), -jnp.inf, jnp.float32)
+  buf = _varying(buf, axes) if axes else buf
+  buf, _ = jax.lax.scan(one_block, buf, (jnp.arange(num, dtype=jnp.int32), blocks, index))
+  _, best = jax.lax.top_k(buf, k)
+  best = jnp.sort(best, axis=1)  # index order, for the tie rule
+  rows = (best[:, :, None] * group + jnp.arange(group, dtype=jnp.int32)).reshape(n, -1)
+  cand_i = index.reshape(-1)[rows]
+  cand_s = jnp.einsum('nd,ncd->nc', q, blocks.reshape(num * block, dim)[rows],
+                      precision=jax.lax.Precision.HIGHEST,
+                      preferred_element_type=jnp.float32)
+  cand_s = jnp.where(cand_i < size, cand_s, -jnp.inf)
+  top_s, pos = jax.lax.top_k(cand_s, k)
+  return top_s, jnp.take_along_axis(cand_i, pos, axis=1)
+
+
+def _merge(top_s, top_i, s, idx, k: int):
+  """The k best of a running top-k and new candidates of higher index."""
+  # Earlier (lower-index) candidates come first, so lax.top_k's lower-position-first
+  # rule keeps ties in gallery-index order.
+  s = jnp.concatenate([top_s, s], axis=1)
+  idx = jnp.concatenate([top_i, idx], axis=1)
+  top_s, pos = jax.lax.top_k(s, k)
+  return top_s, jnp.take_along_axis(idx, pos, axis=1)
+
+
 @functools.lru_cache(maxsize=64)
 def _topk_program(layout: Layout, k: int, approx: bool, recall_target: float):
   axes = layout.mesh.axis_names
@@ -191,6 +271,7 @@ def _topk_program(layout: Layout, k: int, approx: bool, recall_target: float):
   def local(q, g, g_lab):
     blocks = _local_blocks(layout, g, g_lab)
     n = q.shape[0]
+    padded = lambda idx: idx[-1] >= layout.size
 
     def best_of_block(s, idx):
       if approx:
@@ -204,22 +285,29 @@ def _topk_program(layout: Layout, k: int, approx: bool, recall_target: float):
       return best_of_block(jnp.where(idx[None] < layout.size, s, -jnp.inf), idx)
 
     def step(carry, xs):
-      top_s, top_i = carry
       blk, _, idx = xs
       # Only the last blocks hold padding rows; masking every block's scores would cost
       # another pass over them.
-      s, idx = jax.lax.cond(idx[-1] < layout.size, best_of_block, best_of_padded_block,
+      s, idx = jax.lax.cond(padded(idx), best_of_padded_block, best_of_block,
                             _block_scores(q, blk), idx)
-      # Earlier (lower-index) candidates come first, so lax.top_k's lower-position-first
-      # rule keeps ties in gallery-index order.
-      s = jnp.concatenate([top_s, s], axis=1)
-      idx = jnp.concatenate([top_i, idx], axis=1)
-      top_s, pos = jax.lax.top_k(s, k)
-      return (top_s, jnp.take_along_axis(idx, pos, axis=1)), None
+      return _merge(*carry, s, idx, k), None
 
-    init = _varying((jnp.full((n, k), -jnp.inf, jnp.float32),
-                     jnp.full((n, k), -1, jnp.int32)), axes)
-    (top_s, top_i), _ = jax.lax.scan(step, init, blocks)
+    top = _varying((jnp.full((n, k), -jnp.inf, jnp.float32),
+                    jnp.full((n, k), -1, jnp.int32)), axes)
+    per = 0 if approx else superblock_size(layout, k, group, n, q.shape[1])
+    if per:
+      blk, _, idx = blocks
+      whole = blk.shape[0] // per * per
+
+      def superblock(carry, xs):
+        return _merge(*carry, *superblock_topk(q, *xs, k, group, layout.size, padded, axes),
+                      k), None
+
+      top, _ = jax.lax.scan(superblock, top, (
+          blk[:whole].reshape(-1, per, *blk.shape[1:]),
+          idx[:whole].reshape(-1, per, idx.shape[1])))
+      blocks = jax.tree.map(lambda x: x[whole:], blocks)  # the rest, block by block
+    (top_s, top_i), _ = jax.lax.scan(step, top, blocks)
     # Merge over devices into [N, devices * k] candidates in device order: device d's all
     # have lower indices than device d+1's, so lax.top_k keeps the tie order here too.
     # A psum of one-hot-placed slots rather than an all_gather: its result is typed as
