@@ -16,7 +16,8 @@ CPU, as MaxText's `train_compile.py` does. From the compiled program:
   validation and `launch/eval.py` run, at `eval.batch_size`: memory against HBM and the
   cost model's images or texts per second per chip.
 
-Nothing here is measured on a TPU; every speed figure is labelled an estimate.
+The compiled step can be saved for `train.compiled` (`compiled_step`). Nothing here is
+measured on a TPU; every speed figure is labelled an estimate.
 """
 
 import math
@@ -27,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cookie_jax import comm_audit, flops as flops_lib, sharding, step as step_lib
+from cookie_jax import comm_audit, compiled_step, flops as flops_lib, sharding
 from cookie_jax.data.defaults import clip_frames, eval_data_config
 from cookie_jax.errors import ConfigError
 from cookie_jax.eval import protocol
@@ -84,13 +85,13 @@ COMPILER_OPTIONS = {'xla_tpu_enable_windowed_einsum_for_all_gather': False,
 
 
 def compile_train_step(config: ml_collections.ConfigDict, mesh):
-  """(compiled train step, seconds to compile) of `config` over `mesh`, compiled with
-  `COMPILER_OPTIONS`."""
-  state, batch, setup = comm_audit.abstract_inputs(config, mesh)
+  """(compiled train step, seconds to lower and compile it, its lowering) of `config` over
+  `mesh`, compiled with `COMPILER_OPTIONS`; the lowering identifies the program of a
+  saved executable (`compiled_step`)."""
   start = time.perf_counter()
-  compiled = step_lib.make_train_step(config, setup).lower(state, batch).compile(
-      compiler_options=COMPILER_OPTIONS)
-  return compiled, time.perf_counter() - start
+  lowered = compiled_step.lower_train_step(config, mesh)
+  compiled = lowered.compile(compiler_options=COMPILER_OPTIONS)
+  return compiled, time.perf_counter() - start, lowered
 
 
 # What each evaluation encoder embeds, for its rate.
@@ -240,11 +241,13 @@ def largest_batch(config, mesh, first: dict, budget: float = 0.9, tries: int = 3
 
 def compile_for_slice(config: ml_collections.ConfigDict, slice_name: str, *,
                       slices: int = 1, fit_batch: bool = True, calibrate: bool = True,
-                      eval_encoders: bool = True) -> dict:
+                      eval_encoders: bool = True, save: str = '') -> dict:
   """The train step of `config` compiled for `slices` TPU slices of type `slice_name`
   (e.g. 'v5p-32'), with the mesh a run there would use, and evaluation's image and text
   encoders unless `eval_encoders` is False. Returns the report (see the module doc);
-  speed figures are the TPU compiler's estimates."""
+  speed figures are the TPU compiler's estimates. `save`: a path to write the step's
+  executable to, with its metadata record beside it (`compiled_step.save_compiled`), for
+  `train.compiled` on that slice."""
   devices = sharding.tpu_slice_devices(slice_name, slices)
   mesh = sharding.make_mesh(config.mesh, devices)
   sharding.process_rows(mesh, config.train.batch_size, 0)  # a batch the mesh divides
@@ -254,7 +257,7 @@ def compile_for_slice(config: ml_collections.ConfigDict, slice_name: str, *,
                       f'over the {shards} batch shards of mesh {dict(mesh.shape)}; use a '
                       f'multiple of {shards}, or leave the encoders out (--noeval).')
   try:
-    compiled, seconds = compile_train_step(config, mesh)
+    compiled, seconds, lowered = compile_train_step(config, mesh)
   except jax.errors.JaxRuntimeError as e:
     needed = _required_bytes(e)
     if needed is None:
@@ -269,6 +272,10 @@ def compile_for_slice(config: ml_collections.ConfigDict, slice_name: str, *,
             'hosts': len({d.process_index for d in devices}),
             'device_kind': devices[0].device_kind, 'mesh': dict(mesh.shape),
             'jax': jax.__version__, **_per_chip_report(config, mesh, compiled, seconds)}
+  if save:
+    meta = compiled_step.metadata(lowered, mesh, config, COMPILER_OPTIONS)
+    report['saved'] = {'path': save, 'meta': compiled_step.meta_path(save),
+                       'bytes': compiled_step.save_compiled(compiled, save, meta)}
   if eval_encoders:
     report['eval'] = {side: compile_eval_encoder(config, mesh, side) for side in ENCODED}
   if calibrate:
@@ -346,6 +353,11 @@ def table(report: dict) -> str:
   ]
   for side, encoder in report.get('eval', {}).items():
     lines.append(_encoder_line(side, encoder))
+  if 'saved' in report:
+    saved = report['saved']
+    lines.append(f'saved the train step: {saved["path"]} ({saved["bytes"] / 2**20:.1f} MiB) '
+                 f'and {saved["meta"]}; on that slice run with '
+                 f'--config.train.compiled={saved["path"]}')
   if 'calibration' in report:
     c = report['calibration']
     lines.append(f'calibration (same cost model): 8192^3 bf16 matmul '

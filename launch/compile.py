@@ -3,9 +3,12 @@ host (no TPU needed) and says whether they fit, what the step's collectives are 
 fast the TPU compiler expects them to run:
 
     python launch/compile.py --config=configs/base.py:base --topology=v5p-32 \
-        [--slices=N] [--json=PATH] [--nofit_batch] [--noeval] [--config.KEY=VALUE ...]
+        [--slices=N] [--json=PATH] [--nofit_batch] [--noeval] [--save=PATH] \
+        [--config.KEY=VALUE ...]
 
---noeval leaves the image and text encoders of evaluation out.
+--noeval leaves the image and text encoders of evaluation out; --save=PATH writes the
+compiled train step to PATH (local or gs://) and its metadata to PATH.json, which a run
+on that slice loads with --config.train.compiled=PATH instead of compiling.
 
 Needs libtpu (`pip install -e ".[tpu]"`). Speed figures are the TPU compiler's
 estimates (its cost model), not measurements; see cookie_jax/tpu_compile.py.
@@ -33,6 +36,8 @@ flags.DEFINE_bool('fit_batch', True, 'Also find the largest batch that fits (2-3
                   'compiles).')
 flags.DEFINE_bool('eval', True, 'Also compile evaluation\'s image and text encoders at '
                   'config.eval.batch_size (one compile each).')
+flags.DEFINE_string('save', '', 'Write the compiled train step here and its metadata to '
+                    'PATH.json, for --config.train.compiled=PATH on that slice.')
 flags.mark_flags_as_required(['config', 'topology'])
 
 
@@ -44,7 +49,7 @@ def main(argv):
   def run():
     report = tpu_compile.compile_for_slice(FLAGS.config, FLAGS.topology,
                                            slices=FLAGS.slices, fit_batch=FLAGS.fit_batch,
-                                           eval_encoders=FLAGS.eval)
+                                           eval_encoders=FLAGS.eval, save=FLAGS.save)
     print(tpu_compile.table(report))
     if FLAGS.json:
       from etils import epath  # pylint: disable=g-import-not-at-top

@@ -1,7 +1,9 @@
 """The train step compiled for a real multi-host TPU topology on this CPU host (libtpu's
 compiler, no TPU): memory, cost estimate and collectives are reported and sane."""
 
+import importlib.metadata
 import importlib.util
+import json
 import pathlib
 import subprocess
 import sys
@@ -18,12 +20,13 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
                                 reason='libtpu is not installed (pip install -e ".[tpu]")')
 
 
-def test_tiny_step_compiles_for_two_v5p_hosts_with_memory_cost_and_collectives():
+def test_tiny_step_compiles_for_two_v5p_hosts_with_memory_cost_and_collectives(tmp_path):
   config = default_config('tiny')
   config.train.batch_size = 64
   config.mesh.update(dict(data=-1, fsdp=4))
+  save = str(tmp_path / 'step.bin')
   report = tpu_compile.compile_for_slice(config, 'v5p-16', fit_batch=False,
-                                         calibrate=False)
+                                         calibrate=False, save=save)
   assert (report['chips'], report['hosts']) == (8, 2)
   assert report['mesh'] == {'data': 2, 'fsdp': 4, 'tensor': 1}
   mem = report['memory']
@@ -46,6 +49,7 @@ def test_tiny_step_compiles_for_two_v5p_hosts_with_memory_cost_and_collectives()
   assert 'estimate (TPU compiler cost model, not a measurement)' in text
   assert 'fits' in text
   _check_eval_encoders(report, text, embed_dim=config.model.embed_dim)
+  _check_saved(report, save, config)
 
 
 def _check_eval_encoders(report, text, embed_dim):
@@ -65,6 +69,23 @@ def _check_eval_encoders(report, text, embed_dim):
     line = next(l for l in text.splitlines() if l.startswith(f'eval {side} encoder: '))
     assert line.startswith(f'eval {side} encoder: batch 64 (8 per chip), HBM per chip: ')
     assert f'{items}/s per chip' in line and 'not a measurement' in line
+
+
+def _check_saved(report, save, config):
+  """The saved executable's record says what it was compiled for, and this CPU host,
+  which is not that machine, refuses it in one line."""
+  from cookie_jax import compiled_step  # pylint: disable=g-import-not-at-top
+  assert report['saved']['bytes'] == pathlib.Path(save).stat().st_size > 2**20
+  meta = json.loads(pathlib.Path(compiled_step.meta_path(save)).read_text())
+  assert (meta['platform'], meta['device_kind'], meta['devices'], meta['processes']) == (
+      'tpu', 'TPU v5', 8, 2)
+  assert meta['libtpu'] == importlib.metadata.version('libtpu')
+  assert meta['compiler_options'] == tpu_compile.COMPILER_OPTIONS
+  assert f'--config.train.compiled={save}' in tpu_compile.table(report)
+  with pytest.raises(ConfigError, match=r'was compiled for 8 x TPU v5; this run has 8 x cpu;'
+                     ) as refused:
+    compiled_step.load_train_step(save, config, sharding.make_mesh(config.mesh))
+  assert '\n' not in str(refused.value)
 
 
 def test_the_cost_model_counts_a_loop_body_once():
@@ -94,7 +115,8 @@ def test_bad_topologies_and_meshes_are_one_line():
     tpu_compile.compile_for_slice(config, 'v5p-16')
   out = subprocess.run(
       [sys.executable, str(ROOT / 'launch' / 'compile.py'),
-       f'--config={ROOT / "configs" / "base.py"}:tiny', '--topology=v5p-33', '--noeval'],
+       f'--config={ROOT / "configs" / "base.py"}:tiny', '--topology=v5p-33', '--noeval',
+       '--save=/nonexistent/step.bin'],
       capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
   assert out.returncode == 1 and 'Traceback' not in out.stderr
   assert "error: Unknown TPU slice 'v5p-33'" in out.stderr
