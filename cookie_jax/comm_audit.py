@@ -205,26 +205,14 @@ def encoder_audit(config: ml_collections.ConfigDict, mesh,
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from cookie_jax.eval import protocol  # pylint: disable=g-import-not-at-top
   from cookie_jax.models import abstract_model  # pylint: disable=g-import-not-at-top
-  graphdef, abstract = abstract_model(config.model)
-  shardings = sharding.param_shardings(abstract, mesh)
-  params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        nnx.to_pure_dict(abstract), shardings)
-  b = batch_size or config.eval.batch_size
-  size, t = config.model.vision.image_size, config.data.max_len
-  rows = sharding.batch_sharding(mesh)
-
-  def spec(shape, dtype):
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=rows)
-  batches = {'image': {'image': spec((b, size, size, 3), jnp.float32),
-                       'mask': spec((b,), jnp.bool_)},
-             'text': {'input_ids': spec((b, t), jnp.int32),
-                      'attention_mask': spec((b, t), jnp.int32),
-                      'mask': spec((b,), jnp.bool_)}}
   out = {}
-  for side, batch in batches.items():
-    hlos = _hlos(protocol.encoder(graphdef, mesh, side).lower(params, batch), 'encode')
+  for side in ('image', 'text'):
+    encoder, args = protocol.abstract_encoder(config, mesh, side, batch_size)
+    hlos = _hlos(encoder.lower(*args), 'encode')
     text = hlos['partitioned'] or hlos['optimised']
     out[side] = collective_bytes(text, mesh.devices.size)
+  _, abstract = abstract_model(config.model)
+  shardings = sharding.param_shardings(abstract, mesh)
   fsdp = mesh.shape.get('fsdp', 1)
   sharded, _ = _param_counts(jax.tree.leaves(nnx.to_pure_dict(abstract)),
                              jax.tree.leaves(shardings), fsdp)

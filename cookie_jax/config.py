@@ -183,6 +183,12 @@ def _train_config() -> ml_collections.ConfigDict:
       wandb_project='',
       wandb_entity='',  # '' = your default entity
       wandb_run='',  # the run's display name; '' = W&B's choice
+      # A train step compiled ahead of time for this run's machine and saved by
+      # `launch/compile.py --save=PATH` (cookie_jax/compiled_step.py): loaded instead of
+      # compiling; refused, naming what differs, if the jax version, the devices, the mesh
+      # or the program differ. '' = compile at the first step. Load only files you wrote
+      # (an executable is a pickle).
+      compiled='',
   ))
 
 

@@ -224,6 +224,8 @@ _TRAIN = {
     'wandb_project': "mirror metrics to this Weights & Biases project ('[wandb]' extra); '' = off",
     'wandb_entity': "the W&B entity; '' = your default",
     'wandb_run': "the W&B run's display name; '' = W&B's choice",
+    'compiled': ("a train step saved by launch/compile.py --save=PATH, loaded instead of "
+                 "compiling (refused if jax, devices, mesh or program differ); '' = compile"),
 }
 _EVAL = {
     'batch_size': 'global batch of the encoders in validation and test',

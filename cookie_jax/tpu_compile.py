@@ -11,9 +11,13 @@ CPU, as MaxText's `train_compile.py` does. From the compiled program:
   our own model FLOPs (`flops.py`), never the compiler's, by that time. A calibration on
   the same chip (a replicated 8192^3 bf16 matmul and a 1 GiB elementwise op) is reported
   beside it, so the reader sees what the cost model assumes of the chip;
-* **collectives** of the TPU program, counted by `comm_audit` against the FSDP ideal.
+* **collectives** of the TPU program, counted by `comm_audit` against the FSDP ideal;
+* **evaluation's encoders** (`compile_eval_encoder`): the image and text jits that
+  validation and `launch/eval.py` run, at `eval.batch_size`: memory against HBM and the
+  cost model's images or texts per second per chip.
 
-Nothing here is measured on a TPU; every speed figure is labelled an estimate.
+The compiled step can be saved for `train.compiled` (`compiled_step`). Nothing here is
+measured on a TPU; every speed figure is labelled an estimate.
 """
 
 import math
@@ -24,8 +28,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cookie_jax import comm_audit, flops as flops_lib, sharding, step as step_lib
+from cookie_jax import comm_audit, compiled_step, flops as flops_lib, sharding
+from cookie_jax.data.defaults import clip_frames, eval_data_config
 from cookie_jax.errors import ConfigError
+from cookie_jax.eval import protocol
 
 GiB = 2**30
 
@@ -79,13 +85,56 @@ COMPILER_OPTIONS = {'xla_tpu_enable_windowed_einsum_for_all_gather': False,
 
 
 def compile_train_step(config: ml_collections.ConfigDict, mesh):
-  """(compiled train step, seconds to compile) of `config` over `mesh`, compiled with
-  `COMPILER_OPTIONS`."""
-  state, batch, setup = comm_audit.abstract_inputs(config, mesh)
+  """(compiled train step, seconds to lower and compile it, its lowering) of `config` over
+  `mesh`, compiled with `COMPILER_OPTIONS`; the lowering identifies the program of a
+  saved executable (`compiled_step`)."""
   start = time.perf_counter()
-  compiled = step_lib.make_train_step(config, setup).lower(state, batch).compile(
-      compiler_options=COMPILER_OPTIONS)
-  return compiled, time.perf_counter() - start
+  lowered = compiled_step.lower_train_step(config, mesh)
+  compiled = lowered.compile(compiler_options=COMPILER_OPTIONS)
+  return compiled, time.perf_counter() - start, lowered
+
+
+# What each evaluation encoder embeds, for its rate.
+ENCODED = {'image': 'images', 'text': 'texts'}
+
+
+def compile_eval_encoder(config: ml_collections.ConfigDict, mesh, side: str) -> dict:
+  """The report of evaluation's `side` ('image' or 'text') encoder over `mesh`: the
+  program validation and `launch/eval.py` run (`protocol.abstract_encoder`), at
+  `eval.batch_size`, compiled with `COMPILER_OPTIONS`. Per chip: memory against HBM,
+  and the compiler's estimate of a batch's time and so of the items encoded per second;
+  a program the compiler refuses for want of HBM gives what it said it needs."""
+  fn, args = protocol.abstract_encoder(config, mesh, side)
+  batch, devices = int(config.eval.batch_size), mesh.devices.size
+  out = {'batch': batch, 'per_chip_batch': batch / devices,
+         'hbm': chip_hbm_bytes(mesh.devices.flat[0])}
+  start = time.perf_counter()
+  try:
+    compiled = fn.lower(*args).compile(compiler_options=COMPILER_OPTIONS)
+  except jax.errors.JaxRuntimeError as e:
+    needed = _required_bytes(e)
+    if needed is None:
+      raise
+    return {**out, 'fits': False, 'needed': needed,
+            'compile_seconds': time.perf_counter() - start}
+  seconds = time.perf_counter() - start
+  mem, est = memory(compiled), cost(compiled)
+  batch_s = usable_seconds(est['optimal_seconds'])
+  return {**out, 'memory': mem, 'fits': mem['total'] <= out['hbm'],
+          'compile_seconds': seconds,
+          'estimate': {'compiler_flops': est['flops'], 'bytes_accessed': est['bytes accessed'],
+                       'optimal_seconds': est['optimal_seconds'], 'batch_seconds': batch_s,
+                       'model_flops': _encoder_flops(config, side) / devices,
+                       'per_sec_per_chip': batch / devices / batch_s if batch_s else None}}
+
+
+def _encoder_flops(config, side: str) -> int:
+  """Our model FLOPs of one eval batch through the `side` encoder (`flops.py`)."""
+  model, rows = config.model, config.eval.batch_size
+  data_cfg = eval_data_config(config.data, config.eval.data)
+  parts = (flops_lib.embed_image_flops(model, rows, clip_frames(data_cfg) or 0)
+           if side == 'image' else flops_lib.embed_text_flops(model, rows, data_cfg.max_len))
+  return sum(parts.values())
 
 
 def calibration(device) -> dict[str, float]:
@@ -191,16 +240,24 @@ def largest_batch(config, mesh, first: dict, budget: float = 0.9, tries: int = 3
 
 
 def compile_for_slice(config: ml_collections.ConfigDict, slice_name: str, *,
-                      slices: int = 1, fit_batch: bool = True,
-                      calibrate: bool = True) -> dict:
+                      slices: int = 1, fit_batch: bool = True, calibrate: bool = True,
+                      eval_encoders: bool = True, save: str = '') -> dict:
   """The train step of `config` compiled for `slices` TPU slices of type `slice_name`
-  (e.g. 'v5p-32'), with the mesh a run there would use. Returns the report (see the
-  module doc); speed figures are the TPU compiler's estimates."""
+  (e.g. 'v5p-32'), with the mesh a run there would use, and evaluation's image and text
+  encoders unless `eval_encoders` is False. Returns the report (see the module doc);
+  speed figures are the TPU compiler's estimates. `save`: a path to write the step's
+  executable to, with its metadata record beside it (`compiled_step.save_compiled`), for
+  `train.compiled` on that slice."""
   devices = sharding.tpu_slice_devices(slice_name, slices)
   mesh = sharding.make_mesh(config.mesh, devices)
   sharding.process_rows(mesh, config.train.batch_size, 0)  # a batch the mesh divides
+  shards = sharding.batch_shards(mesh)
+  if eval_encoders and config.eval.batch_size % shards:
+    raise ConfigError(f'config.eval.batch_size={config.eval.batch_size}: the batch is split '
+                      f'over the {shards} batch shards of mesh {dict(mesh.shape)}; use a '
+                      f'multiple of {shards}, or leave the encoders out (--noeval).')
   try:
-    compiled, seconds = compile_train_step(config, mesh)
+    compiled, seconds, lowered = compile_train_step(config, mesh)
   except jax.errors.JaxRuntimeError as e:
     needed = _required_bytes(e)
     if needed is None:
@@ -215,6 +272,12 @@ def compile_for_slice(config: ml_collections.ConfigDict, slice_name: str, *,
             'hosts': len({d.process_index for d in devices}),
             'device_kind': devices[0].device_kind, 'mesh': dict(mesh.shape),
             'jax': jax.__version__, **_per_chip_report(config, mesh, compiled, seconds)}
+  if save:
+    meta = compiled_step.metadata(lowered, mesh, config, COMPILER_OPTIONS)
+    report['saved'] = {'path': save, 'meta': compiled_step.meta_path(save),
+                       'bytes': compiled_step.save_compiled(compiled, save, meta)}
+  if eval_encoders:
+    report['eval'] = {side: compile_eval_encoder(config, mesh, side) for side in ENCODED}
   if calibrate:
     report['calibration'] = calibration(devices[0])
     report['roofline'] = roofline(report)
@@ -237,6 +300,27 @@ def roofline(report: dict) -> dict:
   return {'seconds': seconds, 'bound': 'memory' if memory_s > compute else 'compute',
           'pairs_per_sec_per_chip': report['per_chip_batch'] / seconds,
           'mfu': est['model_flops'] / seconds / peak if peak else None}
+
+
+def _encoder_line(side: str, r: dict) -> str:
+  """One line of an evaluation encoder's report (`compile_eval_encoder`)."""
+  g = lambda b: f'{b / GiB:.2f} GiB'
+  head = f'eval {side} encoder: batch {r["batch"]} ({r["per_chip_batch"]:g} per chip), '
+  if 'needed' in r:
+    return (head + f'does not fit: the compiler asks for {g(r["needed"])} of temporaries '
+            f'per chip, the chip has {g(r["hbm"])}; lower eval.batch_size '
+            f'(compile {r["compile_seconds"]:.0f} s)')
+  mem, est = r['memory'], r['estimate']
+  verdict = 'fits' if r['fits'] else f'does not fit, by {g(mem["total"] - r["hbm"])}'
+  speed = (f'{est["batch_seconds"] * 1e3:.3g} ms a batch, {est["per_sec_per_chip"]:.0f} '
+           f'{ENCODED[side]}/s per chip' if est['batch_seconds'] else
+           f'none: optimal_seconds = {est["optimal_seconds"]:.4g}, not a time')
+  return (head + f'HBM per chip: arguments {g(mem["arguments"])}, temporaries '
+          f'{g(mem["temporaries"])}, outputs {g(mem["outputs"])}, total {g(mem["total"])} '
+          f'of {g(r["hbm"])}: {verdict}; compile {r["compile_seconds"]:.1f} s; estimate (TPU '
+          f'compiler cost model, not a measurement): {speed} (model FLOPs '
+          f'{est["model_flops"]:.3g} per chip; compiler FLOPs {est["compiler_flops"]:.3g}, '
+          f'bytes {est["bytes_accessed"]:.3g})')
 
 
 def table(report: dict) -> str:
@@ -267,6 +351,13 @@ def table(report: dict) -> str:
       f'{report["collectives"]["bytes"] / 2**20:.1f} MiB per chip = '
       f'{report["collectives"]["ratio"]:.2f}x the FSDP ideal',
   ]
+  for side, encoder in report.get('eval', {}).items():
+    lines.append(_encoder_line(side, encoder))
+  if 'saved' in report:
+    saved = report['saved']
+    lines.append(f'saved the train step: {saved["path"]} ({saved["bytes"] / 2**20:.1f} MiB) '
+                 f'and {saved["meta"]}; on that slice run with '
+                 f'--config.train.compiled={saved["path"]}')
   if 'calibration' in report:
     c = report['calibration']
     lines.append(f'calibration (same cost model): 8192^3 bf16 matmul '

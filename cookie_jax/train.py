@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from cookie_jax import checkpoint as ckpt_lib
+from cookie_jax import compiled_step
 from cookie_jax import files
 from cookie_jax import flops as flops_lib
 from cookie_jax import goodput as goodput_lib
@@ -408,6 +409,10 @@ def _train(config, workdir: str, clock, run_files) -> dict:
   mirror = _wandb_mirror(config, workdir, run_files)  # first: a missing package fails fast
   mesh = sharding.make_mesh(config.mesh)
   logging.info('Mesh: %s', dict(mesh.shape))
+  # A saved step (train.compiled) is checked first: one that is not this run's program
+  # fails before any data is read.
+  loaded = (clock.call('compile', compiled_step.load_train_step, config.train.compiled,
+                       config, mesh) if config.train.compiled else None)
   pipeline, train_iter = _input(config, mesh)
   validate, test = _eval_splits(pipeline, config)
 
@@ -427,7 +432,7 @@ def _train(config, workdir: str, clock, run_files) -> dict:
   if data_state is not None:
     train_iter.set_state(data_state)
   logging.info('Objectives: %s', objectives.config_summary(config.loss))
-  train_step = _AnnounceCompile(
+  train_step = loaded or _AnnounceCompile(
       step_lib.make_train_step(config, setup, _loss_constants(config)))
   loop = _Loop(config, workdir, clock=clock, ckpt=ckpt, pipeline=pipeline,
                train_iter=train_iter, setup=setup, state=state, mirror=mirror,

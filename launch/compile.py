@@ -1,8 +1,14 @@
-r"""Compiles a recipe's train step for a TPU slice on this host (no TPU needed) and says
-whether it fits, what its collectives are and how fast the TPU compiler expects it to run:
+r"""Compiles a recipe's train step, and its evaluation encoders, for a TPU slice on this
+host (no TPU needed) and says whether they fit, what the step's collectives are and how
+fast the TPU compiler expects them to run:
 
     python launch/compile.py --config=configs/base.py:base --topology=v5p-32 \
-        [--slices=N] [--json=PATH] [--nofit_batch] [--config.KEY=VALUE ...]
+        [--slices=N] [--json=PATH] [--nofit_batch] [--noeval] [--save=PATH] \
+        [--config.KEY=VALUE ...]
+
+--noeval leaves the image and text encoders of evaluation out; --save=PATH writes the
+compiled train step to PATH (local or gs://) and its metadata to PATH.json, which a run
+on that slice loads with --config.train.compiled=PATH instead of compiling.
 
 Needs libtpu (`pip install -e ".[tpu]"`). Speed figures are the TPU compiler's
 estimates (its cost model), not measurements; see cookie_jax/tpu_compile.py.
@@ -28,6 +34,10 @@ flags.DEFINE_integer('slices', 1, 'Number of such slices (multislice; set '
 flags.DEFINE_string('json', '', 'Also write the report as JSON here.')
 flags.DEFINE_bool('fit_batch', True, 'Also find the largest batch that fits (2-3 more '
                   'compiles).')
+flags.DEFINE_bool('eval', True, 'Also compile evaluation\'s image and text encoders at '
+                  'config.eval.batch_size (one compile each).')
+flags.DEFINE_string('save', '', 'Write the compiled train step here and its metadata to '
+                    'PATH.json, for --config.train.compiled=PATH on that slice.')
 flags.mark_flags_as_required(['config', 'topology'])
 
 
@@ -38,7 +48,8 @@ def main(argv):
 
   def run():
     report = tpu_compile.compile_for_slice(FLAGS.config, FLAGS.topology,
-                                           slices=FLAGS.slices, fit_batch=FLAGS.fit_batch)
+                                           slices=FLAGS.slices, fit_batch=FLAGS.fit_batch,
+                                           eval_encoders=FLAGS.eval, save=FLAGS.save)
     print(tpu_compile.table(report))
     if FLAGS.json:
       from etils import epath  # pylint: disable=g-import-not-at-top

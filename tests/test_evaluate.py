@@ -278,6 +278,38 @@ def test_sharded_encoders_equal_direct_model_calls(mesh, tiny_model_and_data):
   np.testing.assert_allclose(got_txt, want_txt, atol=1e-5)
 
 
+def test_the_abstract_encoder_is_the_program_evaluation_runs(mesh, tiny_model_and_data):
+  """What tpu_compile compiles for a slice (`protocol.abstract_encoder`): evaluation's own
+  jit, with the shapes, dtypes and shardings of the batches it places; compiled from the
+  abstract inputs alone, it takes the real ones and gives evaluation's embeddings."""
+  (graphdef, params), data, want_img, want_txt = tiny_model_and_data
+  config = default_config('tiny')
+  config.model.vision.image_size, config.data.max_len, config.eval.batch_size = 16, 8, 8
+  for side, batch, want in (('image', next(data.image_batches()), want_img),
+                            ('text', next(data.text_batches()), want_txt)):
+    fn, (abstract_params, abstract_batch) = protocol.abstract_encoder(config, mesh, side)
+    assert fn is protocol.encoder(graphdef, mesh, side)  # the cached jit evaluation calls
+    placed = protocol._place(batch, protocol._SIDE_KEYS[side], mesh)
+    assert abstract_batch == {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
+                              for k, v in placed.items()}
+    on_mesh = jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), params,
+                           abstract_params)
+    emb, keep = fn.lower(abstract_params, abstract_batch).compile()(on_mesh, placed)
+    assert keep.dtype == np.int32 and np.asarray(keep).tolist() == [1] * 8
+    np.testing.assert_allclose(np.asarray(emb), want[:8], atol=1e-5)
+
+
+def test_the_abstract_image_batch_of_a_video_model_holds_the_clips_frames(mesh):
+  config = default_config('tiny')
+  config.data.builder, config.model.video.num_frames = 'synthetic_video', 4
+  config.eval.batch_size = 8
+  size = config.model.vision.image_size
+  for num_frames, frames in ((0, config.data.synthetic_video.frames), (2, 2)):
+    config.data.num_frames = num_frames  # 0: every stored frame
+    _, (_, batch) = protocol.abstract_encoder(config, mesh, 'image')
+    assert batch['image'].shape == (8, frames, size, size, 3)
+
+
 def test_evaluate_retrieval_equals_metrics_of_direct_embeddings(mesh, tiny_model_and_data):
   (graphdef, params), data, images, texts = tiny_model_and_data
   got = protocol.evaluate_retrieval(graphdef, params, data, mesh=mesh)

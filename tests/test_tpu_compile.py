@@ -1,7 +1,9 @@
 """The train step compiled for a real multi-host TPU topology on this CPU host (libtpu's
 compiler, no TPU): memory, cost estimate and collectives are reported and sane."""
 
+import importlib.metadata
 import importlib.util
+import json
 import pathlib
 import subprocess
 import sys
@@ -18,12 +20,13 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
                                 reason='libtpu is not installed (pip install -e ".[tpu]")')
 
 
-def test_tiny_step_compiles_for_two_v5p_hosts_with_memory_cost_and_collectives():
+def test_tiny_step_compiles_for_two_v5p_hosts_with_memory_cost_and_collectives(tmp_path):
   config = default_config('tiny')
   config.train.batch_size = 64
   config.mesh.update(dict(data=-1, fsdp=4))
+  save = str(tmp_path / 'step.bin')
   report = tpu_compile.compile_for_slice(config, 'v5p-16', fit_batch=False,
-                                         calibrate=False)
+                                         calibrate=False, save=save)
   assert (report['chips'], report['hosts']) == (8, 2)
   assert report['mesh'] == {'data': 2, 'fsdp': 4, 'tensor': 1}
   mem = report['memory']
@@ -45,6 +48,44 @@ def test_tiny_step_compiles_for_two_v5p_hosts_with_memory_cost_and_collectives()
   text = tpu_compile.table(report)
   assert 'estimate (TPU compiler cost model, not a measurement)' in text
   assert 'fits' in text
+  _check_eval_encoders(report, text, embed_dim=config.model.embed_dim)
+  _check_saved(report, save, config)
+
+
+def _check_eval_encoders(report, text, embed_dim):
+  """Evaluation's encoders at eval.batch_size (64: 8 per chip), from the same compile."""
+  for side, items in (('image', 'images'), ('text', 'texts')):
+    enc = report['eval'][side]
+    assert (enc['batch'], enc['per_chip_batch'], enc['fits']) == (64, 8, True)
+    mem, est = enc['memory'], enc['estimate']
+    # Every chip gets all 64 embeddings and their int32 mask; all of it far below HBM.
+    assert 64 * embed_dim * 4 + 64 * 4 <= mem['outputs'] and mem['total'] < 2**30
+    assert mem['arguments'] > 0 and mem['temporaries'] > 0
+    # The compiler's FLOPs of the forward pass are our model FLOPs within 20 %; the
+    # estimate is a time (the bool mask gave none), and the rate is per chip.
+    assert 1.0 <= est['compiler_flops'] / est['model_flops'] < 1.2, est
+    assert est['batch_seconds'] == est['optimal_seconds'] > 0
+    assert est['per_sec_per_chip'] == pytest.approx(8 / est['batch_seconds'])
+    line = next(l for l in text.splitlines() if l.startswith(f'eval {side} encoder: '))
+    assert line.startswith(f'eval {side} encoder: batch 64 (8 per chip), HBM per chip: ')
+    assert f'{items}/s per chip' in line and 'not a measurement' in line
+
+
+def _check_saved(report, save, config):
+  """The saved executable's record says what it was compiled for, and this CPU host,
+  which is not that machine, refuses it in one line."""
+  from cookie_jax import compiled_step  # pylint: disable=g-import-not-at-top
+  assert report['saved']['bytes'] == pathlib.Path(save).stat().st_size > 2**20
+  meta = json.loads(pathlib.Path(compiled_step.meta_path(save)).read_text())
+  assert (meta['platform'], meta['device_kind'], meta['devices'], meta['processes']) == (
+      'tpu', 'TPU v5', 8, 2)
+  assert meta['libtpu'] == importlib.metadata.version('libtpu')
+  assert meta['compiler_options'] == tpu_compile.COMPILER_OPTIONS
+  assert f'--config.train.compiled={save}' in tpu_compile.table(report)
+  with pytest.raises(ConfigError, match=r'was compiled for 8 x TPU v5; this run has 8 x cpu;'
+                     ) as refused:
+    compiled_step.load_train_step(save, config, sharding.make_mesh(config.mesh))
+  assert '\n' not in str(refused.value)
 
 
 def test_the_cost_model_counts_a_loop_body_once():
@@ -66,9 +107,16 @@ def test_bad_topologies_and_meshes_are_one_line():
   config.mesh.fsdp = 3
   with pytest.raises(ConfigError, match=r'mesh.fsdp sizes that build are \[1, 2, 4, 8\]'):
     tpu_compile.compile_for_slice(config, 'v5p-16')
+  config = default_config('tiny')
+  config.eval.batch_size = 12  # 8 batch shards on v5p-16
+  with pytest.raises(ConfigError, match=r'^config.eval.batch_size=12: the batch is split over '
+                     r'the 8 batch shards of mesh .*; use a multiple of 8, or leave the '
+                     r'encoders out \(--noeval\).$'):
+    tpu_compile.compile_for_slice(config, 'v5p-16')
   out = subprocess.run(
       [sys.executable, str(ROOT / 'launch' / 'compile.py'),
-       f'--config={ROOT / "configs" / "base.py"}:tiny', '--topology=v5p-33'],
+       f'--config={ROOT / "configs" / "base.py"}:tiny', '--topology=v5p-33', '--noeval',
+       '--save=/nonexistent/step.bin'],
       capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
   assert out.returncode == 1 and 'Traceback' not in out.stderr
   assert "error: Unknown TPU slice 'v5p-33'" in out.stderr
@@ -130,3 +178,22 @@ def test_an_optimal_seconds_that_is_not_a_time_gives_no_estimate():
   assert abs(r['mfu'] - 8.3e13 / r['seconds'] / 918e12) < 1e-12
   assert any(l.startswith('roofline (our arithmetic') and '1000.0 ms' in l
              and 'memory-bound' in l for l in tpu_compile.table(report).splitlines())
+
+
+def test_an_encoder_the_compiler_refuses_or_gives_no_time_is_said_in_its_line():
+  refused = {'batch': 65536, 'per_chip_batch': 2048, 'hbm': 16 * 2**30, 'fits': False,
+             'needed': 20 * 2**30, 'compile_seconds': 40.0}
+  assert tpu_compile._encoder_line('image', refused) == (
+      'eval image encoder: batch 65536 (2048 per chip), does not fit: the compiler asks '
+      'for 20.00 GiB of temporaries per chip, the chip has 16.00 GiB; lower '
+      'eval.batch_size (compile 40 s)')
+  no_time = {'batch': 64, 'per_chip_batch': 8, 'hbm': 32 * 2**30, 'fits': True,
+             'compile_seconds': 1.5,
+             'memory': {'arguments': 2**20, 'temporaries': 2**21, 'outputs': 2**10,
+                        'total': 2**30},
+             'estimate': {'compiler_flops': 1e7, 'bytes_accessed': 2e7, 'model_flops': 9e6,
+                          'optimal_seconds': -1.0, 'batch_seconds': None,
+                          'per_sec_per_chip': None}}
+  line = tpu_compile._encoder_line('text', no_time)
+  assert 'total 1.00 GiB of 32.00 GiB: fits; compile 1.5 s;' in line
+  assert 'none: optimal_seconds = -1, not a time' in line and 'texts/s' not in line

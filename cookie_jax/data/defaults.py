@@ -244,6 +244,14 @@ def mixture_components(data_cfg) -> list:
   return [(cfg, float(w)) for (cfg, _), w in zip(out, weights)]
 
 
+def clip_frames(data_cfg) -> int | None:
+  """Frames per clip the input feeds for a video builder (`num_frames`, or every stored
+  frame when it is 0); None for an image builder."""
+  if data_cfg.builder not in VIDEO_BUILDERS:
+    return None
+  return data_cfg.num_frames or data_cfg[data_cfg.builder].frames
+
+
 def eval_data_config(data_cfg, overrides) -> ml_collections.ConfigDict:
   """What evaluation reads: `data_cfg` with `overrides` (config.eval.data) on top, no
   mixture. Tokenizer, max_len and normalisation follow config.data unless overridden."""

@@ -32,11 +32,14 @@ from typing import Any, Iterable, Mapping, NamedTuple
 from absl import logging
 from flax import nnx
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 import numpy as np
 
 from cookie_jax import sharding
+from cookie_jax.data.defaults import clip_frames, eval_data_config
 from cookie_jax.eval import search
+from cookie_jax.models import abstract_model
 
 
 RECALL_KS = (1, 5, 10)
@@ -242,7 +245,7 @@ def _check_weights(weights) -> Weights:
 @functools.lru_cache(maxsize=16)
 def encoder(graphdef, mesh: Mesh, side: str):
   """The jitted `(params, batch) -> (embeddings, mask)` of one side over `mesh`, both
-  replicated."""
+  replicated (the mask as int32, 1 for a real row)."""
   # Cached per (model graph, mesh, side) so that evaluating every N training steps
   # compiles once.
   # Traced with the train step's activation constraints: without them XLA may follow an
@@ -254,13 +257,38 @@ def encoder(graphdef, mesh: Mesh, side: str):
         emb = model.encode_image(batch['image'])
       else:
         emb = model.encode_text(batch['input_ids'], batch['attention_mask'])
-    return emb, batch['mask']
+    # As int32: libtpu 0.0.42.1's cost model gives optimal_seconds = -1 (no estimate) for
+    # any program that gathers a 1-byte array, and the bool mask was the only one here.
+    return emb, batch['mask'].astype(jnp.int32)
 
   rep = sharding.replicated(mesh)
   return jax.jit(encode, out_shardings=(rep, rep))
 
 
 _SIDE_KEYS = {'image': ('image',), 'text': ('input_ids', 'attention_mask')}
+
+
+def abstract_encoder(config, mesh: Mesh, side: str, batch_size: int | None = None):
+  """(`encoder(graphdef, mesh, side)`, its abstract `(params, batch)`): the program that
+  validation and `launch/eval.py` run on `mesh` at `batch_size` (default
+  `config.eval.batch_size`), with the shapes, dtypes and shardings they give it but no
+  values, so that `tpu_compile` and `comm_audit` compile that program, not a copy."""
+  graphdef, abstract_state = abstract_model(config.model)
+  params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        nnx.to_pure_dict(abstract_state),
+                        sharding.param_shardings(abstract_state, mesh))
+  data_cfg = eval_data_config(config.data, config.eval.data)
+  spec = sharding.batch_sharding(mesh)  # where `_place` puts every field
+  rows = lambda shape, dtype: jax.ShapeDtypeStruct(
+      (batch_size or config.eval.batch_size,) + shape, dtype, sharding=spec)
+  if side == 'image':
+    size, frames = config.model.vision.image_size, clip_frames(data_cfg)
+    batch = {'image': rows((size, size, 3) if frames is None else
+                           (frames, size, size, 3), np.float32)}
+  else:
+    batch = dict.fromkeys(_SIDE_KEYS['text'], rows((data_cfg.max_len,), np.int32))
+  batch['mask'] = rows((), np.bool_)
+  return encoder(graphdef, mesh, side), (params, batch)
 
 
 def _place(batch: Mapping[str, Any], keys, mesh: Mesh) -> dict[str, jax.Array]:
