@@ -18,7 +18,7 @@ from cookie_jax.data.defaults import (DATA_CHOICES, VIDEO_BUILDERS, data_config,
 from cookie_jax.losses import LOSS_NAMES
 from cookie_jax.models import bert, vit
 from cookie_jax.models.cookie import DTYPES
-from cookie_jax.models.layers import ACTIVATIONS
+from cookie_jax.models.layers import ACTIVATIONS, REMAT_POLICIES
 from cookie_jax.models.positions import METHODS as POSITION_METHODS
 from cookie_jax.models.presets import VISION_PRESETS, model_config
 from cookie_jax.optim import SCHEDULES
@@ -40,6 +40,7 @@ CHOICES = {
     'model.image_pool': ('cls', 'mean', 'tower'),
     'model.text_pool': ('cls', 'mean'),
     'model.dtype': tuple(DTYPES),
+    'model.remat_policy': tuple(REMAT_POLICIES),
     'loss.cross_modal.negative_weighting': ('none', 'diversity', 'topk'),
     'loss.cross_modal.form': ('softmax', 'sigmoid'),
     'loss.visual.partner': ('augmented', 'external'),
@@ -565,6 +566,10 @@ def _check_model(config) -> None:
   _choice('model.vision_preset', m.get('vision_preset', ''))
   _choice('model.text_pool', m.text_pool)
   _choice('model.dtype', m.dtype)
+  _choice('model.remat_policy', m.remat_policy)
+  _require(m.remat or m.remat_policy == 'full', 'model.remat_policy', m.remat_policy,
+           'has no effect without model.remat=True; set both, or leave the policy at '
+           "'full'.")
   _require(0 < m.temperature_init < 1e3, 'model.temperature_init', m.temperature_init,
            'must be a positive temperature such as 0.07.')
   _require(m.max_logit_scale >= 1.0 / m.temperature_init, 'model.max_logit_scale',

@@ -40,6 +40,10 @@ _MODEL = {
     'dtype': 'compute dtype of the matmuls; parameters, LayerNorm, softmax and losses stay fp32',
     'remat': ('rematerialise each transformer block in the backward pass (less activation memory, '
               'more compute)'),
+    'remat_policy': ("what a rematerialised block keeps for the backward pass: 'full' (only "
+                     "its input), 'dots' (also its dense layers' outputs: attention "
+                     "projections and MLP), 'all_dots' (every matmul's output, the attention "
+                     "scores included)"),
     'image_partner_dim': ('width of external image partner embeddings '
                           "(loss.visual.partner='external'); 0 = none"),
     'text_partner_dim': ('width of external text partner embeddings '

@@ -119,6 +119,16 @@ def test_bad_choice_values():
   config.loss.fuse_views = 'yes'
   with pytest.raises(ConfigError, match=r"loss\.fuse_views='yes': use 'auto', 'on' or 'off'"):
     validate_config(config)
+  config = default_config()
+  config.model.remat_policy = 'dot'
+  with pytest.raises(ConfigError, match=r"model\.remat_policy='dot'.*'dots'"):
+    validate_config(config)
+  config.model.remat_policy = 'dots'  # without model.remat=True it would do nothing
+  with pytest.raises(ConfigError, match=r"remat_policy='dots': has no effect without "
+                     r"model\.remat=True"):
+    validate_config(config)
+  config.model.remat = True
+  validate_config(config)
 
 
 def _flag_error(argv, with_config=True):

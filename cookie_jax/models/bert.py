@@ -55,7 +55,7 @@ class Bert(nnx.Module):
   positions are computed but never attended to.
   """
 
-  def __init__(self, cfg, *, dtype, remat: bool = False, rngs: nnx.Rngs):
+  def __init__(self, cfg, *, dtype, remat: bool | str = False, rngs: nnx.Rngs):
     o = options(cfg)
     self.dropout_rate = cfg.dropout
     self.remat = remat

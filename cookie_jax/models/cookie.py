@@ -57,12 +57,14 @@ class CookieModel(nnx.Module):
     self.vision_patch_size = cfg.vision.patch_size
     self.text_pool = cfg.text_pool
     self.max_log_scale = math.log(cfg.max_logit_scale)
-    self.vision = ViT(cfg.vision, dtype=dtype, remat=cfg.remat, rngs=rngs)
-    self.text = Bert(cfg.text, dtype=dtype, remat=cfg.remat, rngs=rngs)
+    # False, or the policy every rematerialised block uses (layers.REMAT_POLICIES).
+    remat = cfg.remat and cfg.get('remat_policy', 'full')
+    self.vision = ViT(cfg.vision, dtype=dtype, remat=remat, rngs=rngs)
+    self.text = Bert(cfg.text, dtype=dtype, remat=remat, rngs=rngs)
     if cfg.shared.depth > 0:
       self.shared = SharedTransformer(cfg.shared, image_width=cfg.vision.width,
                                       text_width=cfg.text.width, dtype=dtype,
-                                      remat=cfg.remat, rngs=rngs)
+                                      remat=remat, rngs=rngs)
       image_width = text_width = cfg.shared.width
     else:
       self.shared = None
@@ -95,7 +97,7 @@ class CookieModel(nnx.Module):
     # Made last, so that the other parameters are those of the image model of this seed.
     self.num_frames = cfg.video.num_frames
     self.video = make_temporal(cfg.video, width=cfg.vision.width, dtype=dtype,
-                               remat=cfg.remat, rngs=rngs)
+                               remat=remat, rngs=rngs)
 
   def logit_scale(self) -> jax.Array:
     """1 / temperature, clamped at `max_logit_scale`.

@@ -372,17 +372,37 @@ class PostNormBlock(nnx.Module):
     return self.output_norm(_f32(x) + _f32(dropout(h, self.dropout_rate, r2))).astype(x.dtype)
 
 
-def run_blocks(blocks, x, mask, rng, *, remat: bool):
+# What a rematerialised block keeps from its forward pass for the backward pass
+# (model.remat_policy); the rest is computed again. Each keeps the block's input.
+REMAT_POLICIES = {
+    # Nothing more: the backward runs the whole block again (least memory).
+    'full': None,
+    # The outputs of the dense layers (matmuls whose operands have no batch dimension:
+    # the attention's projections and the MLP); LayerNorm, GELU, softmax and the
+    # attention's two einsums are recomputed.
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Every matmul's output, the attention's scores and weighted values included.
+    'all_dots': jax.checkpoint_policies.dots_saveable,
+}
+
+
+def run_blocks(blocks, x, mask, rng, *, remat: bool | str):
   """Applies a list of blocks in order, each with its own dropout key. The residual
-  stream between them is in the blocks' compute dtype (`residual_add`)."""
+  stream between them is in the blocks' compute dtype (`residual_add`). `remat`: False,
+  or a `REMAT_POLICIES` name (True = 'full') to rematerialise each block with it.
+
+  On CPU the dense layers' matmul has its own gradient (`_matmul`, a custom VJP), which
+  the policies do not see inside: there 'dots' keeps what 'full' keeps."""
   keys = split_rng(rng, len(blocks))
+  policy = REMAT_POLICIES['full' if remat is True else remat] if remat else None
   residual = ('batch', 'length', 'embed')
   if blocks:
     x = x.astype(blocks[0].dtype)
   x = constrain(x, residual)
   for block, key in zip(blocks, keys):
     if remat:
-      x = nnx.remat(lambda blk, y, m, r: blk(y, m, rng=r))(block, x, mask, key)
+      x = nnx.remat(lambda blk, y, m, r: blk(y, m, rng=r), policy=policy)(block, x, mask,
+                                                                           key)
     else:
       x = block(x, mask, rng=key)
     x = constrain(x, residual)

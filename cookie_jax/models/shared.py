@@ -18,7 +18,7 @@ IMAGE, TEXT = 0, 1
 
 class SharedTransformer(nnx.Module):
 
-  def __init__(self, cfg, *, image_width: int, text_width: int, dtype, remat: bool = False,
+  def __init__(self, cfg, *, image_width: int, text_width: int, dtype, remat: bool | str = False,
                rngs: nnx.Rngs):
     self.remat = remat
     self.modality_layernorm = cfg.modality_layernorm

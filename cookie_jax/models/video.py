@@ -31,7 +31,7 @@ TEMPORAL_KINDS = ('mean', 'transformer')
 class TemporalTransformer(nnx.Module):
   """[B, T, S, w] per-frame tokens -> [B, S, w]: attention over frames, then their mean."""
 
-  def __init__(self, cfg, *, width: int, dtype, remat: bool = False, rngs: nnx.Rngs):
+  def __init__(self, cfg, *, width: int, dtype, remat: bool | str = False, rngs: nnx.Rngs):
     self.num_frames = cfg.num_frames
     self.remat = remat
     self.position_embeddings = nnx.Param(
@@ -62,7 +62,7 @@ class TemporalTransformer(nnx.Module):
     return jnp.mean(x.reshape(b, s, t, w), axis=2)
 
 
-def make_temporal(cfg, *, width: int, dtype, remat: bool, rngs: nnx.Rngs):
+def make_temporal(cfg, *, width: int, dtype, remat: bool | str, rngs: nnx.Rngs):
   """The module of the temporal step, or None where it has no parameters ('mean')."""
   if cfg.num_frames <= 0 or cfg.temporal == 'mean':
     return None

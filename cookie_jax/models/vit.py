@@ -144,7 +144,7 @@ class ViT(nnx.Module):
   `pooled(tokens)` is transformers' `pooler_output`.
   """
 
-  def __init__(self, cfg, *, dtype, remat: bool = False, rngs: nnx.Rngs):
+  def __init__(self, cfg, *, dtype, remat: bool | str = False, rngs: nnx.Rngs):
     o = options(cfg)
     self.patch_size = cfg.patch_size
     self.patch_dropout = float(cfg.get('patch_dropout', 0.0))
