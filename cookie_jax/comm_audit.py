@@ -245,7 +245,9 @@ def fsdp_ideal(config: ml_collections.ConfigDict, mesh, setup=None) -> dict[str,
   compute = jnp.dtype(config.model.dtype).itemsize
   sharded, replicated = _param_counts(jax.tree.leaves(abstract.params),
                                       jax.tree.leaves(setup.state_shardings.params), fsdp)
-  passes = 2 if config.model.remat else 1
+  # Full remat gathers each weight again for the recomputed forward; a policy that keeps
+  # the dense layers' outputs ('dots', 'all_dots') recomputes no matmul with a weight.
+  passes = 2 if config.model.remat and config.model.get('remat_policy', 'full') == 'full' else 1
   emb = 2 * contrastive_terms(config) * config.train.batch_size * config.model.embed_dim * 4
   batch_shards = data * fsdp
   return {

@@ -34,6 +34,7 @@ import jaxlib
 import ml_collections
 
 from cookie_jax import comm_audit, files, objectives, step as step_lib
+from cookie_jax.data.defaults import VIDEO_BUILDERS
 from cookie_jax.errors import ConfigError
 
 FORMAT = 1
@@ -102,6 +103,9 @@ def save_compiled(compiled, path: str, meta: dict) -> int:
   except (ValueError, NotImplementedError, jax.errors.JaxRuntimeError) as e:
     raise ConfigError(f'--save={path!r}: this jax cannot serialise the compiled step '
                       f'({type(e).__name__}: {str(e).splitlines()[0]}).') from None
+  # The record names the executable's own hash, so a record left from an earlier save
+  # (a write that failed half way) never vouches for another executable.
+  meta = {**meta, 'executable_sha256': hashlib.sha256(data).hexdigest()}
   files.write_bytes(path, data)
   files.write_text(meta_path(path), json.dumps(meta, indent=1))
   return len(data)
@@ -166,8 +170,13 @@ def _read_meta(path: str) -> dict:
     if not files.exists(p):
       raise ConfigError(f'config.train.compiled={path!r}: {p} does not exist; write it '
                         'with python launch/compile.py ... --save=PATH.')
-  meta = json.loads(files.read_text(meta_path(path)))
-  if meta.get('format') != FORMAT:
+  try:
+    meta = json.loads(files.read_text(meta_path(path)))
+  except json.JSONDecodeError as e:
+    raise ConfigError(f'config.train.compiled={path!r} has a record {meta_path(path)} that '
+                      f'is not JSON ({e}); {_REDO}.') from None
+  if not isinstance(meta, dict) or meta.get('format') != FORMAT:
+    meta = meta if isinstance(meta, dict) else {}
     raise ConfigError(f'config.train.compiled={path!r}: {meta_path(path)} is format '
                       f"{meta.get('format')!r}, this version reads {FORMAT}; {_REDO}.")
   return meta
@@ -177,6 +186,10 @@ def check_compiled(path: str, config: ml_collections.ConfigDict, mesh):
   """The lowered train step of `config` over `mesh`, once the executable at `path` is
   known to be its program for this machine; else one ConfigError line naming what
   differs."""
+  if config.data.builder in VIDEO_BUILDERS:
+    raise ConfigError(f'config.train.compiled={path!r} cannot serve a video recipe (its '
+                      'ahead-of-time batch has no frames axis); video recipes are not '
+                      f'compiled ahead of time; {_REDO}.')
   if objectives.needs_constants(config.loss):
     raise ConfigError(f'config.train.compiled={path!r}: these objectives need tables mined '
                       'from the training captions, which an ahead-of-time compile does '
@@ -196,9 +209,19 @@ def load_train_step(path: str, config: ml_collections.ConfigDict, mesh):
   `step.make_train_step`'s jit: `(state, batch) -> (state, metrics)`, state donated."""
   start = time.perf_counter()
   lowered = check_compiled(path, config, mesh)
+  data = files.read_bytes(path)
+  saved = _read_meta(path)
+  if saved.get('executable_sha256') != hashlib.sha256(data).hexdigest():
+    raise ConfigError(f'config.train.compiled={path!r} is not the executable its record '
+                      f'{meta_path(path)} describes (sha256 differs; a save that did not '
+                      f'finish?); {_REDO}.')
+  if saved.get('compiler_options'):
+    logging.warning('The saved train step was compiled with %s (launch/compile.py\'s options '
+                    'for the cost model), not with this run\'s compiler flags.',
+                    saved['compiler_options'])
   try:
     compiled = serialize_executable.deserialize_and_load(
-        files.read_bytes(path), lowered.in_tree, lowered.out_tree)
+        data, lowered.in_tree, lowered.out_tree)
   except (pickle.UnpicklingError, EOFError, ValueError, RuntimeError) as e:
     raise ConfigError(f'config.train.compiled={path!r} cannot be loaded '
                       f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); '

@@ -143,6 +143,21 @@ def test_another_jax_version_is_refused_before_anything_is_lowered(saved, tmp_pa
           f'{jax.__version__} / jaxlib {jax.__version__};') in _refusal(path, _config())
 
 
+def test_a_record_of_another_executable_is_refused(saved, tmp_path):
+  # As after a save that wrote its record but not its executable (or the reverse).
+  line = _refusal(_tampered(saved, tmp_path, executable_sha256='0' * 64), _config())
+  assert 'is not the executable its record' in line
+
+
+def test_a_broken_record_and_a_video_recipe_are_one_line(saved, tmp_path):
+  path = _tampered(saved, tmp_path)
+  pathlib.Path(compiled_step.meta_path(path)).write_text('{"format": 1,')
+  assert 'that is not JSON' in _refusal(path, _config())
+  config = _config()
+  config.data.builder = 'synthetic_video'
+  assert 'video recipes are not compiled ahead of time' in _refusal(saved, config)
+
+
 def test_a_missing_file_is_one_line(tmp_path):
   path = str(tmp_path / 'nothing.bin')
   with pytest.raises(ConfigError, match=r'nothing.bin does not exist; write it with '

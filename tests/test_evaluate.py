@@ -152,8 +152,8 @@ def test_errors_name_the_problem():
     search.sharded_topk(x, x, 4)
 
 
-# (4100, 32): 17 blocks per device, so the default constants choose superblocks.
-@pytest.mark.parametrize('size, block', [(1003, 32), (1003, 4096), (5, 1), (4100, 32)])
+# (16400, 32): 65 blocks per device, so the default constants choose superblocks.
+@pytest.mark.parametrize('size, block', [(1003, 32), (1003, 4096), (5, 1), (16400, 32)])
 def test_sharded_topk_equals_numpy_brute_force(mesh, size, block):
   rng = np.random.default_rng(size + block)
   gallery, queries = _unit(rng, (size, 16)), _unit(rng, (37, 16))
@@ -346,7 +346,7 @@ def test_superblock_topk_is_exact_with_many_ties_and_padding(group):
   index = np.arange(500, 500 + 3 * 64, dtype=np.int32).reshape(3, 64)
   size = 500 + 150  # the last 42 rows are padding
   fn = jax.jit(lambda q, b, i: search.superblock_topk(
-      q, b, i, 10, group, size, lambda idx: idx[-1] >= size))
+      q, b, i, 0, 3, 10, group, size, lambda idx: idx[-1] >= size))
   top_s, top_i = fn(q, blocks, index)
   s = q @ blocks.reshape(-1, 4).T
   s[:, 150:] = -np.inf
@@ -356,7 +356,7 @@ def test_superblock_topk_is_exact_with_many_ties_and_padding(group):
 
 
 @pytest.mark.parametrize('maxima_bytes, candidate_bytes', [
-    (3 * 16 * 32 * 4, 2**30),  # 5 blocks in 2 superblocks of 2, the odd one block by block
+    (3 * 16 * 32 * 4, 2**30),  # 5 blocks per device in superblocks of 2 and 3
     (2**30, 1)])  # candidates too large: block by block only
 def test_sharded_topk_superblocks_and_remainder_equal_brute_force(
     mesh, monkeypatch, maxima_bytes, candidate_bytes):
@@ -377,3 +377,25 @@ def test_sharded_topk_superblocks_and_remainder_equal_brute_force(
   ref = np.argsort(-sim, axis=1, kind='stable')[:, :10]
   np.testing.assert_array_equal(idx, ref)
   np.testing.assert_allclose(scores, np.take_along_axis(sim, ref, 1), atol=1e-5)
+
+
+@pytest.mark.parametrize('k, block', [(101, 4096), (4, 64), (7, 48)])
+def test_sharded_topk_orders_duplicate_float_rows_by_index(mesh, monkeypatch, k, block):
+  # Real data repeats images and captions: rows equal bit for bit must score equal
+  # wherever they sit (a block's GEMM, a superblock's rescoring, another superblock), so
+  # their order is the index's. 6 distinct float vectors, each repeated; several
+  # superblocks per device.
+  monkeypatch.setattr(search, 'MIN_SUPERBLOCK', 1)
+  monkeypatch.setattr(search, 'MAXIMA_BYTES', 2 * 16 * (block // 2) * 4)
+  search._topk_program.cache_clear()
+  rng = np.random.default_rng(k)
+  distinct = _unit(rng, (6, 16))
+  gallery = distinct[rng.integers(0, 6, size=8 * 3 * block - 5)]
+  queries = _unit(rng, (16, 16))
+  scores, idx = search.sharded_topk(queries, gallery, k, mesh=mesh, block_size=block,
+                                    query_block_size=16)
+  search._topk_program.cache_clear()
+  full = queries.astype(np.float64) @ gallery.astype(np.float64).T
+  ref = np.argsort(-full, axis=1, kind='stable')[:, :k]
+  np.testing.assert_array_equal(idx, ref)
+  np.testing.assert_allclose(scores, np.take_along_axis(full, ref, 1), atol=1e-5)

@@ -188,49 +188,54 @@ def block_topk(s, idx, k: int, group: int):
 # Exact top-k keeps group maxima of up to this many bytes (queries x groups, fp32) per
 # superblock, and gathers up to this many bytes of candidate rows (queries x k * group x
 # dim, fp32) per superblock; beyond either, or with fewer than MIN_SUPERBLOCK blocks per
-# device, it selects block by block (`block_topk`). The gather is a fixed cost of about
-# 10 blocks' selections (1,024 queries, D = 256, k = 10 on a 2-core CPU: 10k rows took
-# 0.141 s in superblocks against 0.083 s block by block, docs/BENCHMARKS.md).
+# superblock, it selects block by block (`block_topk`). Gathering and rescoring the
+# candidates is a fixed cost that a few dozen blocks' selections must outweigh: with 1,000
+# queries, D = 256 and k = 10 on a 2-core CPU, 100k rows (25 blocks) took 0.65 s in one
+# superblock against 0.51 s block by block, 1M rows (245 blocks) 3.8 against 5.0 s
+# (docs/BENCHMARKS.md, "Retrieval search").
 MAXIMA_BYTES = 256 * 2**20
 CANDIDATE_BYTES = 512 * 2**20
-MIN_SUPERBLOCK = 16
+MIN_SUPERBLOCK = 64
 
 
 def superblock_size(layout: Layout, k: int, group: int, queries: int, dim: int) -> int:
   """Blocks per superblock of the exact search, or 0 to select block by block: the
-  device's blocks in as few equal superblocks as `MAXIMA_BYTES` of group maxima allow
-  (the last < count blocks go block by block)."""
+  device's blocks in as few superblocks as `MAXIMA_BYTES` of group maxima allow, all of
+  this size but the last, which takes the remaining blocks too (fewer than the count)."""
   groups = layout.block_size // group
   blocks = layout.rows_per_device // layout.block_size
   cap = min(blocks, MAXIMA_BYTES // max(1, queries * groups * 4))
-  if (cap < MIN_SUPERBLOCK or cap * groups < k
+  size = blocks // math.ceil(blocks / cap) if cap else 0
+  if (size < MIN_SUPERBLOCK or size * groups < k
       or queries * k * group * dim * 4 > CANDIDATE_BYTES):
     return 0
-  return blocks // math.ceil(blocks / cap)
+  return size
 
 
-def superblock_topk(q, blocks, index, k: int, group: int, size: int, padded, axes=()):
-  """The k best rows of a superblock (`blocks` [S, block, D], global `index` [S, block]
-  ascending) for each query, exactly, ties by ascending index; rows at index >= `size`
-  are padding and never win. `padded(index)` says whether a block holds padding; `axes`
-  are the mesh axes the blocks vary over, inside shard_map.
+def superblock_topk(q, blocks, index, start, num: int, k: int, group: int, size: int,
+                    padded, axes=()):
+  """The k best rows of blocks[start : start + num] (of `blocks` [B, block, D] with
+  global `index` [B, block] ascending) for each query, exactly, ties by ascending index;
+  rows at index >= `size` are padding and never win. `padded(index)` says whether a block
+  holds padding; `axes` are the mesh axes the blocks vary over, inside shard_map.
 
-  One pass of fused dot products and group maxima over its blocks (the scores are never
+  One pass of fused dot products and group maxima over the blocks (the scores are never
   stored), one top-k of the k best groups over the whole superblock, then the k * group
-  rows of those groups scored again and the k best taken. The same argument as
-  `block_topk` makes it exact, with one difference: the second scoring is a separate
-  computation, so a candidate's returned score may differ from the dot product that chose
-  its group in the last bits (fp32 rounding); the order among equal scores still follows
-  the index. Compared with a top-k per block this removes all per-block selection (on
-  CPU, a single-threaded top-k between two multi-threaded GEMMs; on TPU, a sort)."""
-  n, (num, block, dim) = q.shape[0], blocks.shape
+  rows of those groups scored again and the k best taken. Exact by the argument of
+  `block_topk`. The second scoring multiplies and sums each candidate row on its own
+  (`_row_scores`), so equal rows score equal wherever they sit and equal scores come in
+  index order; it may differ in the last bits (fp32 rounding) from the dot product that
+  chose the group. Compared with a top-k per block this removes all per-block selection
+  (on CPU, a single-threaded top-k between two multi-threaded GEMMs; on TPU, a sort)."""
+  n, (_, block, dim) = q.shape[0], blocks.shape
   groups = block // group
 
   def maxima(scores):
     return jnp.max(scores.reshape(n, groups, group), axis=2)
 
-  def one_block(buf, xs):
-    j, blk, idx = xs
+  def one_block(buf, j):
+    # One block at a time out of the whole gallery: no copy of the superblock.
+    blk, idx = blocks[start + j], index[start + j]
     # Only blocks with padding mask their scores; the rest fuse dot and max.
     m = jax.lax.cond(padded(idx),
                      lambda b, i: maxima(jnp.where(i[None] < size, _block_scores(q, b),
@@ -240,17 +245,28 @@ def superblock_topk(q, blocks, index, k: int, group: int, size: int, padded, axe
 
   buf = jnp.full((n, num * groups), -jnp.inf, jnp.float32)
   buf = _varying(buf, axes) if axes else buf
-  buf, _ = jax.lax.scan(one_block, buf, (jnp.arange(num, dtype=jnp.int32), blocks, index))
+  buf, _ = jax.lax.scan(one_block, buf, jnp.arange(num, dtype=jnp.int32))
   _, best = jax.lax.top_k(buf, k)
   best = jnp.sort(best, axis=1)  # index order, for the tie rule
-  rows = (best[:, :, None] * group + jnp.arange(group, dtype=jnp.int32)).reshape(n, -1)
+  rows = start * block + (best[:, :, None] * group
+                          + jnp.arange(group, dtype=jnp.int32)).reshape(n, -1)
   cand_i = index.reshape(-1)[rows]
-  cand_s = jnp.einsum('nd,ncd->nc', q, blocks.reshape(num * block, dim)[rows],
-                      precision=jax.lax.Precision.HIGHEST,
-                      preferred_element_type=jnp.float32)
+  cand_s = _row_scores(q, blocks.reshape(-1, dim)[rows])
   cand_s = jnp.where(cand_i < size, cand_s, -jnp.inf)
   top_s, pos = jax.lax.top_k(cand_s, k)
   return top_s, jnp.take_along_axis(cand_i, pos, axis=1)
+
+
+def _row_scores(q, rows):
+  """q [N, D] against rows [N, C, D], fp32: N * C separate [1, D] x [D, 1] products, so
+  that equal rows score equal wherever they sit. A batched einsum over C does not
+  (XLA:CPU gave the tail of 404 candidates other low bits than the rest), and a multiply
+  and sum does but took 3x as long (1,024 x 160 x 256: 296 against 104 ms)."""
+  n, c, d = rows.shape
+  q = jnp.broadcast_to(q[:, None, :], (n, c, d)).reshape(n * c, 1, d)
+  out = jax.lax.batch_matmul(q.astype(jnp.float32), rows.reshape(n * c, d, 1).astype(
+      jnp.float32), precision=jax.lax.Precision.HIGHEST)
+  return out.reshape(n, c)
 
 
 def _merge(top_s, top_i, s, idx, k: int):
@@ -296,18 +312,21 @@ def _topk_program(layout: Layout, k: int, approx: bool, recall_target: float):
                     jnp.full((n, k), -1, jnp.int32)), axes)
     per = 0 if approx else superblock_size(layout, k, group, n, q.shape[1])
     if per:
+      # Every block goes through superblocks (none block by block), so every candidate
+      # is scored by _row_scores and equal rows compare equal across superblocks.
       blk, _, idx = blocks
-      whole = blk.shape[0] // per * per
+      count = blk.shape[0] // per
+      search_in = lambda start, num: superblock_topk(q, blk, idx, start, num, k, group,
+                                                     layout.size, padded, axes)
 
-      def superblock(carry, xs):
-        return _merge(*carry, *superblock_topk(q, *xs, k, group, layout.size, padded, axes),
-                      k), None
+      def superblock(carry, i):
+        return _merge(*carry, *search_in(i * per, per), k), None
 
-      top, _ = jax.lax.scan(superblock, top, (
-          blk[:whole].reshape(-1, per, *blk.shape[1:]),
-          idx[:whole].reshape(-1, per, idx.shape[1])))
-      blocks = jax.tree.map(lambda x: x[whole:], blocks)  # the rest, block by block
-    (top_s, top_i), _ = jax.lax.scan(step, top, blocks)
+      top, _ = jax.lax.scan(superblock, top, jnp.arange(count - 1, dtype=jnp.int32))
+      top_s, top_i = _merge(*top, *search_in((count - 1) * per,
+                                              blk.shape[0] - (count - 1) * per), k)
+    else:
+      (top_s, top_i), _ = jax.lax.scan(step, top, blocks)
     # Merge over devices into [N, devices * k] candidates in device order: device d's all
     # have lower indices than device d+1's, so lax.top_k keeps the tie order here too.
     # A psum of one-hot-placed slots rather than an all_gather: its result is typed as
