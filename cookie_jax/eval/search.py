@@ -187,7 +187,8 @@ def block_topk(s, idx, k: int, group: int):
 
 # Exact top-k keeps group maxima of up to this many bytes (queries x groups, fp32) per
 # superblock, and gathers up to this many bytes of candidate rows (queries x k * group x
-# dim, fp32) per superblock; beyond either, or with fewer than MIN_SUPERBLOCK blocks per
+# dim, fp32; `_row_scores` may hold as many again of queries broadcast beside them) per
+# superblock; beyond either, or with fewer than MIN_SUPERBLOCK blocks per
 # superblock, it selects block by block (`block_topk`). Gathering and rescoring the
 # candidates is a fixed cost that a few dozen blocks' selections must outweigh: with 1,000
 # queries, D = 256 and k = 10 on a 2-core CPU, 100k rows (25 blocks) took 0.65 s in one
@@ -222,8 +223,8 @@ def superblock_topk(q, blocks, index, start, num: int, k: int, group: int, size:
   One pass of fused dot products and group maxima over the blocks (the scores are never
   stored), one top-k of the k best groups over the whole superblock, then the k * group
   rows of those groups scored again and the k best taken. Exact by the argument of
-  `block_topk`. The second scoring multiplies and sums each candidate row on its own
-  (`_row_scores`), so equal rows score equal wherever they sit and equal scores come in
+  `block_topk`. The second scoring takes each candidate row's product with its query on
+  its own (`_row_scores`), so equal rows score equal wherever they sit and equal scores come in
   index order; it may differ in the last bits (fp32 rounding) from the dot product that
   chose the group. Compared with a top-k per block this removes all per-block selection
   (on CPU, a single-threaded top-k between two multi-threaded GEMMs; on TPU, a sort)."""
