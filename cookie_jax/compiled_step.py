@@ -183,9 +183,9 @@ def _read_meta(path: str) -> dict:
 
 
 def check_compiled(path: str, config: ml_collections.ConfigDict, mesh):
-  """The lowered train step of `config` over `mesh`, once the executable at `path` is
-  known to be its program for this machine; else one ConfigError line naming what
-  differs."""
+  """(the lowered train step of `config` over `mesh`, the executable's record), once the
+  executable at `path` is known to be its program for this machine; else one ConfigError
+  line naming what differs."""
   if config.data.builder in VIDEO_BUILDERS:
     raise ConfigError(f'config.train.compiled={path!r} cannot serve a video recipe (its '
                       'ahead-of-time batch has no frames axis); video recipes are not '
@@ -201,16 +201,15 @@ def check_compiled(path: str, config: ml_collections.ConfigDict, mesh):
     why = _program_difference(saved, fingerprint(lowered), config)
   if why:
     raise ConfigError(f'config.train.compiled={path!r} {why}; {_REDO}.')
-  return lowered
+  return lowered, saved
 
 
 def load_train_step(path: str, config: ml_collections.ConfigDict, mesh):
   """The train step saved at `path`, as a `jax.stages.Compiled` called like
   `step.make_train_step`'s jit: `(state, batch) -> (state, metrics)`, state donated."""
   start = time.perf_counter()
-  lowered = check_compiled(path, config, mesh)
+  lowered, saved = check_compiled(path, config, mesh)
   data = files.read_bytes(path)
-  saved = _read_meta(path)
   if saved.get('executable_sha256') != hashlib.sha256(data).hexdigest():
     raise ConfigError(f'config.train.compiled={path!r} is not the executable its record '
                       f'{meta_path(path)} describes (sha256 differs; a save that did not '
