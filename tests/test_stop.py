@@ -1,6 +1,6 @@
 """A stop decided by all processes together (cookie_jax/stop.py), on 2 processes x 4 CPU
-devices (gloo): SIGTERM to one of them, SIGTERM to both 1 s and a step apart, Ctrl-C to
-one (slow); each time both save the same step and exit with the same code within
+devices (gloo): SIGTERM to one of them, SIGTERM to both 1 s and a step apart (slow),
+Ctrl-C to one (slow); each time both save the same step and exit with the same code within
 seconds, and the run, stopped and resumed, equals an uninterrupted one."""
 
 import os
@@ -78,6 +78,20 @@ def _stop(workdir, log_dir, cache_dir, data_dir, signals) -> tuple[list[int], in
   return codes, saved[0], waited
 
 
+def test_a_signal_to_one_process_stops_both_at_one_agreed_step(tmp_path, tmp_path_factory,
+                                                                data_dir):
+  workdir, cache = str(tmp_path / 'run'), str(tmp_path / 'xla_cache')
+  # SIGTERM to process 1 only: process 0 never sees a signal.
+  codes, first, waited = _stop(workdir, tmp_path, cache, data_dir,
+                               [(1, signal.SIGTERM, 0)])
+  assert codes == [0, 0] and waited < 45, (codes, waited)
+  # Every step, and the state both saved, as in an uninterrupted run (1 process x 8).
+  two_processes.assert_same_as_uninterrupted(tmp_path_factory, data_dir, workdir, first,
+                                             EXTRA)
+
+
+@pytest.mark.slow  # CI time: the stop above, then a resumed job stopped again: 4-5 min on
+# 2 busy cores
 def test_both_processes_stop_at_one_agreed_step_and_resume_exactly(tmp_path,
                                                                    tmp_path_factory,
                                                                    data_dir):
