@@ -34,9 +34,13 @@ jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 # pytest-xdist >= 3.6 reorders files by their number of tests unless told not to, which
 # put test_data_distributed.py (2 tests, 3 minutes) last: a 20 min 46 s run on 2 cores
 # ended with one worker on it and the other idle.
-LONGEST_FIRST = ('test_data_distributed.py', 'test_stop.py', 'test_train.py',
-                 'test_train_step.py', 'test_freeze.py', 'test_goodput.py',
-                 'test_comm_audit.py', 'test_data_stream.py')
+# Refreshed from `--durations=0` of the default run after its three longest tests were
+# split (2026-12-07): test_train.py 235 s of the workers' time, test_stop.py ~150,
+# test_train_step.py 146, test_patch_dropout.py 105, test_eval_cli.py 92, then 70-75 s
+# each.
+LONGEST_FIRST = ('test_train.py', 'test_stop.py', 'test_train_step.py',
+                 'test_patch_dropout.py', 'test_eval_cli.py', 'test_methods.py',
+                 'test_freeze.py', 'test_models.py')
 
 
 def pytest_configure(config):
