@@ -197,3 +197,29 @@ def test_an_encoder_the_compiler_refuses_or_gives_no_time_is_said_in_its_line():
   line = tpu_compile._encoder_line('text', no_time)
   assert 'total 1.00 GiB of 32.00 GiB: fits; compile 1.5 s;' in line
   assert 'none: optimal_seconds = -1, not a time' in line and 'texts/s' not in line
+
+
+def test_the_step_profile_counts_the_compilers_flops():
+  # benchmarks/tpu_step_profile.py splits a compiled TPU program by op. On a small
+  # program for one v5p chip, its FLOPs (convolutions, inside fusions too) are exactly
+  # the two matmuls', which are the cost model's FLOPs but for the ReLU's.
+  spec = importlib.util.spec_from_file_location(
+      'tpu_step_profile', ROOT / 'benchmarks' / 'tpu_step_profile.py')
+  profile = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(profile)
+  device = sharding.tpu_slice_devices('v5p-8', 1)[0]
+  single = jax.sharding.SingleDeviceSharding(device)
+
+  def step(x, w1, w2):
+    h = jnp.maximum(jnp.einsum('btd,df->btf', x, w1), 0)
+    out = jnp.einsum('btf,fd->btd', h, w2)
+    return jnp.swapaxes(out, 0, 1) * 2  # [T, B, D]: another layout than the matmul's
+  args = [jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=single)
+          for s in ((64, 200, 256), (256, 1024), (1024, 256))]
+  compiled = jax.jit(step).lower(*args).compile()
+  rows = profile.profile(compiled.as_text(), 394e12, 2.35e12)
+  flops = sum(r['flops'] for r in rows)
+  assert flops == 2 * 2 * 64 * 200 * 256 * 1024
+  assert flops == pytest.approx(tpu_compile.cost(compiled)['flops'], rel=0.02)
+  assert sum(r['seconds'] for r in rows) > 0
+  assert all(r['bytes'] > 0 for r in rows)
