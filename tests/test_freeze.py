@@ -74,6 +74,8 @@ def test_optimiser_state_holds_no_moments_for_frozen_leaves(frozen_run):
   assert sum(math.prod(x.shape) * 4 for x in full.values()) > moments  # less memory
 
 
+@pytest.mark.slow  # CI time: three compiles; test_flops.py's locked-tower count against
+# XLA's FLOPs stays
 def test_no_gradient_is_computed_through_a_locked_tower():
   """The compiled step of a locked image tower does fewer FLOPs: no backward pass of the
   tower (with stop_gradient before the loss there is nothing below it to train)."""

@@ -99,6 +99,7 @@ def test_profile_steps_are_checked():
       validate_config(config)
 
 
+@pytest.mark.slow  # CI time: a train run; the slow save's run below checks its split too
 def test_slow_input_dominates_and_the_split_sums_to_the_wall_time(tmp_path, data_dir,
                                                                   monkeypatch):
   _slow_input(monkeypatch, 0.8)
@@ -133,8 +134,14 @@ def test_slow_save_shows_in_checkpoint_time(tmp_path, data_dir, monkeypatch):
     return real(self, step, *args, **kwargs)
   monkeypatch.setattr(ckpt_lib.Checkpointer, 'save', slow_save)
   workdir = str(tmp_path / 'run')
+  begin = time.perf_counter()
   train.train_and_evaluate(_config(data_dir, steps=4), workdir)
-  s = _goodput(workdir)['seconds']
+  wall = time.perf_counter() - begin
+  g = _goodput(workdir)
+  s = g['seconds']
+  # The buckets split the run's wall time exactly, and that is the time it took.
+  assert sum(s.values()) == pytest.approx(g['wall'], rel=1e-9)
+  assert abs(g['wall'] - wall) <= 0.05 * wall, (g['wall'], wall)
   assert sorted(set(saves)) == [2, 4]
   assert s['checkpoint'] >= 2.0, s  # both sleeps are counted as checkpoint time ...
   assert s['step'] + s['input_wait'] < 2.0, s  # ... and not as anything else

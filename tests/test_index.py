@@ -194,6 +194,7 @@ def _launch(*args):
                         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
 
 
+@pytest.mark.slow  # CI time: a launcher run; the in-process resumed build above stays
 def test_launcher_finishes_a_cut_build_and_queries(setup, tmp_path):
   with pytest.raises(_Stop):
     _build(setup, tmp_path / 'idx', chunk_size=4096, on_chunk=_stop)

@@ -56,7 +56,8 @@ def _metrics(workdir):
   return {r['step']: r for r in rows if 'train/loss' in r}
 
 
-
+@pytest.mark.slow  # CI time: three train runs; test_stop.py's SIGTERM on 2 processes (equal
+# to an uninterrupted run) and test_methods.py's exact resume stay
 def test_sigterm_then_resume_is_identical_to_an_uninterrupted_run(tmp_path, data_dir,
                                                                    monkeypatch):
   config = _config(data_dir)
