@@ -38,8 +38,10 @@ def _args():
   p.add_argument('--hlo', default='', help='read this optimised HLO text, compile nothing')
   p.add_argument('--hlo-out', default='', help='write the compiled HLO text here')
   p.add_argument('--peak', type=float, default=0.0,
-                 help='FLOP/s (default: the calibrated rate of the topology\'s chip)')
-  p.add_argument('--bandwidth', type=float, default=0.0, help='bytes/s (likewise)')
+                 help='FLOP/s (default: the calibrated rate of the topology\'s chip; '
+                 'with --hlo, v5p\'s 394e12)')
+  p.add_argument('--bandwidth', type=float, default=0.0,
+                 help='bytes/s (likewise; with --hlo, v5p\'s 2.35e12)')
   p.add_argument('--top', type=int, default=15)
   return p.parse_args()
 
