@@ -20,9 +20,8 @@ import json
 import math
 import re
 
-BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'bf16': 2, 'f16': 2, 'f32': 4,
-         's32': 4, 'u32': 4, 'f64': 8, 's64': 8, 'u64': 8}
-SHAPE = re.compile(r'\b(' + '|'.join(BYTES) + r')\[([\d,]*)\]')
+from cookie_jax import comm_audit
+
 HEADER = re.compile(r'^(ENTRY )?%?([\w.\-]+) \(.*\) -> .* \{$')
 INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([\w\-]+)\((.*)$')
 FREE = {'parameter', 'constant', 'tuple', 'get-tuple-element', 'bitcast', 'after-all',
@@ -47,12 +46,11 @@ def _args():
 
 
 def nbytes(text: str) -> int:
-  return sum(BYTES[d] * math.prod(int(x) for x in dims.split(',') if x)
-             for d, dims in SHAPE.findall(text))
+  return sum(comm_audit.shape_bytes(text))
 
 
 def dims(text: str) -> list[int]:
-  m = SHAPE.search(text)
+  m = comm_audit.SHAPE.search(text)
   return [int(x) for x in m.group(2).split(',') if x] if m else []
 
 
@@ -119,7 +117,7 @@ def profile(text: str, peak: float, bandwidth: float) -> list[dict]:
     for _, typ, op, rest, line in comps[comp]:
       if op == 'while':
         body = re.search(r'body=%([\w.\-]+)', line).group(1)
-        n = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+        n = comm_audit.TRIPS.search(line)
         walk(body, trips * (int(n.group(1)) if n else 1))
         continue
       if op in ('call', 'conditional'):

@@ -44,23 +44,24 @@ from cookie_jax import sharding, step as step_lib
 
 COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all',
                'collective-permute')
-_BYTES = {'f64': 8, 'f32': 4, 'bf16': 2, 'f16': 2, 's64': 8, 'u64': 8, 's32': 4, 'u32': 4,
+DTYPE_BYTES = {'f64': 8, 'f32': 4, 'bf16': 2, 'f16': 2, 's64': 8, 'u64': 8, 's32': 4, 'u32': 4,
           's16': 2, 'u16': 2, 's8': 1, 'u8': 1, 'pred': 1}
 _OP = re.compile(r'^\s*(?:ROOT\s+)?%\S+\s*=\s*(.+?)\s+(' + '|'.join(COLLECTIVES) +
                  r')(-start)?\(')
-_SHAPE = re.compile(r'\b(' + '|'.join(_BYTES) + r')\[([\d,]*)\]')
+SHAPE = re.compile(r'\b(' + '|'.join(DTYPE_BYTES) + r')\[([\d,]*)\]')
 _COMPUTATION = re.compile(r'^(ENTRY\s+)?%(\S+)\s.*\{\s*$')
 _WHILE = re.compile(r'\bwhile\(.*?body=%([\w.\-]+)')
-_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 SMALL = 1024  # all-reduces of at most this many bytes are the scalars
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%(\S+)\s*=\s*(?:\(.*?\)|\S+)\s+([\w\-]+)\((.*)$')
 _NAME = re.compile(r'%([\w.\-]+)')
 _PASS_THROUGH = ('convert', 'bitcast', 'copy', 'reshape')
 
 
-def _shape_bytes(text: str) -> list[int]:
-  return [_BYTES[d] * math.prod(int(x) for x in dims.split(',') if x)
-          for d, dims in _SHAPE.findall(text)]
+def shape_bytes(text: str) -> list[int]:
+  """The bytes of each array shape written in `text` (an HLO type, e.g. a tuple)."""
+  return [DTYPE_BYTES[d] * math.prod(int(x) for x in dims.split(',') if x)
+          for d, dims in SHAPE.findall(text)]
 
 
 def _group_size(line: str, num_devices: int) -> int:
@@ -89,7 +90,7 @@ def _multipliers(lines) -> dict[str, int]:
       continue
     w = _WHILE.search(line)
     if w and current:
-      trips = _TRIPS.search(line)
+      trips = TRIPS.search(line)
       calls.append((current, w.group(1), int(trips.group(1)) if trips else 1))
   times = collections.defaultdict(lambda: 1)
   for _ in range(len(calls) + 1):  # propagate through nesting
@@ -138,7 +139,7 @@ def collective_bytes(hlo_text: str, num_devices: int) -> dict[str, dict]:
     op = _OP.match(line)
     if not op:
       continue
-    kind, shapes = op.group(2), _shape_bytes(op.group(1))
+    kind, shapes = op.group(2), shape_bytes(op.group(1))
     size = shapes[-1] if op.group(3) else sum(shapes)  # -start: (operand, result)
     if kind == 'reduce-scatter':
       size *= _group_size(line, num_devices)
