@@ -22,7 +22,9 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-GROUP = 16
+from cookie_jax.eval import search  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+GROUP = search.group_size(search.DEFAULT_BLOCK_SIZE, 10)  # 16 rows, as the search's
 
 
 def _args():
@@ -39,10 +41,8 @@ def fused_pass(q, gallery, block: int, options: dict):
   """The compiled pass: [blocks, queries, block / GROUP] group maxima."""
   n, d = q.shape
 
-  def one_block(rows):
-    s = jnp.dot(q, rows.T, precision=jax.lax.Precision.HIGHEST,
-                preferred_element_type=jnp.float32)
-    return jnp.max(s.reshape(n, -1, GROUP), axis=2)
+  def one_block(rows):  # the search's own scores, and its group maxima
+    return jnp.max(search._block_scores(q, rows).reshape(n, -1, GROUP), axis=2)  # pylint: disable=protected-access
 
   fn = jax.jit(lambda g: jax.lax.map(one_block, g.reshape(-1, block, d)))
   return fn.lower(gallery).compile(compiler_options=options)

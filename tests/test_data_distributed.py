@@ -185,14 +185,14 @@ _INTERLEAVED_CHILD = textwrap.dedent('''
 ''')
 
 
-def _interleaved_batches(tmp_path, data_dir, config, extra, then):
+def _interleaved_batches(tmp_path, data_dir, config, then):
   """Runs _INTERLEAVED_CHILD on 2 processes (`then`: 'train' or 'batch' only); checks
   that each process held every other pair of rows (2 rows per device) and that the
   global train batch and first validation batches they assembled are 1 process's.
   Returns the children's workdir."""
   config_file = pathlib.Path(_config_file(tmp_path, data_dir, 2))
   config_file.write_text(config_file.read_text().replace(
-      '  return config\n', f'  for k, v in {extra!r}.items():\n'
+      '  return config\n', f'  for k, v in {_INTERLEAVED!r}.items():\n'
       "    config[k.split('.')[0]][k.split('.')[1]] = v\n  return config\n"))
   script = tmp_path / 'interleaved.py'
   script.write_text(_INTERLEAVED_CHILD)
@@ -235,7 +235,7 @@ def test_two_processes_whose_rows_interleave_assemble_the_one_process_batch(tmp_
   config = _interleaved_config(data_dir)
   from cookie_jax.data import sources  # pylint: disable=g-import-not-at-top
   sources.build(config.data)  # before the children read it
-  _interleaved_batches(tmp_path, data_dir, config, _INTERLEAVED, 'batch')
+  _interleaved_batches(tmp_path, data_dir, config, 'batch')
 
 
 @pytest.mark.slow  # CI time: a run in-process and one on 2 processes, 5 min on 2 busy
@@ -248,7 +248,7 @@ def test_two_processes_whose_rows_interleave_train_and_validate_like_one(tmp_pat
   config = _interleaved_config(data_dir)
   reference = str(tmp_path / 'reference')
   train.train_and_evaluate(config, reference)  # also builds the data for the children
-  run = _interleaved_batches(tmp_path, data_dir, config, _INTERLEAVED, 'train')
+  run = _interleaved_batches(tmp_path, data_dir, config, 'train')
 
   ref, got = _rows(reference), _rows(run)
   assert sorted(got) == [1, 2] == sorted(ref)
