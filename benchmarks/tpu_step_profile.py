@@ -5,8 +5,9 @@ kind of op, by the JAX op that made it, and the layout copies.
 The compiler's own `optimal_seconds` is a total; this splits the program the same way
 by hand from its optimised HLO, to find what to change. Bytes are each op's operands
 plus its outputs (tiling padding not counted); FLOPs are counted for convolutions (the
-TPU's form of every dot), inside fusions too; a while loop's body counts as many times
-as its known trip count. Estimates, not measurements. Usage:
+TPU's form of every dot), inside fusions too; a Pallas kernel counts the FLOPs and bytes
+it declares (`cookie_jax/models/attention.py`), as the compiler does; a while loop's body
+counts as many times as its known trip count. Estimates, not measurements. Usage:
 
     python benchmarks/tpu_step_profile.py --config configs/base.py:base --topology v5p-32
         [--hlo-out step.hlo]
@@ -92,6 +93,11 @@ def _contracted(line: str, lhs: list[int]) -> int:
   return k
 
 
+# The cost a Pallas kernel declares (pl.CostEstimate), in its custom call's backend config.
+DECLARED = re.compile(r'"cost_estimate":\{"flops":"(\d+)","transcendentals":"\d+",'
+                      r'"bytes_accessed":"(\d+)"')
+
+
 def profile(text: str, peak: float, bandwidth: float) -> list[dict]:
   """One row per op that runs: its bytes, FLOPs and roofline seconds (times trips)."""
   comps, entry = parse(text)
@@ -129,7 +135,10 @@ def profile(text: str, peak: float, bandwidth: float) -> list[dict]:
         continue
       operands = re.findall(r'%([\w.\-]+)', rest.split('), ')[0])
       moved = nbytes(typ) + sum(nbytes(shapes[comp].get(o, '')) for o in operands)
-      if op == 'convolution':
+      declared = DECLARED.search(line) if op == 'custom-call' else None
+      if declared:  # a Pallas kernel: its own declared cost, as the cost model takes it
+        work, moved = int(declared.group(1)), int(declared.group(2))
+      elif op == 'convolution':
         work = conv_flops(comp, line, rest, typ)
       elif op == 'fusion' and 'calls=' in line:
         work = fused_flops(re.search(r'calls=%([\w.\-]+)', line).group(1))

@@ -44,6 +44,9 @@ _MODEL = {
                      "its input), 'dots' (also its dense layers' outputs: attention "
                      "projections and MLP), 'all_dots' (every matmul's output, the attention "
                      "scores included)"),
+    'attention_kernel': ('on TPU, attention without dropout runs as one Pallas kernel that '
+                         'keeps the scores in VMEM (cookie_jax/models/attention.py); False: '
+                         "XLA's einsums, as on every other platform"),
     'image_partner_dim': ('width of external image partner embeddings '
                           "(loss.visual.partner='external'); 0 = none"),
     'text_partner_dim': ('width of external text partner embeddings '

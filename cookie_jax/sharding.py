@@ -367,17 +367,37 @@ def param_shardings(abstract_state, mesh: Mesh):
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh):
   """While tracing a step: `models.layers.constrain` pins activations by ACTIVATION_RULES
-  on `mesh`, and `models.layers.target_platform` is the platform of `mesh`'s devices.
-  Constraints only fix layouts; values are unchanged."""
+  on `mesh`, `models.layers.PER_SHARD` runs a kernel on each device's block, and
+  `models.layers.target_platform` is the platform of `mesh`'s devices. Constraints only
+  fix layouts; values are unchanged."""
   from cookie_jax.models import layers  # pylint: disable=g-import-not-at-top
 
+  def spec(x, logical_axes):
+    return logical_to_spec(logical_axes, x.shape, mesh, ACTIVATION_RULES, what='activation')
+
   def constrain(x, logical_axes):
-    spec = logical_to_spec(logical_axes, x.shape, mesh, ACTIVATION_RULES, what='activation')
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(x, logical_axes)))
+
+  def per_shard(fn, args, arg_axes, out_axes):
+    """fn over each device's block of `args` (shard_map), each laid out by its logical
+    axes, the result by `out_axes` (its shape that of args[0]): for a custom kernel,
+    which XLA cannot split."""
+    in_specs = tuple(spec(x, axes) for x, axes in zip(args, arg_axes))
+    out_spec = spec(args[0], out_axes)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec,
+                         check_vma=False)(*args)
+
+  def shards(x, logical_axes) -> tuple[int, ...]:
+    """How many blocks each dimension of x is split into under `logical_axes`."""
+    return tuple(math.prod(mesh.shape[a] for a in ((d,) if isinstance(d, str) else d or ()))
+                 for d in spec(x, logical_axes))
+  per_shard.shards = shards
   token = layers.ACTIVATION_SHARDING.set(constrain)
+  local = layers.PER_SHARD.set(per_shard)
   platform = layers.TARGET_PLATFORM.set(mesh.devices.flat[0].platform)
   try:
     yield
   finally:
     layers.TARGET_PLATFORM.reset(platform)
+    layers.PER_SHARD.reset(local)
     layers.ACTIVATION_SHARDING.reset(token)

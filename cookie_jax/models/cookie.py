@@ -98,6 +98,10 @@ class CookieModel(nnx.Module):
     self.num_frames = cfg.video.num_frames
     self.video = make_temporal(cfg.video, width=cfg.vision.width, dtype=dtype,
                                remat=remat, rngs=rngs)
+    kernel = cfg.get('attention_kernel', True)
+    for _, module in nnx.iter_modules(self):
+      if isinstance(module, layers.MultiHeadAttention):
+        module.kernel = kernel
 
   def logit_scale(self) -> jax.Array:
     """1 / temperature, clamped at `max_logit_scale`.

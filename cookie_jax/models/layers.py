@@ -17,6 +17,8 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 
+from cookie_jax.models import attention
+
 # transformers' BERT and ViT both default to layer_norm_eps=1e-12.
 LAYER_NORM_EPS = 1e-12
 INIT_STD = 0.02
@@ -32,6 +34,12 @@ ACTIVATION_SHARDING = contextvars.ContextVar('activation_sharding', default=None
 # `sharding.activation_sharding`, so that a step traced on a CPU host for a TPU slice
 # (`launch/compile.py`) is the program the slice runs. Elsewhere, the default backend.
 TARGET_PLATFORM = contextvars.ContextVar('target_platform', default=None)
+
+
+# Runs a function on each device's block of its arguments (`sharding.activation_sharding`
+# sets it with the mesh): fn(f, args, arg_logical_axes, out_logical_axes), and
+# fn.shards(x, logical_axes) the number of blocks per dimension. Unset: no mesh.
+PER_SHARD = contextvars.ContextVar('per_shard', default=None)
 
 
 def target_platform() -> str:
@@ -278,6 +286,9 @@ class MultiHeadAttention(nnx.Module):
     self.heads = heads
     self.head_dim = width // heads
     self.attention_dropout = attention_dropout
+    # On TPU, attention without dropout runs as one Pallas kernel (`_kernel`);
+    # `CookieModel` sets it from `model.attention_kernel`.
+    self.kernel = True
     self.dtype = dtype
     self.query = dense(width, width, ('embed', 'heads'), dtype=dtype, rngs=rngs)
     self.key = dense(width, width, ('embed', 'heads'), dtype=dtype, rngs=rngs)
@@ -287,11 +298,13 @@ class MultiHeadAttention(nnx.Module):
   def __call__(self, x: jax.Array, mask: jax.Array | None, *,
                rng: jax.Array | None = None) -> jax.Array:
     b, t, _ = x.shape
+    dropout_on = rng is not None and self.attention_dropout > 0.0
+    if self.kernel and not dropout_on and target_platform() == 'tpu':
+      return self.out(self._kernel(self.query(x), self.key(x), self.value(x), mask))
     split = lambda y: y.reshape(b, t, self.heads, self.head_dim)
     q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
     # mask: [B, T] with True on real tokens -> [B, 1, 1, T] over (batch, heads, q, k).
     attn_mask = None if mask is None else mask[:, None, None, :].astype(bool)
-    dropout_on = rng is not None and self.attention_dropout > 0.0
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
     logits = logits / jnp.sqrt(jnp.float32(self.head_dim))
     if attn_mask is not None:
@@ -302,6 +315,20 @@ class MultiHeadAttention(nnx.Module):
     probs = probs.astype(v.dtype)
     out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
     return self.out(out.reshape(b, t, self.heads * self.head_dim))
+
+  def _kernel(self, q, k, v, mask):
+    """`attention.fused_attention` on each device's rows (and heads, where the mesh
+    splits whole heads); attention without dropout on TPU."""
+    local = PER_SHARD.get()
+    axes = ('batch', 'length', 'heads')
+    if local is not None and self.heads % local.shards(q, axes)[-1]:
+      axes = ('batch', 'length', None)  # the mesh would split a head: keep heads whole
+    heads = self.heads // (1 if local is None else local.shards(q, axes)[-1])
+    args = (q, k, v) if mask is None else (q, k, v, mask.astype(jnp.int32))
+    fn = lambda q, k, v, m=None: attention.fused_attention(q, k, v, m, heads=heads)
+    if local is None:
+      return fn(*args)
+    return local(fn, args, (axes,) * 3 + (axes[:2],), axes)
 
 
 def _f32(x: jax.Array) -> jax.Array:

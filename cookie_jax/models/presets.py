@@ -148,6 +148,8 @@ def model_config(preset: str = 'tiny', vision: str = '') -> ml_collections.Confi
       # What a rematerialised block keeps for the backward pass (layers.REMAT_POLICIES):
       # 'full' (only its input), 'dots' (also its dense layers' outputs), 'all_dots'.
       remat_policy='full',
+      # On TPU, attention without dropout runs as one Pallas kernel (models/attention.py).
+      attention_kernel=True,
       # Width of external partner embeddings for the knowledge-sharing losses (e.g. a frozen
       # unimodal encoder's output); 0 = no external partner, no partner head.
       image_partner_dim=0,
