@@ -136,3 +136,20 @@ def test_the_kernel_runs_on_each_devices_block(tensor):
   assert text.count('shard_map') == 6
   for g, e in zip(got, expected):
     np.testing.assert_allclose(g, e, atol=2e-6)
+
+
+def test_a_sequence_too_long_for_the_kernel_keeps_xlas_attention():
+  # ViT-L/14's attention (16 heads of 64) at 224 px (257 tokens) runs the kernel on TPU;
+  # at 336 px (577 tokens) its blocks would not fit the kernel's VMEM
+  # (`attention.fits`), so it stays XLA's attention instead of failing to compile.
+  block = layers.MultiHeadAttention(1024, 16, attention_dropout=0.0, dtype=jnp.bfloat16,
+                                    rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(block)
+  token = layers.TARGET_PLATFORM.set('tpu')
+  try:
+    calls = {t: str(jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x, None))(
+        state, jax.ShapeDtypeStruct((2, t, 1024), jnp.bfloat16))).count('pallas_call')
+             for t in (257, 577)}
+  finally:
+    layers.TARGET_PLATFORM.reset(token)
+  assert calls == {257: 1, 577: 0}

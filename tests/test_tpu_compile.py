@@ -278,3 +278,25 @@ def test_the_attention_kernel_compiles_for_tpu_and_declares_its_cost():
              if r['op'] == 'custom-call']
   assert sorted((r['flops'], r['bytes']) for r in kernels) == sorted(
       (f, n) for f, _, n in declared)
+
+
+@pytest.mark.parametrize('heads', [pytest.param(6, marks=pytest.mark.slow),
+                                   pytest.param(12, marks=pytest.mark.slow), 16])
+def test_the_longest_sequence_the_kernel_accepts_fits_vmem(heads):
+  # `attention.fits` is what keeps a too-long sequence on XLA's attention instead of a
+  # kernel Mosaic refuses (ViT-L/14 at 336 px: 577 tokens of 1024 do not fit its scoped
+  # VMEM). The longest sequence it accepts at widths 384, 768 and 1024 compiles for v5p,
+  # forward and backward, and the next 16 tokens are refused.
+  from cookie_jax.models import attention  # pylint: disable=g-import-not-at-top
+  width = heads * 64
+  t = max(n for n in range(64, 2048) if attention.fits(n, width, jnp.bfloat16))
+  assert not attention.fits(t + 16, width, jnp.bfloat16)
+  single = jax.sharding.SingleDeviceSharding(sharding.tpu_slice_devices('v5p-8', 1)[0])
+  x = jax.ShapeDtypeStruct((2, t, width), jnp.bfloat16, sharding=single)
+  mask = jax.ShapeDtypeStruct((2, t), jnp.bool_, sharding=single)
+
+  def step(q, k, v, do, m):
+    out, vjp = jax.vjp(lambda *a: attention.fused_attention(*a, m, heads=heads), q, k, v)
+    return out, vjp(do)
+  compiled = jax.jit(step).lower(x, x, x, x, mask).compile()
+  assert compiled.as_text().count('tpu_custom_call') == 2

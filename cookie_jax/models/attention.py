@@ -69,6 +69,28 @@ def declared_flops(rows: int, t: int, heads: int, dim: int, backward: bool = Fal
   return rows * heads * (over_dim * _mxu_flops(t, dim, t) + over_t * _mxu_flops(t, t, dim))
 
 
+# Mosaic's default scoped VMEM is 16 MiB; 2 MiB of it are left for what the kernel's own
+# temporaries and Mosaic's internal scratch take beyond `vmem_bytes`' count.
+VMEM_BUDGET = 14 * 2**20
+
+
+def vmem_bytes(t: int, width: int, dtype) -> int:
+  """VMEM the backward kernel (the larger) asks for at sequence length t and width
+  heads * head_dim: its 8 [t, width] blocks, each double-buffered, and two fp32 [t, t]
+  tiles (scores and their gradient)."""
+  itemsize = jnp.dtype(dtype).itemsize
+  blocks = 2 * 8 * _up(t, _SUBLANES * 4 // itemsize) * _up(width, _LANES) * itemsize
+  return blocks + 2 * _up(t, _SUBLANES) * _up(t, _LANES) * 4
+
+
+def fits(t: int, width: int, dtype) -> bool:
+  """Whether the kernels fit `VMEM_BUDGET` (`layers.MultiHeadAttention` keeps XLA's
+  attention where they do not: e.g. ViT-B at 197 tokens fits, ViT-L/14 at 336 px with
+  577 tokens of 1024 does not). Checked against Mosaic's compiles for v5p:
+  tests/test_tpu_compile.py."""
+  return vmem_bytes(t, width, dtype) <= VMEM_BUDGET
+
+
 def _hbm_bytes(*arrays) -> int:
   """Bytes of arrays in HBM's tiled layout (the last two dimensions padded to tiles)."""
   total = 0

@@ -298,11 +298,14 @@ class MultiHeadAttention(nnx.Module):
   def __call__(self, x: jax.Array, mask: jax.Array | None, *,
                rng: jax.Array | None = None) -> jax.Array:
     b, t, _ = x.shape
+    q, k, v = self.query(x), self.key(x), self.value(x)
     dropout_on = rng is not None and self.attention_dropout > 0.0
     if self.kernel and not dropout_on and target_platform() == 'tpu':
-      return self.out(self._kernel(self.query(x), self.key(x), self.value(x), mask))
+      out = self._kernel(q, k, v, mask)
+      if out is not None:
+        return self.out(out)
     split = lambda y: y.reshape(b, t, self.heads, self.head_dim)
-    q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+    q, k, v = split(q), split(k), split(v)
     # mask: [B, T] with True on real tokens -> [B, 1, 1, T] over (batch, heads, q, k).
     attn_mask = None if mask is None else mask[:, None, None, :].astype(bool)
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
@@ -318,12 +321,15 @@ class MultiHeadAttention(nnx.Module):
 
   def _kernel(self, q, k, v, mask):
     """`attention.fused_attention` on each device's rows (and heads, where the mesh
-    splits whole heads); attention without dropout on TPU."""
+    splits whole heads); attention without dropout on TPU. None where a device's block
+    would not fit the kernel's VMEM (`attention.fits`)."""
     local = PER_SHARD.get()
     axes = ('batch', 'length', 'heads')
     if local is not None and self.heads % local.shards(q, axes)[-1]:
       axes = ('batch', 'length', None)  # the mesh would split a head: keep heads whole
     heads = self.heads // (1 if local is None else local.shards(q, axes)[-1])
+    if not attention.fits(q.shape[1], heads * self.head_dim, q.dtype):
+      return None
     args = (q, k, v) if mask is None else (q, k, v, mask.astype(jnp.int32))
     fn = lambda q, k, v, m=None: attention.fused_attention(q, k, v, m, heads=heads)
     if local is None:
