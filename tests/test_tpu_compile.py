@@ -280,8 +280,8 @@ def test_the_attention_kernel_compiles_for_tpu_and_declares_its_cost():
       (f, n) for f, _, n in declared)
 
 
-@pytest.mark.parametrize('heads', [pytest.param(6, marks=pytest.mark.slow),
-                                   pytest.param(12, marks=pytest.mark.slow), 16])
+@pytest.mark.slow  # (about 10 s each) test_attention.py checks the rule's effect by default
+@pytest.mark.parametrize('heads', [6, 12, 16])
 def test_the_longest_sequence_the_kernel_accepts_fits_vmem(heads):
   # `attention.fits` is what keeps a too-long sequence on XLA's attention instead of a
   # kernel Mosaic refuses (ViT-L/14 at 336 px: 577 tokens of 1024 do not fit its scoped

@@ -118,6 +118,7 @@ class _Crash(Exception):
   pass
 
 
+@pytest.mark.slow  # about 75 s on 2 cores; the resume tests beside it check what it restores
 def test_a_resume_peaks_no_higher_than_a_start(tmp_path, data_dir, monkeypatch):
   """A resume restores straight into the abstract state: no initial state is alive beside
   the restored one. CPU devices have no memory_stats(), so the peak is read from the bytes
