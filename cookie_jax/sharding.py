@@ -378,13 +378,11 @@ def activation_sharding(mesh: Mesh):
   def constrain(x, logical_axes):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(x, logical_axes)))
 
-  def per_shard(fn, args, arg_axes, out_axes):
+  def per_shard(fn, args, arg_axes):
     """fn over each device's block of `args` (shard_map), each laid out by its logical
-    axes, the result by `out_axes` (its shape that of args[0]): for a custom kernel,
-    which XLA cannot split."""
+    axes, the result like args[0]: for a custom kernel, which XLA cannot split."""
     in_specs = tuple(spec(x, axes) for x, axes in zip(args, arg_axes))
-    out_spec = spec(args[0], out_axes)
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec,
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=in_specs[0],
                          check_vma=False)(*args)
 
   def shards(x, logical_axes) -> tuple[int, ...]:

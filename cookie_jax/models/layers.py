@@ -37,8 +37,8 @@ TARGET_PLATFORM = contextvars.ContextVar('target_platform', default=None)
 
 
 # Runs a function on each device's block of its arguments (`sharding.activation_sharding`
-# sets it with the mesh): fn(f, args, arg_logical_axes, out_logical_axes), and
-# fn.shards(x, logical_axes) the number of blocks per dimension. Unset: no mesh.
+# sets it with the mesh): fn(f, args, arg_logical_axes), the result laid out like args[0],
+# and fn.shards(x, logical_axes) the number of blocks per dimension. Unset: no mesh.
 PER_SHARD = contextvars.ContextVar('per_shard', default=None)
 
 
@@ -325,16 +325,17 @@ class MultiHeadAttention(nnx.Module):
     would not fit the kernel's VMEM (`attention.fits`)."""
     local = PER_SHARD.get()
     axes = ('batch', 'length', 'heads')
-    if local is not None and self.heads % local.shards(q, axes)[-1]:
-      axes = ('batch', 'length', None)  # the mesh would split a head: keep heads whole
-    heads = self.heads // (1 if local is None else local.shards(q, axes)[-1])
+    split = 1 if local is None else local.shards(q, axes)[-1]
+    if self.heads % split:  # the mesh would split a head: keep heads whole
+      axes, split = ('batch', 'length', None), 1
+    heads = self.heads // split
     if not attention.fits(q.shape[1], heads * self.head_dim, q.dtype):
       return None
     args = (q, k, v) if mask is None else (q, k, v, mask.astype(jnp.int32))
     fn = lambda q, k, v, m=None: attention.fused_attention(q, k, v, m, heads=heads)
     if local is None:
       return fn(*args)
-    return local(fn, args, (axes,) * 3 + (axes[:2],), axes)
+    return local(fn, args, (axes,) * 3 + (axes[:2],))
 
 
 def _f32(x: jax.Array) -> jax.Array:
